@@ -1,0 +1,258 @@
+//! The contract between the mu2 VMM and the guests it runs.
+//!
+//! Both sides depend on this crate: the VMM (a normal host program) and the bare-metal guest
+//! runtime (`#![no_std]`). It holds only plain constants and `#[repr(C)]` structures: the
+//! guest-physical memory layout, the registers of the mu2 system device, the command-line
+//! keys, and the structures the guest hands to the VMM. Changing anything here changes the
+//! guest ABI: bump [`ABI_VERSION`].
+#![no_std]
+
+/// Version of this contract. The guest reports it when it signals readiness; the VMM refuses
+/// a guest that speaks another version.
+pub const ABI_VERSION: u32 = 1;
+
+/// The vsock CID of the host, as the virtio-vsock specification reserves it.
+pub const HOST_CID: u64 = 2;
+/// The vsock CID every mu2 guest gets. Each VM has its own device, so all can share it.
+pub const GUEST_CID: u64 = 3;
+/// The vsock port the guest runtime listens on unless the command line says otherwise.
+pub const DEFAULT_PORT: u32 = 5000;
+
+/// Guest-physical memory map shared by both architectures' VMM code and the guest.
+pub mod layout {
+    /// Where the VMM places the boot-parameter block (x86_64: Linux `boot_params`).
+    pub const BOOT_PARAMS: u64 = 0xc000;
+    /// Where the VMM places the kernel command line.
+    pub const CMDLINE: u64 = 0xd000;
+    /// Maximum command-line length, terminating NUL included.
+    pub const CMDLINE_MAX: usize = 0x1000;
+    /// A page the VMM writes before a forked VM resumes (see [`crate::HostInfo`]).
+    pub const HOST_INFO: u64 = 0xe000;
+    /// Lowest address of the initial stack the VMM gives a CPL-3 guest.
+    pub const STACK_BOTTOM: u64 = 0x10_0000;
+    /// Initial stack pointer of a CPL-3 guest (the stack grows down from here).
+    pub const STACK_TOP: u64 = 0x20_0000;
+    /// Where guest images are linked and loaded.
+    pub const IMAGE_BASE: u64 = 0x20_0000;
+    /// Start of the MMIO window; guest RAM must end at or below it.
+    pub const MMIO_BASE: u64 = 0xd000_0000;
+    /// Size of the MMIO window.
+    pub const MMIO_SIZE: u64 = 0x1000_0000;
+    /// The mu2 system device (see [`crate::sysdev`]).
+    pub const SYSDEV: u64 = MMIO_BASE;
+    /// Size of each MMIO device's register window.
+    pub const MMIO_DEVICE_SIZE: u64 = 0x1000;
+    /// First virtio-mmio device; device `i` is at `VIRTIO_MMIO_BASE + i * MMIO_DEVICE_SIZE`.
+    pub const VIRTIO_MMIO_BASE: u64 = MMIO_BASE + MMIO_DEVICE_SIZE;
+    /// Largest guest RAM: RAM is one block from 0 up to the MMIO window.
+    pub const MAX_MEM: u64 = MMIO_BASE;
+    /// Smallest guest RAM the VMM accepts.
+    pub const MIN_MEM: u64 = 8 << 20;
+}
+
+/// Registers of the mu2 system device, a 4 KiB MMIO window at [`layout::SYSDEV`].
+///
+/// It is the guest's only way to talk to the VMM outside virtio: readiness, exit, panic and
+/// fault reports, and the wait that replaces interrupts for a guest running at CPL 3.
+pub mod sysdev {
+    /// Read (32-bit): [`MAGIC_VALUE`].
+    pub const MAGIC: u64 = 0x00;
+    /// Read (32-bit): the ABI version the VMM speaks.
+    pub const VERSION: u64 = 0x04;
+    /// Read (32-bit): parks the vCPU until a virtio device has work for the guest, then
+    /// returns a [`crate::wait`] bit set. The device polls its queues at this exit, so a
+    /// guest that posted buffers need not notify before waiting.
+    pub const WAIT: u64 = 0x08;
+    /// Write (64-bit): guest-physical address of a [`crate::ReadyInfo`]; the guest is
+    /// listening and idle from its next WAIT on.
+    pub const READY: u64 = 0x10;
+    /// Write (32-bit): the guest stops with this exit code.
+    pub const EXIT: u64 = 0x18;
+    /// Write (64-bit): guest-physical address of a [`crate::Text`] holding a panic message;
+    /// the guest stops.
+    pub const PANIC: u64 = 0x20;
+    /// Write (32-bit): exception vector, written by a ring-0 exception stub; the VMM reads
+    /// the exception frame at the vCPU's stack pointer. The guest stops.
+    pub const FAULT: u64 = 0x28;
+    /// Write (64-bit): guest-physical address of a [`crate::Text`]: a console line written
+    /// with one exit instead of one per byte.
+    pub const LOG: u64 = 0x30;
+    /// `"mu2s"` little-endian.
+    pub const MAGIC_VALUE: u32 = 0x7332_756d;
+}
+
+/// Bits of the value a WAIT read returns.
+pub mod wait {
+    /// Virtio device `i` (bit `i`, i < 16) has added buffers to a used ring.
+    pub const DEVICE_MASK: u32 = 0xffff;
+    /// The VM was just restored from a frozen image: [`crate::HostInfo`] holds fresh entropy
+    /// and the wall-clock time, and the guest must reseed before serving.
+    pub const RESTORED: u32 = 1 << 31;
+}
+
+/// Command-line keys the VMM writes and the guest runtime reads.
+pub mod cmdline {
+    /// `virtio_mmio.device=<size>@<addr>:<irq>`: one per virtio-mmio device (Linux form).
+    pub const VIRTIO_MMIO_DEVICE: &str = "virtio_mmio.device";
+    /// `mu2.sysdev=<addr>`: where the system device is; absent under other VMMs.
+    pub const SYSDEV: &str = "mu2.sysdev";
+    /// `mu2.tsc_khz=<n>`: the TSC frequency, for guest timekeeping.
+    pub const TSC_KHZ: &str = "mu2.tsc_khz";
+    /// `mu2.port=<n>`: the vsock port to listen on.
+    pub const PORT: &str = "mu2.port";
+    /// `quiet`: no banner on the console.
+    pub const QUIET: &str = "quiet";
+}
+
+/// What the guest reports when it is ready (written to [`sysdev::READY`]).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadyInfo {
+    /// [`ABI_VERSION`].
+    pub abi_version: u32,
+    /// The vsock port the guest listens on.
+    pub port: u32,
+    /// The receive buffer the guest grants each new connection (vsock `buf_alloc`). The host
+    /// may send this many bytes on a new connection before the guest's first reply.
+    pub buf_alloc: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+}
+
+impl ReadyInfo {
+    /// Size of the encoded structure.
+    pub const SIZE: usize = 16;
+
+    /// Decodes the structure as it lies in guest memory (little-endian).
+    pub fn from_le_bytes(b: [u8; Self::SIZE]) -> Self {
+        let word = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        ReadyInfo { abi_version: word(0), port: word(4), buf_alloc: word(8), reserved: word(12) }
+    }
+}
+
+/// A byte string in guest memory, for [`sysdev::PANIC`] and [`sysdev::LOG`].
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Text {
+    /// Guest-physical address of the bytes.
+    pub addr: u64,
+    /// Length in bytes; the VMM reads at most [`TEXT_MAX`].
+    pub len: u64,
+}
+
+impl Text {
+    /// Size of the encoded structure.
+    pub const SIZE: usize = 16;
+
+    /// Decodes the structure as it lies in guest memory (little-endian).
+    pub fn from_le_bytes(b: [u8; Self::SIZE]) -> Self {
+        let mut addr = [0u8; 8];
+        let mut len = [0u8; 8];
+        addr.copy_from_slice(&b[..8]);
+        len.copy_from_slice(&b[8..]);
+        Text { addr: u64::from_le_bytes(addr), len: u64::from_le_bytes(len) }
+    }
+}
+
+/// Longest [`Text`] the VMM reads.
+pub const TEXT_MAX: u64 = 4096;
+
+/// Written by the VMM at [`layout::HOST_INFO`] before a restored VM resumes.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostInfo {
+    /// Fresh host entropy, unique to this VM.
+    pub entropy: [u8; 32],
+    /// Wall-clock time when the VM was handed out, nanoseconds since the Unix epoch.
+    pub unix_time_ns: u64,
+    /// The guest's TSC value at that same moment.
+    pub tsc: u64,
+    /// Increments on every restore; zero in a cold-booted VM.
+    pub generation: u64,
+}
+
+impl HostInfo {
+    /// Size of the encoded structure.
+    pub const SIZE: usize = 56;
+
+    /// Encodes the structure as the guest reads it (little-endian).
+    pub fn to_le_bytes(&self) -> [u8; Self::SIZE] {
+        let mut b = [0u8; Self::SIZE];
+        b[..32].copy_from_slice(&self.entropy);
+        b[32..40].copy_from_slice(&self.unix_time_ns.to_le_bytes());
+        b[40..48].copy_from_slice(&self.tsc.to_le_bytes());
+        b[48..56].copy_from_slice(&self.generation.to_le_bytes());
+        b
+    }
+}
+
+// The layout's invariants, checked at compile time.
+const _: () =
+    assert!(layout::VIRTIO_MMIO_BASE + 16 * layout::MMIO_DEVICE_SIZE <= layout::MMIO_BASE + layout::MMIO_SIZE);
+const _: () = assert!(layout::IMAGE_BASE >= layout::STACK_TOP);
+const _: () = assert!(layout::HOST_INFO + HostInfo::SIZE as u64 <= layout::STACK_BOTTOM);
+
+/// Which exception a fault report names.
+pub fn exception_name(vector: u32) -> &'static str {
+    match vector {
+        0 => "divide error (#DE)",
+        1 => "debug (#DB)",
+        2 => "NMI",
+        3 => "breakpoint (#BP)",
+        4 => "overflow (#OF)",
+        5 => "bound range (#BR)",
+        6 => "invalid opcode (#UD)",
+        7 => "device not available (#NM)",
+        8 => "double fault (#DF)",
+        10 => "invalid TSS (#TS)",
+        11 => "segment not present (#NP)",
+        12 => "stack fault (#SS)",
+        13 => "general protection (#GP)",
+        14 => "page fault (#PF)",
+        16 => "x87 floating point (#MF)",
+        17 => "alignment check (#AC)",
+        18 => "machine check (#MC)",
+        19 => "SIMD floating point (#XM)",
+        20 => "virtualization (#VE)",
+        21 => "control protection (#CP)",
+        _ => "exception",
+    }
+}
+
+/// x86_64 exceptions that push an error code.
+pub fn exception_has_error_code(vector: u32) -> bool {
+    matches!(vector, 8 | 10 | 11 | 12 | 13 | 14 | 17 | 21)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn structures_have_their_documented_sizes() {
+        assert_eq!(core::mem::size_of::<ReadyInfo>(), 16);
+        assert_eq!(core::mem::size_of::<HostInfo>(), 56);
+        assert_eq!(core::mem::size_of::<Text>(), 16);
+    }
+
+    #[test]
+    fn encodings_match_the_in_memory_layout() {
+        let r = ReadyInfo { abi_version: 1, port: 5000, buf_alloc: 65536, reserved: 0 };
+        let mut b = [0u8; 16];
+        b[0..4].copy_from_slice(&1u32.to_le_bytes());
+        b[4..8].copy_from_slice(&5000u32.to_le_bytes());
+        b[8..12].copy_from_slice(&65536u32.to_le_bytes());
+        assert_eq!(ReadyInfo::from_le_bytes(b), r);
+        let h = HostInfo { entropy: [7; 32], unix_time_ns: 9, tsc: 10, generation: 11 };
+        let e = h.to_le_bytes();
+        assert_eq!(&e[..32], &[7; 32]);
+        assert_eq!(e[32], 9);
+        assert_eq!(e[48], 11);
+        assert_eq!(core::mem::size_of::<HostInfo>(), HostInfo::SIZE);
+    }
+
+    #[test]
+    fn magic_spells_mu2s() {
+        assert_eq!(&sysdev::MAGIC_VALUE.to_le_bytes(), b"mu2s");
+    }
+}
