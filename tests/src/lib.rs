@@ -1,0 +1,90 @@
+//! Shared helpers for mu2's integration tests.
+//!
+//! Every test that needs KVM starts with [`kvm_or_skip!`]: where /dev/kvm cannot be opened the
+//! test says why and passes as skipped, unless `MU2_REQUIRE_KVM=1` (set by CI), where a
+//! missing KVM fails the test instead.
+
+use mu2_vmm::Hypervisor;
+
+/// Opens KVM, or decides that the calling test is skipped (returns `None`).
+///
+/// # Panics
+/// When KVM is unavailable and `MU2_REQUIRE_KVM=1`.
+pub fn kvm_or_skip(test: &str) -> Option<Hypervisor> {
+    match Hypervisor::open() {
+        Ok(hv) => Some(hv),
+        Err(e) => {
+            if std::env::var("MU2_REQUIRE_KVM").is_ok_and(|v| v == "1") {
+                panic!("{test}: KVM is required (MU2_REQUIRE_KVM=1) but unavailable: {e}");
+            }
+            eprintln!("SKIPPED {test}: needs /dev/kvm ({e}); set MU2_REQUIRE_KVM=1 to make this a failure");
+            None
+        }
+    }
+}
+
+/// `let hv = kvm_or_skip!();` at the top of a KVM test.
+#[macro_export]
+macro_rules! kvm_or_skip {
+    () => {
+        match $crate::kvm_or_skip(module_path!()) {
+            Some(hv) => hv,
+            None => return,
+        }
+    };
+}
+
+/// Path of the `mu2` binary built for these tests.
+pub fn mu2_binary() -> std::path::PathBuf {
+    // Integration tests live in target/<profile>/deps; the binary is one level up.
+    let mut path = std::env::current_exe().expect("test binary path");
+    path.pop();
+    if path.ends_with("deps") {
+        path.pop();
+    }
+    path.join("mu2")
+}
+
+use std::time::{Duration, Instant};
+
+use mu2_devices::serial::SharedBuffer;
+use mu2_vmm::arch::EntryMode;
+use mu2_vmm::invoke::{self, InvokeError};
+use mu2_vmm::{guests, Vm, VmConfig};
+
+/// A built-in guest's bytes.
+///
+/// # Panics
+/// If the guest was not built into the VMM.
+pub fn guest(name: &str) -> &'static [u8] {
+    guests::find(name).unwrap_or_else(|| panic!("guest `{name}` is not embedded"))
+}
+
+/// Boots `name` with its console captured.
+pub fn boot(hv: &Hypervisor, name: &str, entry: EntryMode, cmdline: &str) -> (Vm, SharedBuffer) {
+    let mut config = VmConfig::new(guest(name));
+    config.entry = entry;
+    config.cmdline = cmdline.to_string();
+    let console = SharedBuffer::new();
+    let vm = Vm::boot(hv, &config, Box::new(console.clone())).expect("VM boots");
+    (vm, console)
+}
+
+/// Cold-boots `name`, waits until it is ready, sends `request`, returns its response.
+pub fn invoke_cold(hv: &Hypervisor, name: &str, request: &[u8], timeout: Duration) -> Result<Vec<u8>, InvokeError> {
+    invoke_cold_with(hv, name, EntryMode::Native, request, timeout)
+}
+
+/// [`invoke_cold`] with a chosen entry mode.
+pub fn invoke_cold_with(
+    hv: &Hypervisor,
+    name: &str,
+    entry: EntryMode,
+    request: &[u8],
+    timeout: Duration,
+) -> Result<Vec<u8>, InvokeError> {
+    let (mut vm, _console) = boot(hv, name, entry, "quiet");
+    let deadline = Some(Instant::now() + timeout);
+    let ready = invoke::run_until_ready(&mut vm, deadline)?;
+    invoke::invoke(&mut vm, ready.port, request, invoke::DEFAULT_MAX_RESPONSE, deadline)
+}

@@ -1,0 +1,7 @@
+//! Architecture-specific code. Each architecture module exports the same names; this is the
+//! only place that chooses between them.
+
+#[cfg(target_arch = "x86_64")]
+mod x86_64;
+#[cfg(target_arch = "x86_64")]
+pub use self::x86_64::*;

@@ -1,0 +1,256 @@
+//! x86_64: boot tables, CPUID, vCPU registers, guest loading and fault decoding.
+//!
+//! Exports the same names as `arch::aarch64` so that the VM builder stays free of
+//! architecture conditionals.
+
+mod cpuid;
+mod state;
+mod tables;
+
+use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, CpuId};
+use kvm_ioctls::{Kvm, VcpuFd};
+use linux_loader::loader::bootparam::boot_params;
+use linux_loader::loader::{elf::Elf, KernelLoader};
+use mu2_abi::layout;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+pub use cpuid::{supported_cpuid, vcpu_cpuid};
+pub use state::{saved_msr_indices, RestorePlan, VcpuState};
+
+/// Errors of the x86_64 setup code.
+#[derive(Debug, thiserror::Error)]
+pub enum ArchError {
+    /// KVM refused to report or accept a CPU setting.
+    #[error("KVM refused {what}")]
+    Kvm {
+        /// The operation.
+        what: &'static str,
+        /// KVM's error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Writing boot structures into guest memory failed.
+    #[error("writing the {what} into guest memory")]
+    Memory {
+        /// Which structure.
+        what: &'static str,
+        /// The memory error.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    /// The guest image is not a loadable ELF for this machine.
+    #[error("loading the guest ELF image")]
+    Load(#[source] linux_loader::loader::Error),
+    /// More MSRs than one KVM call carries.
+    #[error("{0} MSRs are more than KVM accepts in one call")]
+    TooManyMsrs(usize),
+    /// KVM refused to set an MSR.
+    #[error("KVM refused to set MSR {0:#x}")]
+    MsrRefused(u32),
+    /// A saved state is inconsistent.
+    #[error("invalid saved vCPU state: {0}")]
+    BadState(String),
+    /// The guest image would not fit where guest images go.
+    #[error(
+        "the guest image must be linked at or above {min:#x} and end below {max:#x}; it spans {start:#x}..{end:#x}"
+    )]
+    ImagePlacement {
+        /// Lowest allowed address.
+        min: u64,
+        /// End of usable RAM.
+        max: u64,
+        /// Image start.
+        start: u64,
+        /// Image end.
+        end: u64,
+    },
+}
+
+/// How the vCPU enters the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EntryMode {
+    /// mu2's own entry: long mode set up by the VMM, the guest starts at CPL 3.
+    #[default]
+    Native,
+    /// The Linux x86_64 64-bit boot protocol: CPL 0, `boot_params` in RSI.
+    Linux,
+}
+
+/// The serial console's location: COM1's I/O ports.
+pub const SERIAL_PIO_BASE: u16 = 0x3f8;
+
+/// Loads a guest ELF into guest memory; returns (entry point, end of the image).
+pub fn load_kernel(mem: &GuestMemoryMmap, image: &[u8], mem_size: u64) -> Result<(u64, u64), ArchError> {
+    let mut reader = std::io::Cursor::new(image);
+    let loaded = Elf::load(mem, None, &mut reader, Some(GuestAddress(layout::IMAGE_BASE))).map_err(ArchError::Load)?;
+    let start = loaded.kernel_load.0;
+    let end = loaded.kernel_end;
+    if start < layout::IMAGE_BASE || end > mem_size {
+        return Err(ArchError::ImagePlacement { min: layout::IMAGE_BASE, max: mem_size, start, end });
+    }
+    // The entry point is in the ELF header; linux-loader reports it as `kernel_load`.
+    Ok((start, end))
+}
+
+/// Writes everything the guest finds in memory at entry: boot tables and `boot_params`.
+pub fn write_boot_data(mem: &GuestMemoryMmap, mem_size: u64, cmdline: &[u8], mode: EntryMode) -> Result<(), ArchError> {
+    tables::write(mem, mem_size, mode)?;
+    let mut params = boot_params::default();
+    params.hdr.type_of_loader = 0xff;
+    params.hdr.boot_flag = 0xaa55;
+    params.hdr.header = 0x5372_6448; // "HdrS"
+    params.hdr.cmd_line_ptr = layout::CMDLINE as u32;
+    params.hdr.cmdline_size = cmdline.len() as u32;
+    params.ext_cmd_line_ptr = 0;
+    // Low RAM, then RAM from 1 MiB up; the boot tables live in the low block.
+    let ram = [(0u64, 0x9_fc00u64), (0x10_0000, mem_size - 0x10_0000)];
+    for (i, (addr, size)) in ram.iter().enumerate() {
+        params.e820_table[i].addr = *addr;
+        params.e820_table[i].size = *size;
+        params.e820_table[i].r#type = 1;
+    }
+    params.e820_entries = ram.len() as u8;
+    mem.write_obj(params, GuestAddress(layout::BOOT_PARAMS))
+        .map_err(|source| ArchError::Memory { what: "boot parameters", source })?;
+    mem.write_slice(cmdline, GuestAddress(layout::CMDLINE))
+        .map_err(|source| ArchError::Memory { what: "command line", source })?;
+    Ok(())
+}
+
+/// Sets a fresh vCPU's registers so that it enters the guest at `entry`.
+pub fn setup_vcpu(vcpu: &VcpuFd, cpuid: &CpuId, entry: u64, mode: EntryMode) -> Result<(), ArchError> {
+    let kvm = |what| move |source| ArchError::Kvm { what, source };
+    vcpu.set_cpuid2(cpuid).map_err(kvm("the CPUID table"))?;
+    let mut sregs = vcpu.get_sregs().map_err(kvm("reading special registers"))?;
+    let (cs, ds) = match mode {
+        EntryMode::Native => (segment(tables::USER_CS, 3, true), segment(tables::USER_DS, 3, false)),
+        EntryMode::Linux => (segment(tables::BOOT_CS, 0, true), segment(tables::BOOT_DS, 0, false)),
+    };
+    sregs.cs = cs;
+    sregs.ds = ds;
+    sregs.es = ds;
+    sregs.fs = ds;
+    sregs.gs = ds;
+    sregs.ss = ds;
+    sregs.gdt.base = tables::GDT;
+    sregs.gdt.limit = tables::gdt_limit(mode);
+    match mode {
+        EntryMode::Native => {
+            sregs.idt.base = tables::IDT;
+            sregs.idt.limit = 256 * 16 - 1;
+            sregs.tr = kvm_segment {
+                base: tables::TSS,
+                limit: tables::TSS_SIZE - 1,
+                selector: tables::TSS_SELECTOR,
+                type_: 0xb, // 64-bit TSS, busy
+                present: 1,
+                ..Default::default()
+            };
+        }
+        EntryMode::Linux => {
+            sregs.idt.base = 0;
+            sregs.idt.limit = 0;
+        }
+    }
+    sregs.cr3 = tables::PML4;
+    sregs.cr4 = tables::CR4;
+    sregs.cr0 = tables::CR0;
+    sregs.efer = tables::EFER;
+    vcpu.set_sregs(&sregs).map_err(kvm("setting special registers"))?;
+
+    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+    vcpu.set_fpu(&fpu).map_err(kvm("setting the FPU state"))?;
+
+    let regs = kvm_regs {
+        rip: entry,
+        rsp: layout::STACK_TOP,
+        rsi: layout::BOOT_PARAMS,
+        // Bit 1 is reserved-one. IOPL 3 grants CPL-3 port I/O on hardware KVM; PVM keeps
+        // IOPL 0 for guest user mode and consults the TSS I/O bitmap instead (see tables).
+        rflags: match mode {
+            EntryMode::Native => 0x2 | (3 << 12),
+            EntryMode::Linux => 0x2,
+        },
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs).map_err(kvm("setting general registers"))?;
+    Ok(())
+}
+
+fn segment(selector: u16, dpl: u8, code: bool) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_: if code { 0xb } else { 0x3 },
+        present: 1,
+        dpl,
+        db: u8::from(!code),
+        s: 1,
+        l: u8::from(code),
+        g: 1,
+        ..Default::default()
+    }
+}
+
+/// What the guest's exception stub reported, decoded from the frame the CPU pushed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestFault {
+    /// Exception vector.
+    pub vector: u32,
+    /// Instruction pointer of the faulting instruction (when the frame was readable).
+    pub rip: Option<u64>,
+    /// Error code, for vectors that push one.
+    pub error_code: Option<u64>,
+    /// Faulting address (CR2) for page faults.
+    pub fault_address: Option<u64>,
+}
+
+impl std::fmt::Display for GuestFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (vector {})", mu2_abi::exception_name(self.vector), self.vector)?;
+        match self.rip {
+            Some(rip) => write!(f, " at RIP {rip:#x}")?,
+            None => write!(f, " at an unknown RIP")?,
+        }
+        if let Some(code) = self.error_code {
+            write!(f, ", error code {code:#x}")?;
+        }
+        if let Some(addr) = self.fault_address {
+            write!(f, ", address {addr:#x}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Decodes a fault report: the vCPU stopped in the ring-0 stub with RSP at the exception
+/// frame. Everything read here is guest-controlled, so every read is checked.
+pub fn decode_fault(vcpu: &VcpuFd, mem: &GuestMemoryMmap, vector: u32) -> GuestFault {
+    let mut fault = GuestFault { vector, rip: None, error_code: None, fault_address: None };
+    let Ok(regs) = vcpu.get_regs() else { return fault };
+    let mut frame = regs.rsp;
+    if vector < 32 && mu2_abi::exception_has_error_code(vector) {
+        fault.error_code = mem.read_obj::<u64>(GuestAddress(frame)).ok();
+        frame = frame.wrapping_add(8);
+    }
+    fault.rip = mem.read_obj::<u64>(GuestAddress(frame)).ok();
+    if vector == 14 {
+        fault.fault_address = vcpu.get_sregs().ok().map(|s| s.cr2);
+    }
+    fault
+}
+
+/// Reads the TSC frequency KVM gives the vCPU, in kHz.
+pub fn tsc_khz(vcpu: &VcpuFd) -> Option<u32> {
+    vcpu.get_tsc_khz().ok().filter(|&khz| khz > 0)
+}
+
+/// The most vCPUs a VM may have on this host.
+pub fn max_vcpus(kvm: &Kvm) -> usize {
+    kvm.get_nr_vcpus().max(1)
+}
+
+/// Describes the instruction pointer of a stopped vCPU, for error reports.
+pub fn instruction_pointer(vcpu: &VcpuFd) -> Option<u64> {
+    vcpu.get_regs().ok().map(|r| r.rip)
+}

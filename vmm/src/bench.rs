@@ -1,0 +1,137 @@
+//! Benchmarks: request latency next to the raw KVM floor measured in the same run.
+//!
+//! Floor cycles are interleaved with requests, so both see the same host load.
+
+use std::time::{Duration, Instant};
+
+use crate::floor::{self, percentile};
+use crate::hypervisor::Hypervisor;
+use crate::invoke::{self, InvokeError};
+use crate::vm::{BuildError, ExitStats, Vm, VmConfig};
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    /// The guest and VM settings.
+    pub vm: VmConfig,
+    /// The request sent each time.
+    pub request: Vec<u8>,
+    /// Number of requests.
+    pub requests: usize,
+    /// Deadline per request.
+    pub timeout: Duration,
+}
+
+/// Errors of a benchmark run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// A VM could not be built.
+    #[error("building a VM")]
+    Build(#[from] BuildError),
+    /// A request failed.
+    #[error("request {index} failed")]
+    Request {
+        /// Which request.
+        index: usize,
+        /// Why.
+        #[source]
+        source: InvokeError,
+    },
+    /// The response was not what the function returns for this request.
+    #[error("request {index}: the response differs from the first one")]
+    WrongResponse {
+        /// Which request.
+        index: usize,
+    },
+}
+
+/// One measured request, in microseconds.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sample {
+    /// From the start of VM creation to the guest's readiness.
+    pub boot_to_ready_us: f64,
+    /// From sending the request to the complete response.
+    pub request_us: f64,
+    /// Creation to complete response: the latency a caller sees.
+    pub latency_us: f64,
+    /// Destroying the VM (off the request path in the fork engine; measured here).
+    pub teardown_us: f64,
+    /// The matching floor cycle: raw VM creation to first exit.
+    pub floor_fresh_us: f64,
+    /// Exits during the request (boot excluded).
+    pub request_exits: u64,
+    /// Exits during boot.
+    pub boot_exits: u64,
+}
+
+/// A summary of a run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Summary {
+    /// 50th percentile.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Maximum.
+    pub max: f64,
+}
+
+impl Summary {
+    /// Percentiles of `values`.
+    pub fn of(values: &[f64]) -> Self {
+        Summary {
+            p50: percentile(values, 50.0),
+            p90: percentile(values, 90.0),
+            p99: percentile(values, 99.0),
+            max: percentile(values, 100.0),
+        }
+    }
+}
+
+/// Runs `config.requests` cold requests one after another: each boots a new VM, waits until
+/// the guest is ready, sends the request and destroys the VM.
+pub fn cold(hv: &Hypervisor, config: &BenchConfig, mut progress: impl FnMut(usize)) -> Result<Vec<Sample>, BenchError> {
+    let mut samples = Vec::with_capacity(config.requests);
+    let mut first_response: Option<Vec<u8>> = None;
+    for index in 0..config.requests {
+        let floor = floor::fresh_cycle(hv, config.vm.mem_size)?;
+        let start = Instant::now();
+        let deadline = Some(start + config.timeout);
+        let mut vm = Vm::boot(hv, &config.vm, Box::new(std::io::sink()))?;
+        let wrap = |source| BenchError::Request { index, source };
+        let ready = invoke::run_until_ready(&mut vm, deadline).map_err(wrap)?;
+        let ready_at = Instant::now();
+        let boot_stats = vm.stats();
+        let response = invoke::invoke(&mut vm, ready.port, &config.request, invoke::DEFAULT_MAX_RESPONSE, deadline)
+            .map_err(wrap)?;
+        let done = Instant::now();
+        let stats = vm.stats();
+        drop(vm);
+        let torn = Instant::now();
+        match &first_response {
+            None => first_response = Some(response),
+            Some(first) if *first != response => return Err(BenchError::WrongResponse { index }),
+            Some(_) => {}
+        }
+        samples.push(Sample {
+            boot_to_ready_us: micros(ready_at - start),
+            request_us: micros(done - ready_at),
+            latency_us: micros(done - start),
+            teardown_us: micros(torn - done),
+            floor_fresh_us: micros(floor.create_to_exit),
+            request_exits: exits(&stats) - exits(&boot_stats),
+            boot_exits: exits(&boot_stats),
+        });
+        progress(index + 1);
+    }
+    Ok(samples)
+}
+
+fn exits(stats: &ExitStats) -> u64 {
+    stats.pio + stats.virtio_mmio + stats.sysdev + stats.waits + stats.unclaimed
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}

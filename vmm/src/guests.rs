@@ -1,0 +1,17 @@
+//! The guest binaries built from `guest/runtime` and embedded in the VMM, so that `mu2` runs
+//! its example functions with no file arguments.
+
+include!(concat!(env!("OUT_DIR"), "/guests.rs"));
+
+/// Example functions offered to users, by name.
+pub const EXAMPLES: &[&str] = &["echo", "sha256", "work", "crash", "random"];
+
+/// The embedded guest called `name`, if any (examples and test guests).
+pub fn find(name: &str) -> Option<&'static [u8]> {
+    EMBEDDED.iter().find(|(n, _)| *n == name).map(|(_, bytes)| *bytes)
+}
+
+/// Names of every embedded guest.
+pub fn names() -> impl Iterator<Item = &'static str> {
+    EMBEDDED.iter().map(|(n, _)| *n)
+}

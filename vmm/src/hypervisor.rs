@@ -1,0 +1,72 @@
+//! The host's KVM: opened once, shared by every VM a process creates.
+
+use kvm_bindings::CpuId;
+use kvm_ioctls::Kvm;
+
+use crate::arch;
+
+/// Errors opening KVM.
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    /// /dev/kvm does not exist.
+    #[error("/dev/kvm does not exist: this host offers no KVM (load kvm, or run where virtualization is enabled)")]
+    Missing,
+    /// /dev/kvm exists but may not be opened by this user.
+    #[error("permission denied opening /dev/kvm: run as root or join the group that owns it (usually `kvm`)")]
+    PermissionDenied,
+    /// Opening /dev/kvm failed otherwise.
+    #[error("opening /dev/kvm")]
+    Open(#[source] kvm_ioctls::Error),
+    /// KVM speaks an API version mu2 does not.
+    #[error("KVM API version {0} is not supported (mu2 needs 12)")]
+    ApiVersion(i32),
+    /// KVM refused a query.
+    #[error("KVM setup")]
+    Arch(#[source] arch::ArchError),
+}
+
+/// The host's KVM and what it supports.
+#[derive(Debug)]
+pub struct Hypervisor {
+    kvm: Kvm,
+    cpuid: CpuId,
+    max_vcpus: usize,
+}
+
+impl Hypervisor {
+    /// Opens /dev/kvm and reads what it supports.
+    pub fn open() -> Result<Self, HypervisorError> {
+        let kvm = Kvm::new().map_err(|e| match e.errno() {
+            libc::ENOENT => HypervisorError::Missing,
+            libc::EACCES | libc::EPERM => HypervisorError::PermissionDenied,
+            _ => HypervisorError::Open(e),
+        })?;
+        let version = kvm.get_api_version();
+        if version != 12 {
+            return Err(HypervisorError::ApiVersion(version));
+        }
+        let cpuid = arch::supported_cpuid(&kvm).map_err(HypervisorError::Arch)?;
+        let max_vcpus = arch::max_vcpus(&kvm);
+        Ok(Hypervisor { kvm, cpuid, max_vcpus })
+    }
+
+    /// Whether /dev/kvm can be opened here; `Err` says why not.
+    pub fn check() -> Result<(), HypervisorError> {
+        Self::open().map(|_| ())
+    }
+
+    /// The KVM system handle.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// The most vCPUs one VM may have.
+    pub fn max_vcpus(&self) -> usize {
+        self.max_vcpus
+    }
+
+    /// The CPUID table for vCPU `index` of `count`.
+    pub fn vcpu_cpuid(&self, index: u8, count: u8) -> CpuId {
+        arch::vcpu_cpuid(&self.cpuid, index, count)
+    }
+}

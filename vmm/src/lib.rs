@@ -1,0 +1,16 @@
+//! mu2: a KVM virtual machine monitor that runs every request in a brand-new micro-VM.
+//!
+//! See ARCHITECTURE.md at the repository root for the code map and the request flow.
+
+pub mod arch;
+pub mod bench;
+pub mod floor;
+pub mod guests;
+pub mod hypervisor;
+pub mod invoke;
+pub mod kick;
+pub mod memory;
+pub mod vm;
+
+pub use hypervisor::{Hypervisor, HypervisorError};
+pub use vm::{BuildError, ExitStats, GuestError, RunStop, Vm, VmConfig};

@@ -1,0 +1,113 @@
+//! Guest RAM: one host mapping registered with KVM as memory slot 0.
+//!
+//! The mapping is made here (not by vm-memory) so that it can later be a frozen image's
+//! memory file mapped copy-on-write, or be replaced in place between requests.
+
+use std::ptr::NonNull;
+
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+/// Errors creating guest RAM.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// mmap failed.
+    #[error("mapping {size} bytes of guest memory")]
+    Map {
+        /// Requested size.
+        size: usize,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// vm-memory refused the region.
+    #[error("describing guest memory to vm-memory")]
+    Region(#[source] vm_memory::mmap::MmapRegionError),
+    /// vm-memory refused the region layout.
+    #[error("building the guest memory map")]
+    Layout(#[source] vm_memory::GuestRegionCollectionError),
+}
+
+/// A host mapping owned by mu2, unmapped on drop.
+#[derive(Debug)]
+struct HostMapping {
+    host: NonNull<u8>,
+    size: usize,
+}
+
+impl Drop for HostMapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was created for this value and is unmapped exactly once; every
+        // user (vm-memory's view, KVM's memory slot) is gone before it is dropped.
+        unsafe { libc::munmap(self.host.as_ptr().cast(), self.size) };
+    }
+}
+
+/// Guest RAM at guest-physical address 0.
+#[derive(Debug)]
+pub struct GuestRam {
+    // Declared before `mapping`, so the view is dropped before the memory it describes.
+    mem: GuestMemoryMmap,
+    mapping: HostMapping,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; it is not tied to a thread.
+unsafe impl Send for GuestRam {}
+
+impl GuestRam {
+    /// Zero-filled private anonymous memory; pages are allocated when first touched.
+    pub fn anonymous(size: usize) -> Result<Self, MemoryError> {
+        let map_error = |source| MemoryError::Map { size, source };
+        // SAFETY: a fresh anonymous mapping at an address of the kernel's choosing; the result
+        // is checked below and the mapping is owned by the returned value.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(map_error(std::io::Error::last_os_error()));
+        }
+        let host =
+            NonNull::new(ptr.cast::<u8>()).ok_or_else(|| map_error(std::io::ErrorKind::AddrNotAvailable.into()))?;
+        Self::over(HostMapping { host, size })
+    }
+
+    fn over(mapping: HostMapping) -> Result<Self, MemoryError> {
+        // SAFETY: `mapping` is readable and writable for `size` bytes and outlives the view,
+        // which does not unmap it (build_raw regions are not owned).
+        let region = unsafe {
+            MmapRegion::build_raw(
+                mapping.host.as_ptr(),
+                mapping.size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE,
+            )
+        }
+        .map_err(MemoryError::Region)?;
+        let region = GuestRegionMmap::new(region, GuestAddress(0))
+            .ok_or_else(|| MemoryError::Map { size: mapping.size, source: std::io::ErrorKind::InvalidInput.into() })?;
+        let mem = GuestMemoryMmap::from_regions(vec![region]).map_err(MemoryError::Layout)?;
+        Ok(GuestRam { mem, mapping })
+    }
+
+    /// The vm-memory view of guest RAM.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> usize {
+        self.mapping.size
+    }
+
+    /// Host address of guest-physical address 0.
+    pub fn host_address(&self) -> u64 {
+        self.mapping.host.as_ptr() as u64
+    }
+}

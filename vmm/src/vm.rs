@@ -1,0 +1,610 @@
+//! One virtual machine: KVM objects, guest RAM, devices, and the run loop.
+//!
+//! A VM runs on the thread that calls [`Vm::run`]. The loop gives every exit a defined
+//! outcome and returns to its caller only when the guest needs it: the guest became ready,
+//! it waits with nothing to do ([`RunStop::Idle`]), it stopped, or it failed.
+
+use std::borrow::Cow;
+use std::time::Instant;
+
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use linux_loader::cmdline::Cmdline;
+use mu2_abi::{layout, sysdev, ReadyInfo, Text};
+use mu2_devices::serial::{ConsoleOutput, SerialConsole, SERIAL_REGISTERS};
+use mu2_devices::sysdev::SysdevRequest;
+use mu2_devices::virtio::mmio::MmioTransport;
+use mu2_devices::virtio::vsock::{Vsock, VsockConfig};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::arch::{self, EntryMode, GuestFault};
+use crate::hypervisor::Hypervisor;
+use crate::kick::{self, KickError, RunGuard};
+use crate::memory::{GuestRam, MemoryError};
+
+/// How to build a VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// The guest ELF image.
+    pub image: Cow<'static, [u8]>,
+    /// Guest RAM in bytes.
+    pub mem_size: u64,
+    /// Number of vCPUs. vCPU 0 runs the guest; mu2 guests are single-threaded and the others
+    /// stay parked, as application processors do until a guest starts them.
+    pub vcpus: u8,
+    /// Extra kernel command-line text, appended after what the VMM writes.
+    pub cmdline: String,
+    /// How the vCPU enters the guest.
+    pub entry: EntryMode,
+    /// The vsock device's settings.
+    pub vsock: VsockConfig,
+}
+
+impl VmConfig {
+    /// Defaults for `image`: 64 MiB, one vCPU, native entry.
+    pub fn new(image: impl Into<Cow<'static, [u8]>>) -> Self {
+        VmConfig {
+            image: image.into(),
+            mem_size: 64 << 20,
+            vcpus: 1,
+            cmdline: String::new(),
+            entry: EntryMode::Native,
+            vsock: VsockConfig::default(),
+        }
+    }
+}
+
+/// Errors building a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// A setting is out of range.
+    #[error("invalid VM configuration: {0}")]
+    Config(String),
+    /// A KVM call failed.
+    #[error("KVM could not {what}")]
+    Kvm {
+        /// The operation.
+        what: &'static str,
+        /// KVM's error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory could not be created.
+    #[error("creating guest memory")]
+    Memory(#[source] MemoryError),
+    /// Architecture setup failed.
+    #[error("setting up the virtual machine")]
+    Arch(#[source] arch::ArchError),
+    /// The command line does not fit.
+    #[error("building the kernel command line")]
+    Cmdline(#[source] linux_loader::cmdline::Error),
+}
+
+/// Why the guest stopped against its will, or could not go on.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    /// A CPU exception in the guest.
+    #[error("guest fault: {0}")]
+    Fault(GuestFault),
+    /// The guest runtime panicked.
+    #[error("guest panicked: {0}")]
+    Panic(String),
+    /// A triple fault: the CPU shut down.
+    #[error("guest triple-faulted (CPU shutdown) at RIP {rip:#x}")]
+    TripleFault {
+        /// Instruction pointer when it happened, or 0 if unknown.
+        rip: u64,
+    },
+    /// The guest halted with no way to be woken (mu2 VMs have no interrupt controller).
+    #[error("guest halted at RIP {rip:#x} with interrupts unavailable")]
+    Halted {
+        /// Instruction pointer of the `hlt`.
+        rip: u64,
+    },
+    /// KVM could not enter the guest.
+    #[error("KVM failed to enter the guest (hardware reason {reason:#x})")]
+    FailEntry {
+        /// Hardware entry failure reason.
+        reason: u64,
+    },
+    /// KVM could not emulate something the guest did.
+    #[error("KVM internal error (suberror {suberror}) at RIP {rip:#x}")]
+    Internal {
+        /// KVM's suberror code.
+        suberror: u32,
+        /// Instruction pointer.
+        rip: u64,
+    },
+    /// The guest asked for a reset or power-off through a system event.
+    #[error("guest requested system event {0}")]
+    SystemEvent(u32),
+    /// The guest did something the VMM cannot serve.
+    #[error("guest protocol error: {0}")]
+    Protocol(String),
+    /// The deadline passed while the guest ran.
+    #[error("timed out")]
+    Timeout,
+    /// The guest has already stopped.
+    #[error("the guest has already stopped")]
+    Stopped,
+    /// A KVM call failed while running.
+    #[error("KVM could not {what}")]
+    Kvm {
+        /// The operation.
+        what: &'static str,
+        /// KVM's error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The deadline timer could not be armed.
+    #[error("arming the deadline")]
+    Kick(#[source] KickError),
+}
+
+/// Why [`Vm::run`] returned normally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunStop {
+    /// The guest reported readiness and will wait for work next.
+    Ready(ReadyInfo),
+    /// The guest waits and its devices have nothing for it.
+    Idle,
+    /// The guest stopped with this exit code.
+    Exited(u32),
+}
+
+/// Exits seen by a VM, by kind: where its time in the VMM goes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExitStats {
+    /// Times the vCPU entered the guest (KVM_RUN calls).
+    pub entries: u64,
+    /// Port I/O exits (the x86 serial console).
+    pub pio: u64,
+    /// MMIO exits to the virtio-mmio device.
+    pub virtio_mmio: u64,
+    /// MMIO exits to the system device other than WAIT.
+    pub sysdev: u64,
+    /// WAIT exits.
+    pub waits: u64,
+    /// Accesses to addresses no device claims.
+    pub unclaimed: u64,
+    /// KVM_RUN calls interrupted by a signal.
+    pub interrupted: u64,
+}
+
+/// A virtual machine.
+pub struct Vm {
+    // Field order is drop order: vCPUs, then the VM, then the memory they used.
+    vcpus: Vec<VcpuFd>,
+    vm_fd: VmFd,
+    ram: GuestRam,
+    serial: SerialConsole,
+    vsock: MmioTransport<Vsock>,
+    /// The guest is parked in a WAIT read that has not been answered yet.
+    parked_in_wait: bool,
+    ready: Option<ReadyInfo>,
+    stopped: bool,
+    stats: ExitStats,
+    tsc_khz: Option<u32>,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("mem_size", &self.ram.size())
+            .field("vcpus", &self.vcpus.len())
+            .field("ready", &self.ready)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Offset of the vsock device in the MMIO window: the first virtio-mmio slot.
+const VSOCK_MMIO: u64 = layout::VIRTIO_MMIO_BASE;
+/// The interrupt line named on the command line. mu2 guests poll; the line is not wired.
+const VSOCK_IRQ: u32 = 5;
+
+impl Vm {
+    /// Creates a VM and loads the guest: cold boot up to the first instruction.
+    pub fn boot(hv: &Hypervisor, config: &VmConfig, console: ConsoleOutput) -> Result<Vm, BuildError> {
+        if config.mem_size < layout::MIN_MEM || config.mem_size > layout::MAX_MEM || config.mem_size % (2 << 20) != 0 {
+            return Err(BuildError::Config(format!(
+                "memory must be a multiple of 2 MiB between {} MiB and {} MiB, not {} bytes",
+                layout::MIN_MEM >> 20,
+                layout::MAX_MEM >> 20,
+                config.mem_size
+            )));
+        }
+        let max_vcpus = hv.max_vcpus();
+        if config.vcpus == 0 || usize::from(config.vcpus) > max_vcpus {
+            return Err(BuildError::Config(format!(
+                "vCPUs must be between 1 and {max_vcpus} on this host, not {}",
+                config.vcpus
+            )));
+        }
+        let kvm_err = |what| move |source| BuildError::Kvm { what, source };
+        let vm_fd = hv.kvm().create_vm().map_err(kvm_err("create a VM"))?;
+        // Validated above: the size fits in usize.
+        let ram = GuestRam::anonymous(config.mem_size as usize).map_err(BuildError::Memory)?;
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: config.mem_size,
+            userspace_addr: ram.host_address(),
+        };
+        // SAFETY: the region is guest RAM, mapped for its whole size for as long as the VM
+        // exists: `Vm` drops the VM fd before the memory.
+        unsafe { vm_fd.set_user_memory_region(region) }.map_err(kvm_err("register guest memory"))?;
+
+        let mem = ram.memory();
+        let (entry, _image_end) = arch::load_kernel(mem, &config.image, config.mem_size).map_err(BuildError::Arch)?;
+
+        let mut vcpus = Vec::with_capacity(config.vcpus.into());
+        for index in 0..config.vcpus {
+            let vcpu = vm_fd.create_vcpu(index.into()).map_err(kvm_err("create a vCPU"))?;
+            vcpus.push(vcpu);
+        }
+        let tsc_khz = arch::tsc_khz(&vcpus[0]);
+        let cmdline = Self::cmdline(config, tsc_khz)?;
+        arch::write_boot_data(mem, config.mem_size, cmdline.as_bytes_with_nul(), config.entry)
+            .map_err(BuildError::Arch)?;
+        for (index, vcpu) in vcpus.iter().enumerate() {
+            let cpuid = hv.vcpu_cpuid(index as u8, config.vcpus);
+            arch::setup_vcpu(vcpu, &cpuid, entry, config.entry).map_err(BuildError::Arch)?;
+        }
+
+        Ok(Vm {
+            vcpus,
+            vm_fd,
+            ram,
+            serial: SerialConsole::new(console),
+            vsock: MmioTransport::new(Vsock::new(config.vsock)),
+            parked_in_wait: false,
+            ready: None,
+            stopped: false,
+            stats: ExitStats::default(),
+            tsc_khz,
+        })
+    }
+
+    fn cmdline(config: &VmConfig, tsc_khz: Option<u32>) -> Result<std::ffi::CString, BuildError> {
+        let mut cmdline = Cmdline::new(layout::CMDLINE_MAX).map_err(BuildError::Cmdline)?;
+        cmdline
+            .add_virtio_mmio_device(layout::MMIO_DEVICE_SIZE, GuestAddress(VSOCK_MMIO), VSOCK_IRQ, None)
+            .map_err(BuildError::Cmdline)?;
+        cmdline.insert(mu2_abi::cmdline::SYSDEV, &format!("{:#x}", layout::SYSDEV)).map_err(BuildError::Cmdline)?;
+        if let Some(khz) = tsc_khz {
+            cmdline.insert(mu2_abi::cmdline::TSC_KHZ, &khz.to_string()).map_err(BuildError::Cmdline)?;
+        }
+        if !config.cmdline.trim().is_empty() {
+            cmdline.insert_str(config.cmdline.trim()).map_err(BuildError::Cmdline)?;
+        }
+        cmdline.as_cstring().map_err(BuildError::Cmdline)
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        self.ram.memory()
+    }
+
+    /// The vsock device (host endpoint included).
+    pub fn vsock(&mut self) -> &mut Vsock {
+        self.vsock.device_mut()
+    }
+
+    /// What the guest reported when it became ready.
+    pub fn ready_info(&self) -> Option<ReadyInfo> {
+        self.ready
+    }
+
+    /// Exit counters so far.
+    pub fn stats(&self) -> ExitStats {
+        self.stats
+    }
+
+    /// The TSC frequency given to the guest, if KVM reported one.
+    pub fn tsc_khz(&self) -> Option<u32> {
+        self.tsc_khz
+    }
+
+    /// The KVM VM object.
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm_fd
+    }
+
+    /// Runs the guest until it needs the caller (see [`RunStop`]) or `deadline` passes.
+    ///
+    /// Called while the guest is parked in a WAIT, the devices are polled first: if they
+    /// have nothing for the guest, this returns [`RunStop::Idle`] without entering it.
+    pub fn run(&mut self, deadline: Option<Instant>) -> Result<RunStop, GuestError> {
+        if self.stopped {
+            return Err(GuestError::Stopped);
+        }
+        if self.parked_in_wait {
+            self.vsock.poll(self.ram.memory());
+            if !self.vsock.take_wakeup() {
+                return Ok(RunStop::Idle);
+            }
+            self.complete_wait(1);
+        }
+        kick::arm_deadline(deadline).map_err(GuestError::Kick)?;
+        let result = self.run_vcpu(deadline);
+        // A timer left armed would interrupt whatever this thread does next.
+        let disarmed = kick::arm_deadline(None).map_err(GuestError::Kick);
+        let stop = result?;
+        disarmed?;
+        Ok(stop)
+    }
+
+    fn run_vcpu(&mut self, deadline: Option<Instant>) -> Result<RunStop, GuestError> {
+        let run_ptr: *mut kvm_bindings::kvm_run = self.vcpus[0].get_kvm_run();
+        // SAFETY: the kvm_run mapping belongs to vCPU 0, which outlives this call, and this
+        // thread is the only one running it.
+        let _guard = unsafe { RunGuard::new(run_ptr) }.map_err(GuestError::Kick)?;
+        loop {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(GuestError::Timeout);
+            }
+            self.stats.entries += 1;
+            let outcome = match self.vcpus[0].run() {
+                Ok(exit) => Self::classify(exit),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Exit::Interrupted,
+                Err(source) => return Err(GuestError::Kvm { what: "run the vCPU", source }),
+            };
+            if let Some(stop) = self.handle(outcome)? {
+                return Ok(stop);
+            }
+        }
+    }
+
+    /// Turns KVM's borrowed exit into owned data, so the handler can use `self` freely.
+    fn classify(exit: VcpuExit<'_>) -> Exit {
+        match exit {
+            VcpuExit::IoOut(port, data) => Exit::PioWrite(port, data.to_vec()),
+            VcpuExit::IoIn(port, data) => Exit::PioRead(port, data.len()),
+            VcpuExit::MmioRead(addr, data) => Exit::MmioRead(addr, data.len()),
+            VcpuExit::MmioWrite(addr, data) => Exit::MmioWrite(addr, Bytes8::from(data)),
+            VcpuExit::Hlt => Exit::Hlt,
+            VcpuExit::Shutdown => Exit::Shutdown,
+            VcpuExit::FailEntry(reason, _) => Exit::FailEntry(reason),
+            VcpuExit::InternalError => Exit::InternalError,
+            VcpuExit::SystemEvent(kind, _) => Exit::SystemEvent(kind),
+            VcpuExit::Intr => Exit::Interrupted,
+            other => Exit::Other(format!("{other:?}")),
+        }
+    }
+
+    fn handle(&mut self, exit: Exit) -> Result<Option<RunStop>, GuestError> {
+        match exit {
+            Exit::Interrupted => {
+                self.stats.interrupted += 1;
+                self.vcpus[0].set_kvm_immediate_exit(0);
+                Ok(None)
+            }
+            Exit::PioWrite(port, data) => {
+                self.stats.pio += 1;
+                match Self::serial_offset(port) {
+                    Some(offset) => {
+                        for byte in &data {
+                            self.serial.write(offset, *byte);
+                        }
+                    }
+                    None => self.stats.unclaimed += 1,
+                }
+                Ok(None)
+            }
+            Exit::PioRead(port, len) => {
+                self.stats.pio += 1;
+                let value = match Self::serial_offset(port) {
+                    Some(offset) => self.serial.read(offset),
+                    None => {
+                        self.stats.unclaimed += 1;
+                        0xff
+                    }
+                };
+                self.fill_pio_read(len, value);
+                Ok(None)
+            }
+            Exit::MmioRead(addr, len) => self.mmio_read(addr, len),
+            Exit::MmioWrite(addr, data) => self.mmio_write(addr, data.as_slice()),
+            Exit::Hlt => self.fail(GuestError::Halted { rip: self.rip() }),
+            Exit::Shutdown => self.fail(GuestError::TripleFault { rip: self.rip() }),
+            Exit::FailEntry(reason) => self.fail(GuestError::FailEntry { reason }),
+            Exit::InternalError => {
+                // SAFETY: reading the `internal` member of the exit union, which KVM filled in
+                // for this exit reason.
+                let suberror = unsafe { self.vcpus[0].get_kvm_run().__bindgen_anon_1.internal.suberror };
+                self.fail(GuestError::Internal { suberror, rip: self.rip() })
+            }
+            Exit::SystemEvent(kind) => self.fail(GuestError::SystemEvent(kind)),
+            Exit::Other(what) => self.fail(GuestError::Protocol(format!("unexpected VM exit {what}"))),
+        }
+    }
+
+    fn fail(&mut self, error: GuestError) -> Result<Option<RunStop>, GuestError> {
+        self.stopped = true;
+        Err(error)
+    }
+
+    fn rip(&self) -> u64 {
+        arch::instruction_pointer(&self.vcpus[0]).unwrap_or(0)
+    }
+
+    fn serial_offset(port: u16) -> Option<u64> {
+        let offset = u64::from(port.checked_sub(arch::SERIAL_PIO_BASE)?);
+        (offset < SERIAL_REGISTERS).then_some(offset)
+    }
+
+    fn fill_pio_read(&mut self, len: usize, value: u8) {
+        let run = self.vcpus[0].get_kvm_run();
+        // SAFETY: for a KVM_EXIT_IO exit, `io.data_offset` locates `len` bytes inside the
+        // kvm_run mapping (kvm-ioctls built the same slice for the exit); nothing else
+        // references them until the next KVM_RUN.
+        unsafe {
+            let io = run.__bindgen_anon_1.io;
+            let base = (run as *mut kvm_bindings::kvm_run).cast::<u8>();
+            std::ptr::write_bytes(base.add(io.data_offset as usize), value, len);
+        }
+    }
+
+    fn mmio_data(&mut self) -> &mut [u8] {
+        let run = self.vcpus[0].get_kvm_run();
+        // SAFETY: the vCPU's last exit was KVM_EXIT_MMIO, so `mmio` is the live union member;
+        // its length field was checked by KVM (at most 8).
+        let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
+        let len = (mmio.len as usize).min(mmio.data.len());
+        &mut mmio.data[..len]
+    }
+
+    fn complete_wait(&mut self, bits: u32) {
+        mu2_devices::sysdev::complete_wait(self.mmio_data(), bits);
+        self.parked_in_wait = false;
+    }
+
+    fn mmio_read(&mut self, addr: u64, len: usize) -> Result<Option<RunStop>, GuestError> {
+        let mut data = [0u8; 8];
+        let data = &mut data[..len.min(8)];
+        if let Some(offset) = Self::offset_in(addr, layout::SYSDEV) {
+            match mu2_devices::sysdev::read(offset, data) {
+                Ok(SysdevRequest::Wait) => {
+                    self.stats.waits += 1;
+                    self.vsock.poll(self.ram.memory());
+                    if self.vsock.take_wakeup() {
+                        mu2_devices::sysdev::complete_wait(self.mmio_data(), 1);
+                        return Ok(None);
+                    }
+                    self.parked_in_wait = true;
+                    return Ok(Some(RunStop::Idle));
+                }
+                Ok(_) => self.stats.sysdev += 1,
+                Err(e) => return self.fail(GuestError::Protocol(e.to_string())),
+            }
+        } else if let Some(offset) = Self::offset_in(addr, VSOCK_MMIO) {
+            self.stats.virtio_mmio += 1;
+            self.vsock.read(offset, data);
+        } else {
+            self.stats.unclaimed += 1;
+            log::debug!("guest read of unclaimed address {addr:#x}");
+        }
+        let data = *data.first_chunk::<8>().unwrap_or(&[0; 8]);
+        let out = self.mmio_data();
+        let n = out.len();
+        out.copy_from_slice(&data[..n]);
+        Ok(None)
+    }
+
+    fn mmio_write(&mut self, addr: u64, data: &[u8]) -> Result<Option<RunStop>, GuestError> {
+        if let Some(offset) = Self::offset_in(addr, layout::SYSDEV) {
+            self.stats.sysdev += 1;
+            let request = match mu2_devices::sysdev::write(offset, data) {
+                Ok(r) => r,
+                Err(e) => return self.fail(GuestError::Protocol(e.to_string())),
+            };
+            return self.sysdev_request(request);
+        }
+        if let Some(offset) = Self::offset_in(addr, VSOCK_MMIO) {
+            self.stats.virtio_mmio += 1;
+            self.vsock.write(self.ram.memory(), offset, data);
+        } else {
+            self.stats.unclaimed += 1;
+            log::debug!("guest write to unclaimed address {addr:#x}");
+        }
+        Ok(None)
+    }
+
+    fn sysdev_request(&mut self, request: SysdevRequest) -> Result<Option<RunStop>, GuestError> {
+        match request {
+            SysdevRequest::Ready(addr) => {
+                let mut raw = [0u8; ReadyInfo::SIZE];
+                let info = match self.ram.memory().read_slice(&mut raw, GuestAddress(addr)) {
+                    Ok(()) => ReadyInfo::from_le_bytes(raw),
+                    Err(e) => return self.fail(GuestError::Protocol(format!("unreadable readiness report: {e}"))),
+                };
+                if info.abi_version != mu2_abi::ABI_VERSION {
+                    return self.fail(GuestError::Protocol(format!(
+                        "guest speaks ABI version {}, this VMM {}",
+                        info.abi_version,
+                        mu2_abi::ABI_VERSION
+                    )));
+                }
+                self.ready = Some(info);
+                Ok(Some(RunStop::Ready(info)))
+            }
+            SysdevRequest::Exit(code) => {
+                self.stopped = true;
+                Ok(Some(RunStop::Exited(code)))
+            }
+            SysdevRequest::Panic(addr) => {
+                let message = self.read_text(addr).unwrap_or_else(|| "(unreadable message)".into());
+                self.fail(GuestError::Panic(message))
+            }
+            SysdevRequest::Fault(vector) => {
+                let fault = arch::decode_fault(&self.vcpus[0], self.ram.memory(), vector);
+                self.fail(GuestError::Fault(fault))
+            }
+            SysdevRequest::Log(addr) => {
+                if let Some(text) = self.read_text(addr) {
+                    self.serial.write_text(text.as_bytes());
+                }
+                Ok(None)
+            }
+            SysdevRequest::Answered | SysdevRequest::Wait => Ok(None),
+        }
+    }
+
+    /// Reads a guest `Text`, capped at `TEXT_MAX` bytes.
+    fn read_text(&self, addr: u64) -> Option<String> {
+        let mem = self.ram.memory();
+        let mut raw = [0u8; Text::SIZE];
+        mem.read_slice(&mut raw, GuestAddress(addr)).ok()?;
+        let text = Text::from_le_bytes(raw);
+        let len = text.len.min(mu2_abi::TEXT_MAX) as usize;
+        let mut bytes = vec![0u8; len];
+        mem.read_slice(&mut bytes, GuestAddress(text.addr)).ok()?;
+        Some(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    fn offset_in(addr: u64, base: u64) -> Option<u64> {
+        let offset = addr.checked_sub(base)?;
+        (offset < layout::MMIO_DEVICE_SIZE).then_some(offset)
+    }
+}
+
+/// Up to 8 bytes of exit data, copied out of kvm_run.
+#[derive(Debug, Clone, Copy)]
+struct Bytes8 {
+    data: [u8; 8],
+    len: usize,
+}
+
+impl Bytes8 {
+    fn as_slice(&self) -> &[u8] {
+        &self.data[..self.len]
+    }
+}
+
+impl From<&[u8]> for Bytes8 {
+    fn from(src: &[u8]) -> Self {
+        let len = src.len().min(8);
+        let mut data = [0u8; 8];
+        data[..len].copy_from_slice(&src[..len]);
+        Bytes8 { data, len }
+    }
+}
+
+#[derive(Debug)]
+enum Exit {
+    // String I/O can carry more than 8 bytes.
+    PioWrite(u16, Vec<u8>),
+    PioRead(u16, usize),
+    MmioRead(u64, usize),
+    MmioWrite(u64, Bytes8),
+    Hlt,
+    Shutdown,
+    FailEntry(u64),
+    InternalError,
+    SystemEvent(u32),
+    Interrupted,
+    Other(String),
+}
+
+const _: () = assert!(sysdev::WAIT < layout::MMIO_DEVICE_SIZE);
