@@ -1,0 +1,23 @@
+//! Test guest for the VMM's hardening: the request names one malformation (`addr`, `dir`,
+//! `short`, `len`, `cycle`, `avail`, `rxdir`; see `mu2_guest::testing::Malformation`); the
+//! guest submits it on its virtqueues and WAITs forever. The VMM must turn each into an
+//! error, not a panic or a hang. An unknown name is answered with an error text.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+use alloc::vec::Vec;
+use mu2_guest::testing::{inject, wait_forever, Malformation};
+
+mu2_guest::function!(badchain);
+
+fn badchain(request: &[u8]) -> Vec<u8> {
+    let Some(bad) = Malformation::parse(request) else {
+        return b"error: unknown malformation (addr, dir, short, len, cycle, avail, rxdir)".to_vec();
+    };
+    if !inject(bad) {
+        return b"error: no connection or no free TX slot".to_vec();
+    }
+    wait_forever()
+}

@@ -1,0 +1,93 @@
+//! The serve loop: WAIT, take back used buffers, run the function on a complete request,
+//! queue the response, WAIT again. A small request costs one exit: the WAIT that follows
+//! the response (the mu2 device polls its queues at that exit, so nothing is notified).
+
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+use mu2_abi::{wait, ReadyInfo, ABI_VERSION};
+
+use crate::global::Global;
+use crate::virtio::mmio::Transport;
+use crate::virtio::Dma;
+use crate::vsock::{self, Vsock, BUF_ALLOC};
+
+static DRIVER: Global<Option<Vsock>> = Global::new(None);
+static READY: Dma<ReadyInfo> = Dma::new(ReadyInfo { abi_version: 0, port: 0, buf_alloc: 0, reserved: 0 });
+static TX_NOTIFY: AtomicU64 = AtomicU64::new(0);
+
+/// Runs `f` on the vsock driver if it is up.
+pub(crate) fn with_driver<R>(f: impl FnOnce(&mut Vsock) -> R) -> Option<R> {
+    DRIVER.with(|d| d.as_mut().map(f))
+}
+
+/// Finds the vsock device among the command line's virtio-mmio devices, brings it up, and
+/// reports readiness to the VMM. Panics (reported to the VMM) if there is none.
+fn start() {
+    let config = crate::config();
+    let port = config.port.unwrap_or(mu2_abi::DEFAULT_PORT);
+    let device = config.devices().iter().map(|d| Transport::new(d.addr)).find(|&t| vsock::probe(t).is_ok());
+    let Some(transport) = device else { panic!("no virtio-vsock device on the command line") };
+    let dev = match Vsock::init(transport, port) {
+        Ok(dev) => dev,
+        Err(e) => panic!("virtio-vsock at {:#x}: {e:?}", transport.base()),
+    };
+    TX_NOTIFY.store(dev.tx_notify_addr(), Ordering::Relaxed);
+    if !config.quiet {
+        crate::println!("mu2: listening on vsock {}:{port}", dev.cid());
+    }
+    DRIVER.with(|d| *d = Some(dev));
+    let info = ReadyInfo { abi_version: ABI_VERSION, port, buf_alloc: BUF_ALLOC, reserved: 0 };
+    // SAFETY: READY is static memory nothing else references; written before its address
+    // goes to the VMM.
+    unsafe { READY.ptr().write_volatile(info) };
+    crate::sysdev::ready(READY.ptr());
+}
+
+/// Parks until there is work: the system device's WAIT, or (under another VMM) polling the
+/// used rings. Returns the WAIT bits (0 when polling).
+fn wait_for_work() -> u32 {
+    if let Some(bits) = crate::sysdev::wait() {
+        return bits;
+    }
+    while !with_driver(|d| d.has_work()).unwrap_or(false) {
+        core::hint::spin_loop();
+    }
+    0
+}
+
+/// Serves requests forever: each request's bytes go to `handler`, whose return value is the
+/// response.
+pub fn serve(mut handler: impl FnMut(&[u8]) -> Vec<u8>) -> ! {
+    start();
+    loop {
+        if wait_for_work() & wait::RESTORED != 0 {
+            crate::restored();
+        }
+        let request = with_driver(|d| {
+            d.poll();
+            // RESPONSE and credit go out now, ahead of the function's result.
+            d.pump();
+            d.take_request()
+        })
+        .flatten();
+        if let Some(request) = request {
+            // The driver is not borrowed while the function runs: it may call back into the
+            // runtime (random numbers, `notify_host`, the test hooks).
+            let response = handler(&request);
+            drop(request);
+            with_driver(|d| d.respond(response));
+        }
+        with_driver(Vsock::pump);
+    }
+}
+
+/// Notifies the TX queue now (one exit), whatever the device asked: lets a function that
+/// will not return (the `hang` test guest) still get the connection's RESPONSE delivered.
+pub fn notify_host() {
+    let addr = TX_NOTIFY.load(Ordering::Relaxed);
+    if addr != 0 {
+        // SAFETY: the QueueNotify register of the vsock device's MMIO window; writing the
+        // TX queue's index only asks the device to look at that queue.
+        unsafe { (addr as *mut u32).write_volatile(1) };
+    }
+}
