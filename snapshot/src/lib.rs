@@ -1,0 +1,522 @@
+//! mu2's frozen-image container format.
+//!
+//! A frozen image is a directory holding two files:
+//!
+//! - [`STATE_FILE`] (`state`): a 32-byte header (magic naming the architecture, format version,
+//!   flags, payload length, CRC-64 of the payload) followed by the payload, a serde value encoded
+//!   with postcard. The payload type is the VMM's; this crate only frames, checks and decodes it.
+//! - [`MEMORY_FILE`] (`memory`): raw guest RAM, written sparse (all-zero 4 KiB pages are holes) so
+//!   that each fork can `mmap` it `MAP_PRIVATE` and copy-on-write.
+//!
+//! Every header field is checked before use, reads are capped at [`MAX_STATE_SIZE`], and every way
+//! an image can be wrong is a specific [`SnapshotError`] variant. The byte-level format, the
+//! validation rules and the versioning policy are in `docs/image-format.md`.
+
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+mod schema;
+
+pub use schema::{check_schema, fingerprint, Versioned};
+
+/// The version written into every header; bump it whenever the header layout, the encoding or any
+/// payload schema changes (the [`Versioned`] tripwire enforces the last).
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The versions [`read_state`] accepts. Frozen images are caches rebuilt from the guest, so there
+/// is no migration: only the current version is read.
+pub const SUPPORTED_VERSIONS: &[u32] = &[FORMAT_VERSION];
+
+/// The largest payload accepted (and written): 16 MiB. VM state (registers, device state) is a few
+/// KiB; guest memory is not in the payload.
+pub const MAX_STATE_SIZE: u64 = 16 << 20;
+
+/// Length of the state file header in bytes.
+pub const HEADER_LEN: usize = 32;
+
+/// The name of the state file inside an image directory.
+pub const STATE_FILE: &str = "state";
+
+/// The name of the memory file inside an image directory.
+pub const MEMORY_FILE: &str = "memory";
+
+/// The page size used for sparse memory: an all-zero page of this size is left as a hole.
+pub const PAGE_SIZE: usize = 4096;
+
+/// Temporary names used while writing; renamed over the real names only once complete.
+const STATE_TMP: &str = ".state.partial";
+const MEMORY_TMP: &str = ".memory.partial";
+
+/// The common prefix of every mu2 image's magic; the last two bytes name the architecture.
+const MAGIC_PREFIX: [u8; 6] = *b"MU2IMG";
+
+/// CRC-64/XZ (ECMA-182 polynomial, reflected; the one `xz` and `crc64fast` use).
+const CRC64: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
+
+/// The architecture an image was taken on. A frozen image holds architecture-specific vCPU state,
+/// so it only restores on the same architecture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Arch {
+    /// x86-64; magic `MU2IMGx8`.
+    X86_64,
+    /// AArch64; magic `MU2IMGa8`.
+    Aarch64,
+}
+
+impl Arch {
+    /// The architecture this program was built for.
+    #[cfg(target_arch = "x86_64")]
+    pub const fn host() -> Arch {
+        Arch::X86_64
+    }
+
+    /// The architecture this program was built for.
+    #[cfg(target_arch = "aarch64")]
+    pub const fn host() -> Arch {
+        Arch::Aarch64
+    }
+
+    /// The 8-byte magic that opens this architecture's state files.
+    pub const fn magic(self) -> [u8; 8] {
+        match self {
+            Arch::X86_64 => *b"MU2IMGx8",
+            Arch::Aarch64 => *b"MU2IMGa8",
+        }
+    }
+
+    /// The architecture whose magic ends in `tag`, if any.
+    const fn from_tag(tag: [u8; 2]) -> Option<Arch> {
+        match &tag {
+            b"x8" => Some(Arch::X86_64),
+            b"a8" => Some(Arch::Aarch64),
+            _ => None,
+        }
+    }
+
+    /// The conventional name, as in `target_arch`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64",
+            Arch::Aarch64 => "aarch64",
+        }
+    }
+}
+
+impl fmt::Display for Arch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Bytes shown as an escaped string (`b"MU2IMGx8"`-style) in error messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Magic(pub [u8; 8]);
+
+impl fmt::Display for Magic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "b\"{}\"", self.0.escape_ascii())
+    }
+}
+
+/// Everything that can go wrong writing or reading a frozen image.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// The image directory does not exist.
+    #[error("image directory {path} does not exist")]
+    MissingDirectory {
+        /// The directory.
+        path: PathBuf,
+    },
+    /// The image path exists but is not a directory.
+    #[error("image path {path} is not a directory")]
+    NotADirectory {
+        /// The path.
+        path: PathBuf,
+    },
+    /// One of the image's files is missing.
+    #[error("image file {path} is missing")]
+    MissingFile {
+        /// The missing file.
+        path: PathBuf,
+    },
+    /// One of the image's files is not a regular file.
+    #[error("image file {path} is not a regular file")]
+    NotAFile {
+        /// The path.
+        path: PathBuf,
+    },
+    /// An I/O operation failed.
+    #[error("cannot {op} {path}")]
+    Io {
+        /// What was being done ("read", "create", ...).
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The state file is shorter than the header.
+    #[error("{path}: truncated header: the file has {len} bytes, the header needs {HEADER_LEN}")]
+    TruncatedHeader {
+        /// The state file.
+        path: PathBuf,
+        /// Its length.
+        len: u64,
+    },
+    /// The magic is not a mu2 image's.
+    #[error("{path} is not a mu2 image (magic {found}, expected b\"MU2IMG..\")")]
+    NotAnImage {
+        /// The state file.
+        path: PathBuf,
+        /// The first 8 bytes found.
+        found: Magic,
+    },
+    /// A mu2 image for an architecture this build does not know.
+    #[error("{path}: mu2 image for an unknown architecture (magic {found})")]
+    UnknownArch {
+        /// The state file.
+        path: PathBuf,
+        /// The magic found.
+        found: Magic,
+    },
+    /// A mu2 image of another architecture.
+    #[error("{path}: image is for {image}, this host is {host}")]
+    WrongArch {
+        /// The state file.
+        path: PathBuf,
+        /// The architecture the image was taken on.
+        image: Arch,
+        /// The architecture it was to be restored on.
+        host: Arch,
+    },
+    /// A format version this build does not read.
+    #[error("{path}: image format version {found} is not supported (this build reads versions {supported:?})")]
+    UnsupportedVersion {
+        /// The state file.
+        path: PathBuf,
+        /// The version in the header.
+        found: u32,
+        /// The versions this build reads.
+        supported: &'static [u32],
+    },
+    /// Header flags this build does not know (all are reserved and must be zero).
+    #[error("{path}: unknown header flags {flags:#010x} (none are defined)")]
+    UnsupportedFlags {
+        /// The state file.
+        path: PathBuf,
+        /// The flags found.
+        flags: u32,
+    },
+    /// The payload length field exceeds [`MAX_STATE_SIZE`].
+    #[error("{path}: payload length {len} exceeds the maximum state size {max}")]
+    StateTooLarge {
+        /// The state file.
+        path: PathBuf,
+        /// The length field.
+        len: u64,
+        /// [`MAX_STATE_SIZE`].
+        max: u64,
+    },
+    /// The payload length field says more than the file holds.
+    #[error("{path}: truncated payload: the header says {len} bytes, the file holds {available}")]
+    TruncatedPayload {
+        /// The state file.
+        path: PathBuf,
+        /// The length field.
+        len: u64,
+        /// The payload bytes actually present.
+        available: u64,
+    },
+    /// The file continues past the payload.
+    #[error("{path}: {extra} bytes of trailing data after the {len}-byte payload")]
+    TrailingData {
+        /// The state file.
+        path: PathBuf,
+        /// The length field.
+        len: u64,
+        /// The number of bytes after the payload.
+        extra: u64,
+    },
+    /// The payload's CRC-64 does not match the header's.
+    #[error("{path}: checksum mismatch (header {stored:#018x}, payload {computed:#018x}): the image is corrupt")]
+    ChecksumMismatch {
+        /// The state file.
+        path: PathBuf,
+        /// The checksum in the header.
+        stored: u64,
+        /// The checksum of the payload read.
+        computed: u64,
+    },
+    /// The payload does not decode as the requested type.
+    #[error("{path}: the payload does not decode as the expected state")]
+    Decode {
+        /// The state file.
+        path: PathBuf,
+        /// The decoder's error.
+        #[source]
+        source: postcard::Error,
+    },
+    /// The payload decoded but did not use all its bytes, so it is not what the type expects.
+    #[error("{path}: the payload decoded with {unused} bytes left over")]
+    PayloadNotConsumed {
+        /// The state file.
+        path: PathBuf,
+        /// The bytes left over.
+        unused: usize,
+    },
+    /// The state could not be encoded.
+    #[error("cannot encode the state")]
+    Encode {
+        /// The encoder's error.
+        #[source]
+        source: postcard::Error,
+    },
+    /// The encoded state exceeds [`MAX_STATE_SIZE`] (refused on write so it is never unreadable).
+    #[error("the encoded state is {len} bytes, over the maximum state size {max}")]
+    EncodedTooLarge {
+        /// The encoded length.
+        len: u64,
+        /// [`MAX_STATE_SIZE`].
+        max: u64,
+    },
+    /// The memory file's size is not the guest RAM size the state records.
+    #[error("{path}: memory file is {actual} bytes, the state says guest RAM is {expected} bytes")]
+    MemorySizeMismatch {
+        /// The memory file.
+        path: PathBuf,
+        /// Its size.
+        actual: u64,
+        /// The size expected.
+        expected: u64,
+    },
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> SnapshotError + 'a {
+    move |source| SnapshotError::Io { op, path: path.to_owned(), source }
+}
+
+/// Encodes `state` as a complete state file (header and payload) for `arch`.
+///
+/// [`write_image`] writes exactly these bytes; the VMM can use this for a golden test of its own
+/// payload type.
+pub fn encode_state<T: Serialize + Versioned>(arch: Arch, state: &T) -> Result<Vec<u8>, SnapshotError> {
+    const { check_schema::<T>() };
+    // The header is written first into the same buffer, so the payload is encoded once, in place.
+    let mut out =
+        postcard::to_extend(state, vec![0u8; HEADER_LEN]).map_err(|source| SnapshotError::Encode { source })?;
+    let payload_len = (out.len() - HEADER_LEN) as u64;
+    if payload_len > MAX_STATE_SIZE {
+        return Err(SnapshotError::EncodedTooLarge { len: payload_len, max: MAX_STATE_SIZE });
+    }
+    let crc = CRC64.checksum(&out[HEADER_LEN..]);
+    out[0..8].copy_from_slice(&arch.magic());
+    out[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out[12..16].copy_from_slice(&0u32.to_le_bytes());
+    out[16..24].copy_from_slice(&payload_len.to_le_bytes());
+    out[24..32].copy_from_slice(&crc.to_le_bytes());
+    Ok(out)
+}
+
+/// Writes a frozen image of `state` and `memory` (a host mapping of guest RAM) into `dir`, creating
+/// it if needed and replacing any image already there.
+///
+/// Both files are written under temporary names, fsynced, then renamed into place: first any old
+/// `state` is removed, then `memory` is renamed, then `state`. `state` is the commit point, so a
+/// crash at any moment leaves either the complete new image or one without a `state` file, which
+/// [`read_state`] refuses — never a new state beside old memory. One writer per directory.
+pub fn write_image<T: Serialize + Versioned>(
+    dir: &Path,
+    arch: Arch,
+    state: &T,
+    memory: &[u8],
+) -> Result<(), SnapshotError> {
+    let bytes = encode_state(arch, state)?;
+    fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+
+    let state_tmp = dir.join(STATE_TMP);
+    let mut file = create_truncated(&state_tmp)?;
+    file.write_all(&bytes).map_err(io_err("write", &state_tmp))?;
+    file.sync_all().map_err(io_err("fsync", &state_tmp))?;
+    drop(file);
+
+    let memory_tmp = dir.join(MEMORY_TMP);
+    let file = create_truncated(&memory_tmp)?;
+    write_sparse(&file, memory).map_err(io_err("write", &memory_tmp))?;
+    file.sync_all().map_err(io_err("fsync", &memory_tmp))?;
+    drop(file);
+
+    let state_path = dir.join(STATE_FILE);
+    match fs::remove_file(&state_path) {
+        Ok(()) => sync_dir(dir)?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("remove", &state_path)(e)),
+    }
+    let memory_path = dir.join(MEMORY_FILE);
+    fs::rename(&memory_tmp, &memory_path).map_err(io_err("rename into place", &memory_path))?;
+    sync_dir(dir)?;
+    fs::rename(&state_tmp, &state_path).map_err(io_err("rename into place", &state_path))?;
+    sync_dir(dir)
+}
+
+fn create_truncated(path: &Path) -> Result<File, SnapshotError> {
+    // Truncate rather than create_new: a `.partial` file left by a crashed writer is garbage.
+    OpenOptions::new().write(true).create(true).truncate(true).open(path).map_err(io_err("create", path))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
+    // Renames are only durable once the directory itself is fsynced.
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("fsync directory", dir))
+}
+
+/// Writes `memory` to the empty `file` sparsely: the file is extended to the full size (a hole),
+/// then only the runs of pages holding a non-zero byte are written.
+fn write_sparse(file: &File, memory: &[u8]) -> io::Result<()> {
+    file.set_len(memory.len() as u64)?;
+    let mut run_start: Option<usize> = None;
+    for (index, page) in memory.chunks(PAGE_SIZE).enumerate() {
+        let offset = index * PAGE_SIZE;
+        match (is_zero(page), run_start) {
+            (false, None) => run_start = Some(offset),
+            (true, Some(start)) => {
+                file.write_all_at(&memory[start..offset], start as u64)?;
+                run_start = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(start) = run_start {
+        file.write_all_at(&memory[start..], start as u64)?;
+    }
+    Ok(())
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    // OR-folding fixed-size chunks vectorises; a byte-wise `all` would not.
+    let mut chunks = page.chunks_exact(64);
+    chunks.all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0) && chunks.remainder().iter().all(|&b| b == 0)
+}
+
+/// Reads and checks the state file of the image in `dir`, and decodes its payload.
+///
+/// `arch` is the architecture the image is to be restored on, normally [`Arch::host`]. Every
+/// header field is checked before it is used; at most `HEADER_LEN + MAX_STATE_SIZE + 1` bytes are
+/// read whatever the file's size.
+pub fn read_state<T: DeserializeOwned + Versioned>(dir: &Path, arch: Arch) -> Result<T, SnapshotError> {
+    const { check_schema::<T>() };
+    let path = dir.join(STATE_FILE);
+    let mut file = open_image_file(dir, &path)?;
+    let file_len = file.metadata().map_err(io_err("stat", &path))?.len();
+    // One byte past the largest valid file, so trailing data past a maximal payload is seen.
+    let limit = HEADER_LEN as u64 + MAX_STATE_SIZE + 1;
+    let mut bytes = Vec::with_capacity(file_len.min(limit) as usize);
+    (&mut file).take(limit).read_to_end(&mut bytes).map_err(io_err("read", &path))?;
+    let payload = check_state(&path, arch, &bytes, file_len)?;
+    let (value, rest) =
+        postcard::take_from_bytes(payload).map_err(|source| SnapshotError::Decode { path: path.clone(), source })?;
+    if !rest.is_empty() {
+        return Err(SnapshotError::PayloadNotConsumed { path, unused: rest.len() });
+    }
+    Ok(value)
+}
+
+/// Checks the header of the state file `bytes` (the first bytes of a file of `file_len` bytes)
+/// and returns the payload.
+fn check_state<'a>(path: &Path, arch: Arch, bytes: &'a [u8], file_len: u64) -> Result<&'a [u8], SnapshotError> {
+    let path = || path.to_owned();
+    let Some((header, rest)) = bytes.split_first_chunk::<HEADER_LEN>() else {
+        return Err(SnapshotError::TruncatedHeader { path: path(), len: bytes.len() as u64 });
+    };
+    let field8 = |at: usize| -> [u8; 8] { std::array::from_fn(|i| header[at + i]) };
+    let field4 = |at: usize| -> [u8; 4] { std::array::from_fn(|i| header[at + i]) };
+
+    let magic = field8(0);
+    if magic[..6] != MAGIC_PREFIX {
+        return Err(SnapshotError::NotAnImage { path: path(), found: Magic(magic) });
+    }
+    let image = Arch::from_tag([magic[6], magic[7]])
+        .ok_or_else(|| SnapshotError::UnknownArch { path: path(), found: Magic(magic) })?;
+    if image != arch {
+        return Err(SnapshotError::WrongArch { path: path(), image, host: arch });
+    }
+    let version = u32::from_le_bytes(field4(8));
+    if !SUPPORTED_VERSIONS.contains(&version) {
+        return Err(SnapshotError::UnsupportedVersion { path: path(), found: version, supported: SUPPORTED_VERSIONS });
+    }
+    let flags = u32::from_le_bytes(field4(12));
+    if flags != 0 {
+        return Err(SnapshotError::UnsupportedFlags { path: path(), flags });
+    }
+    let len = u64::from_le_bytes(field8(16));
+    if len > MAX_STATE_SIZE {
+        return Err(SnapshotError::StateTooLarge { path: path(), len, max: MAX_STATE_SIZE });
+    }
+    // `len` is now at most MAX_STATE_SIZE, so it fits usize and the arithmetic cannot overflow.
+    let available = rest.len() as u64;
+    if len > available {
+        return Err(SnapshotError::TruncatedPayload { path: path(), len, available });
+    }
+    if available > len {
+        // `rest` may have been cut at the read limit; the file length gives the true count.
+        let extra = file_len.saturating_sub(HEADER_LEN as u64 + len).max(available - len);
+        return Err(SnapshotError::TrailingData { path: path(), len, extra });
+    }
+    let stored = u64::from_le_bytes(field8(24));
+    let computed = CRC64.checksum(rest);
+    if stored != computed {
+        return Err(SnapshotError::ChecksumMismatch { path: path(), stored, computed });
+    }
+    Ok(rest)
+}
+
+/// Opens the memory file of the image in `dir` read-only, for the caller to `mmap` `MAP_PRIVATE`,
+/// after checking that its size is `expected_size` (the guest RAM size the state records).
+pub fn open_memory(dir: &Path, expected_size: u64) -> Result<File, SnapshotError> {
+    let path = dir.join(MEMORY_FILE);
+    let file = open_image_file(dir, &path)?;
+    let actual = file.metadata().map_err(io_err("stat", &path))?.len();
+    if actual != expected_size {
+        return Err(SnapshotError::MemorySizeMismatch { path, actual, expected: expected_size });
+    }
+    Ok(file)
+}
+
+/// Opens `path` (a file of the image in `dir`) for reading, telling a missing directory, a
+/// missing file and a non-file apart.
+fn open_image_file(dir: &Path, path: &Path) -> Result<File, SnapshotError> {
+    match fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => return Err(SnapshotError::NotADirectory { path: dir.to_owned() }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(SnapshotError::MissingDirectory { path: dir.to_owned() })
+        }
+        Err(e) => return Err(io_err("stat", dir)(e)),
+    }
+    // Checked before opening too, so that a FIFO in the image cannot block the open.
+    match fs::metadata(path) {
+        Ok(meta) if meta.is_file() => {}
+        Ok(_) => return Err(SnapshotError::NotAFile { path: path.to_owned() }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(SnapshotError::MissingFile { path: path.to_owned() })
+        }
+        Err(e) => return Err(io_err("stat", path)(e)),
+    }
+    let file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(SnapshotError::MissingFile { path: path.to_owned() })
+        }
+        Err(e) => return Err(io_err("open", path)(e)),
+    };
+    // And again on the open file, which is what is actually read.
+    if !file.metadata().map_err(io_err("stat", path))?.is_file() {
+        return Err(SnapshotError::NotAFile { path: path.to_owned() });
+    }
+    Ok(file)
+}
