@@ -14,8 +14,11 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
+pub use self::persist::{MmioRestoreError, MmioTransportState};
 use super::{VirtioDevice, VirtioError};
 use crate::GuestMemoryMmap;
+
+mod persist;
 
 /// "virt" little-endian.
 pub const MAGIC_VALUE: u32 = 0x7472_6976;
@@ -81,6 +84,18 @@ pub const WINDOW_SIZE: u64 = 0x1000;
 
 /// Most recorded errors kept for [`MmioTransport::take_errors`]; later ones are only counted.
 const MAX_RECORDED_ERRORS: usize = 64;
+
+/// The maximum size the transport offers for a queue the device says has `max` entries.
+///
+/// Queue::new wants a power of two in 1..=32768; a device's odd value is rounded down rather
+/// than refused, so construction cannot fail.
+fn queue_max_size(max: u16) -> u16 {
+    if max == 0 {
+        1
+    } else {
+        1u16 << (15 - max.leading_zeros())
+    }
+}
 
 /// Misuse of the transport by the driver. None of them is fatal: the access is ignored.
 #[derive(Debug, thiserror::Error)]
@@ -180,9 +195,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             .queue_max_sizes()
             .iter()
             .filter_map(|&max| {
-                // Queue::new wants a power of two in 1..=32768; round a device's odd value down
-                // rather than fail, so construction cannot fail.
-                let size = if max == 0 { 1 } else { 1u16 << (15 - max.leading_zeros()) };
+                let size = queue_max_size(max);
                 if size != max {
                     log::warn!("virtio-mmio: queue max size {max} rounded to {size}");
                 }

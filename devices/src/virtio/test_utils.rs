@@ -7,6 +7,9 @@ use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::mmio::{regs, MmioTransport};
+use super::VirtioDevice;
+
 /// A queue as the guest driver sees it.
 ///
 /// The mock provides the descriptor table and available ring. Its used ring is not used:
@@ -105,4 +108,50 @@ impl<'a> DriverQueue<'a> {
     pub fn used_addr(&self) -> GuestAddress {
         self.used
     }
+}
+
+/// Reads a transport register.
+pub(crate) fn read_reg<D: VirtioDevice>(t: &mut MmioTransport<D>, offset: u64) -> u32 {
+    let mut b = [0u8; 4];
+    t.read(offset, &mut b);
+    u32::from_le_bytes(b)
+}
+
+/// Writes a transport register.
+pub(crate) fn write_reg<D: VirtioDevice>(t: &mut MmioTransport<D>, mem: &GuestMemoryMmap, offset: u64, v: u32) {
+    t.write(mem, offset, &v.to_le_bytes());
+}
+
+/// Brings the transport to DRIVER_OK as a driver would: VERSION_1 accepted, `queues` set up as
+/// queues 0, 1, ...
+pub(crate) fn drive_to_driver_ok<D: VirtioDevice>(
+    t: &mut MmioTransport<D>,
+    mem: &GuestMemoryMmap,
+    queues: &[&DriverQueue<'_>],
+) {
+    use virtio_bindings::virtio_config::{
+        VIRTIO_CONFIG_S_ACKNOWLEDGE as ACK, VIRTIO_CONFIG_S_DRIVER as DRV, VIRTIO_CONFIG_S_DRIVER_OK as DOK,
+        VIRTIO_CONFIG_S_FEATURES_OK as FOK,
+    };
+    write_reg(t, mem, regs::STATUS, ACK);
+    write_reg(t, mem, regs::STATUS, ACK | DRV);
+    write_reg(t, mem, regs::DRIVER_FEATURES_SEL, 1);
+    write_reg(t, mem, regs::DRIVER_FEATURES, 1); // VERSION_1
+    write_reg(t, mem, regs::STATUS, ACK | DRV | FOK);
+    for (sel, q) in queues.iter().enumerate() {
+        write_reg(t, mem, regs::QUEUE_SEL, sel as u32);
+        write_reg(t, mem, regs::QUEUE_NUM, u32::from(q.size));
+        let addrs = [
+            (regs::QUEUE_DESC_LOW, q.mock.desc_table_addr().0),
+            (regs::QUEUE_DRIVER_LOW, q.mock.avail_addr().0),
+            (regs::QUEUE_DEVICE_LOW, q.used_addr().0),
+        ];
+        for (reg, addr) in addrs {
+            write_reg(t, mem, reg, addr as u32);
+            write_reg(t, mem, reg + 4, (addr >> 32) as u32);
+        }
+        write_reg(t, mem, regs::QUEUE_READY, 1);
+    }
+    write_reg(t, mem, regs::STATUS, ACK | DRV | FOK | DOK);
+    assert!(t.is_activated(), "{:?}", t.take_errors());
 }

@@ -12,6 +12,7 @@
 
 mod chain;
 mod connection;
+mod persist;
 #[cfg(test)]
 mod tests;
 
@@ -29,6 +30,7 @@ pub use self::chain::ChainError;
 use self::chain::Direction;
 use self::connection::Connection;
 pub use self::connection::{CloseReason, ConnPhase, ConnState};
+pub use self::persist::{VsockRestoreError, VsockState};
 use super::{driver_wants_interrupt, VirtioDevice, VirtioError};
 use crate::GuestMemoryMmap;
 

@@ -9,34 +9,34 @@ use vm_memory::{Bytes, GuestAddress};
 use super::*;
 use crate::virtio::test_utils::{Desc, DriverQueue};
 
-const GUEST_CID: u64 = 3;
-const GUEST_PORT: u32 = 5000;
-const MEM_SIZE: usize = 64 << 20;
-const QSIZE: u16 = 64;
-const HDR: u32 = virtio_vsock::packet::PKT_HEADER_SIZE as u32;
+pub(super) const GUEST_CID: u64 = 3;
+pub(super) const GUEST_PORT: u32 = 5000;
+pub(super) const MEM_SIZE: usize = 64 << 20;
+pub(super) const QSIZE: u16 = 64;
+pub(super) const HDR: u32 = virtio_vsock::packet::PKT_HEADER_SIZE as u32;
 
-fn memory() -> GuestMemoryMmap {
+pub(super) fn memory() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
 }
 
 /// A packet as the guest sees it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-struct Pkt {
-    src_cid: u64,
-    dst_cid: u64,
-    src_port: u32,
-    dst_port: u32,
-    len: u32,
-    type_: u16,
-    op: u16,
-    flags: u32,
-    buf_alloc: u32,
-    fwd_cnt: u32,
-    data: Vec<u8>,
+pub(super) struct Pkt {
+    pub(super) src_cid: u64,
+    pub(super) dst_cid: u64,
+    pub(super) src_port: u32,
+    pub(super) dst_port: u32,
+    pub(super) len: u32,
+    pub(super) type_: u16,
+    pub(super) op: u16,
+    pub(super) flags: u32,
+    pub(super) buf_alloc: u32,
+    pub(super) fwd_cnt: u32,
+    pub(super) data: Vec<u8>,
 }
 
 impl Pkt {
-    fn encode(&self) -> Vec<u8> {
+    pub(super) fn encode(&self) -> Vec<u8> {
         let mut h = Vec::with_capacity(HDR as usize);
         h.extend(self.src_cid.to_le_bytes());
         h.extend(self.dst_cid.to_le_bytes());
@@ -51,7 +51,7 @@ impl Pkt {
         h
     }
 
-    fn decode(h: &[u8]) -> Pkt {
+    pub(super) fn decode(h: &[u8]) -> Pkt {
         let u64_at = |o: usize| u64::from_le_bytes(h[o..o + 8].try_into().unwrap());
         let u32_at = |o: usize| u32::from_le_bytes(h[o..o + 4].try_into().unwrap());
         let u16_at = |o: usize| u16::from_le_bytes(h[o..o + 2].try_into().unwrap());
@@ -72,20 +72,20 @@ impl Pkt {
 }
 
 /// The guest driver: posts RX buffers, submits TX packets, reads used rings.
-struct Guest<'a> {
-    mem: &'a GuestMemoryMmap,
-    rx: DriverQueue<'a>,
-    tx: DriverQueue<'a>,
-    event: DriverQueue<'a>,
+pub(super) struct Guest<'a> {
+    pub(super) mem: &'a GuestMemoryMmap,
+    pub(super) rx: DriverQueue<'a>,
+    pub(super) tx: DriverQueue<'a>,
+    pub(super) event: DriverQueue<'a>,
     /// RX head → (header address, data address or None for single-descriptor buffers).
-    rx_bufs: HashMap<u32, (u64, u64)>,
-    next_buf: u64,
-    buf_alloc: u32,
-    fwd_cnt: u32,
+    pub(super) rx_bufs: HashMap<u32, (u64, u64)>,
+    pub(super) next_buf: u64,
+    pub(super) buf_alloc: u32,
+    pub(super) fwd_cnt: u32,
 }
 
 impl<'a> Guest<'a> {
-    fn new(mem: &'a GuestMemoryMmap) -> Self {
+    pub(super) fn new(mem: &'a GuestMemoryMmap) -> Self {
         Guest {
             mem,
             rx: DriverQueue::new(mem, 0x1_0000, QSIZE),
@@ -98,11 +98,11 @@ impl<'a> Guest<'a> {
         }
     }
 
-    fn queues(&self) -> Vec<Queue> {
+    pub(super) fn queues(&self) -> Vec<Queue> {
         [&self.rx, &self.tx, &self.event].iter().map(|q| q.device_queue(QUEUE_MAX_SIZE)).collect()
     }
 
-    fn alloc(&mut self, len: u64) -> u64 {
+    pub(super) fn alloc(&mut self, len: u64) -> u64 {
         let addr = self.next_buf;
         self.next_buf += len.next_multiple_of(16);
         assert!(self.next_buf < MEM_SIZE as u64);
@@ -110,7 +110,7 @@ impl<'a> Guest<'a> {
     }
 
     /// Posts `n` RX buffers: a header descriptor and a `cap`-byte data descriptor.
-    fn post_rx(&mut self, n: usize, cap: u32) {
+    pub(super) fn post_rx(&mut self, n: usize, cap: u32) {
         for _ in 0..n {
             let hdr = self.alloc(u64::from(HDR));
             let data = self.alloc(u64::from(cap));
@@ -120,14 +120,14 @@ impl<'a> Guest<'a> {
     }
 
     /// Posts one RX buffer holding header and `cap` data bytes in one descriptor.
-    fn post_rx_single(&mut self, cap: u32) {
+    pub(super) fn post_rx_single(&mut self, cap: u32) {
         let hdr = self.alloc(u64::from(HDR + cap));
         let head = self.rx.add_chain(&[(hdr, HDR + cap, true)]);
         self.rx_bufs.insert(u32::from(head), (hdr, hdr + u64::from(HDR)));
     }
 
     /// A stream packet from the guest port to a host port.
-    fn pkt(&self, op: u16, host_port: u32) -> Pkt {
+    pub(super) fn pkt(&self, op: u16, host_port: u32) -> Pkt {
         Pkt {
             src_cid: GUEST_CID,
             dst_cid: HOST_CID,
@@ -141,12 +141,12 @@ impl<'a> Guest<'a> {
         }
     }
 
-    fn rw(&self, host_port: u32, data: &[u8]) -> Pkt {
+    pub(super) fn rw(&self, host_port: u32, data: &[u8]) -> Pkt {
         Pkt { len: data.len() as u32, data: data.to_vec(), ..self.pkt(OP_RW, host_port) }
     }
 
     /// Submits a packet on TX: header descriptor, then data descriptor if any.
-    fn send(&mut self, pkt: &Pkt) {
+    pub(super) fn send(&mut self, pkt: &Pkt) {
         let hdr = self.alloc(u64::from(HDR));
         self.mem.write_slice(&pkt.encode(), GuestAddress(hdr)).unwrap();
         let mut descs: Vec<Desc> = vec![(hdr, HDR, false)];
@@ -159,7 +159,7 @@ impl<'a> Guest<'a> {
     }
 
     /// Packets the device put in RX buffers since the last call.
-    fn recv(&mut self) -> Vec<Pkt> {
+    pub(super) fn recv(&mut self) -> Vec<Pkt> {
         let mut out = Vec::new();
         for (head, len) in self.rx.take_used() {
             let (hdr_addr, data_addr) = self.rx_bufs.remove(&head).expect("unknown rx head");
@@ -179,11 +179,11 @@ impl<'a> Guest<'a> {
     }
 }
 
-fn config() -> VsockConfig {
+pub(super) fn config() -> VsockConfig {
     VsockConfig { guest_cid: GUEST_CID, ..VsockConfig::default() }
 }
 
-fn active(mem: &GuestMemoryMmap, config: VsockConfig) -> (Vsock, Guest<'_>) {
+pub(super) fn active(mem: &GuestMemoryMmap, config: VsockConfig) -> (Vsock, Guest<'_>) {
     let guest = Guest::new(mem);
     let mut dev = Vsock::new(config);
     dev.activate(mem, guest.queues()).unwrap();
@@ -191,7 +191,7 @@ fn active(mem: &GuestMemoryMmap, config: VsockConfig) -> (Vsock, Guest<'_>) {
 }
 
 /// A host-initiated connection the guest accepted; returns its id and host port.
-fn established(dev: &mut Vsock, g: &mut Guest, mem: &GuestMemoryMmap) -> (ConnId, u32) {
+pub(super) fn established(dev: &mut Vsock, g: &mut Guest, mem: &GuestMemoryMmap) -> (ConnId, u32) {
     let id = dev.connect(GUEST_PORT, 0).unwrap();
     g.post_rx(1, 4096);
     dev.process(mem);
@@ -205,7 +205,7 @@ fn established(dev: &mut Vsock, g: &mut Guest, mem: &GuestMemoryMmap) -> (ConnId
     (id, host_port)
 }
 
-fn ops(pkts: &[Pkt]) -> Vec<u16> {
+pub(super) fn ops(pkts: &[Pkt]) -> Vec<u16> {
     pkts.iter().map(|p| p.op).collect()
 }
 
