@@ -31,7 +31,7 @@ fn echo_guest_prints_a_banner_unless_quiet() {
     assert_eq!(ready.port, mu2_abi::DEFAULT_PORT);
     assert_eq!(ready.abi_version, mu2_abi::ABI_VERSION);
     let text = String::from_utf8_lossy(&console.contents()).into_owned();
-    assert!(text.contains("echo"), "banner names the function: {text:?}");
+    assert!(text.contains("listening on vsock 3:5000"), "banner names the port: {text:?}");
 
     let (mut quiet, quiet_console) = boot(&hv, "echo", EntryMode::Native, "quiet");
     invoke::run_until_ready(&mut quiet, Some(Instant::now() + TIMEOUT)).expect("ready");

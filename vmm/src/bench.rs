@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use crate::floor::{self, percentile};
+use crate::fork::{Engine, ForkError};
 use crate::hypervisor::Hypervisor;
 use crate::invoke::{self, InvokeError};
 use crate::vm::{BuildError, ExitStats, Vm, VmConfig};
@@ -36,6 +37,15 @@ pub enum BenchError {
         /// Why.
         #[source]
         source: InvokeError,
+    },
+    /// The engine could not provide a VM.
+    #[error("request {index}: no VM")]
+    Fork {
+        /// Which request.
+        index: usize,
+        /// Why.
+        #[source]
+        source: ForkError,
     },
     /// The response was not what the function returns for this request.
     #[error("request {index}: the response differs from the first one")]
@@ -94,8 +104,9 @@ impl Summary {
 pub fn cold(hv: &Hypervisor, config: &BenchConfig, mut progress: impl FnMut(usize)) -> Result<Vec<Sample>, BenchError> {
     let mut samples = Vec::with_capacity(config.requests);
     let mut first_response: Option<Vec<u8>> = None;
+    let floor_image = floor::FloorImage::new(config.vm.mem_size)?;
     for index in 0..config.requests {
-        let floor = floor::fresh_cycle(hv, config.vm.mem_size)?;
+        let floor = floor_image.fresh_cycle(hv)?;
         let start = Instant::now();
         let deadline = Some(start + config.timeout);
         let mut vm = Vm::boot(hv, &config.vm, Box::new(std::io::sink()))?;
@@ -134,4 +145,110 @@ fn exits(stats: &ExitStats) -> u64 {
 
 fn micros(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
+}
+
+/// One request served by the fork engine, in microseconds.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ForkSample {
+    /// Getting the VM (restore, pool take or reset).
+    pub fork_us: f64,
+    /// Running the request.
+    pub run_us: f64,
+    /// Both: the latency a caller sees.
+    pub latency_us: f64,
+}
+
+/// The result of a fork-engine run.
+#[derive(Debug, Clone)]
+pub struct ForkRun {
+    /// Per-request samples, in completion order.
+    pub samples: Vec<ForkSample>,
+    /// Wall time of the whole run.
+    pub wall: Duration,
+}
+
+/// Serves `requests` requests with `concurrency` threads on `engine`; every response must
+/// equal `expected` when given.
+pub fn forked(
+    engine: &Engine,
+    request: &[u8],
+    expected: Option<&[u8]>,
+    requests: usize,
+    concurrency: usize,
+    timeout: Duration,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<ForkRun, BenchError> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    let next = AtomicUsize::new(0);
+    let done = AtomicUsize::new(0);
+    let samples = Mutex::new(Vec::with_capacity(requests));
+    let failure: Mutex<Option<BenchError>> = Mutex::new(None);
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..concurrency.max(1) {
+            scope.spawn(|| loop {
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                if index >= requests || failure.lock().map_or(true, |f| f.is_some()) {
+                    return;
+                }
+                let outcome = engine.serve(request, timeout);
+                let result = match outcome {
+                    Ok(served) if expected.is_some_and(|e| e != served.response.as_slice()) => {
+                        Err(BenchError::WrongResponse { index })
+                    }
+                    Ok(served) => Ok(ForkSample {
+                        fork_us: served.fork_us,
+                        run_us: served.run_us,
+                        latency_us: served.fork_us + served.run_us,
+                    }),
+                    Err(ForkError::Invoke(source)) => Err(BenchError::Request { index, source }),
+                    Err(e) => Err(BenchError::Fork { index, source: e }),
+                };
+                match result {
+                    Ok(sample) => {
+                        if let Ok(mut s) = samples.lock() {
+                            s.push(sample);
+                        }
+                        progress(done.fetch_add(1, Ordering::Relaxed) + 1);
+                    }
+                    Err(e) => {
+                        if let Ok(mut f) = failure.lock() {
+                            f.get_or_insert(e);
+                        }
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let wall = started.elapsed();
+    if let Some(e) = failure.into_inner().ok().flatten() {
+        return Err(e);
+    }
+    Ok(ForkRun { samples: samples.into_inner().unwrap_or_default(), wall })
+}
+
+/// The floors measured in the same run as a benchmark, in microseconds (p50).
+#[derive(Debug, Clone, Copy)]
+pub struct Floors {
+    /// A minimal VM created and run to its first exit.
+    pub fresh: Summary,
+    /// A kept minimal VM remapped and run to its first exit.
+    pub reuse: Summary,
+}
+
+/// Measures both floors with `samples` cycles each.
+pub fn floors(hv: &Hypervisor, mem_size: u64, samples: usize) -> Result<Floors, BenchError> {
+    let image = floor::FloorImage::new(mem_size)?;
+    let mut fresh = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        fresh.push(micros(image.fresh_cycle(hv)?.create_to_exit));
+    }
+    let mut kept = floor::FloorVm::new(hv, &image)?;
+    let mut reuse = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        reuse.push(micros(kept.reuse_cycle(&image)?));
+    }
+    Ok(Floors { fresh: Summary::of(&fresh), reuse: Summary::of(&reuse) })
 }

@@ -27,43 +27,115 @@ pub struct FloorSample {
     pub teardown: Duration,
 }
 
-/// Creates a minimal VM with `mem_size` bytes of memory, runs it to its first exit and
-/// destroys it.
-pub fn fresh_cycle(hv: &Hypervisor, mem_size: u64) -> Result<FloorSample, BuildError> {
-    let kvm_err = |what| move |source| BuildError::Kvm { what, source };
-    let start = Instant::now();
-    let vm_fd = hv.kvm().create_vm().map_err(kvm_err("create a VM"))?;
-    let ram = GuestRam::anonymous(mem_size as usize).map_err(BuildError::Memory)?;
-    let region = kvm_bindings::kvm_userspace_memory_region {
-        slot: 0,
-        flags: 0,
-        guest_phys_addr: 0,
-        memory_size: mem_size,
-        userspace_addr: ram.host_address(),
-    };
-    // SAFETY: `ram` maps `mem_size` bytes and outlives the VM (dropped after it below).
-    unsafe { vm_fd.set_user_memory_region(region) }.map_err(kvm_err("register guest memory"))?;
-    let mem = ram.memory();
-    arch::write_boot_data(mem, mem_size, b"\0", EntryMode::Native).map_err(BuildError::Arch)?;
-    // out FLOOR_PORT, al
-    mem.write_slice(&[0xe6, FLOOR_PORT], GuestAddress(layout::IMAGE_BASE))
-        .map_err(|e| BuildError::Config(format!("writing the floor guest: {e}")))?;
-    let mut vcpu = vm_fd.create_vcpu(0).map_err(kvm_err("create a vCPU"))?;
-    arch::setup_vcpu(&vcpu, &hv.vcpu_cpuid(0, 1), layout::IMAGE_BASE, EntryMode::Native).map_err(BuildError::Arch)?;
-    loop {
-        match vcpu.run() {
-            Ok(VcpuExit::IoOut(port, _)) if port == u16::from(FLOOR_PORT) => break,
-            Ok(other) => return Err(BuildError::Config(format!("floor guest stopped unexpectedly: {other:?}"))),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
-            Err(source) => return Err(BuildError::Kvm { what: "run the floor guest", source }),
+/// The floor guest's memory: boot tables and one `out` instruction, in an in-memory file
+/// mapped copy-on-write by every floor VM, as a frozen image's memory file is.
+#[derive(Debug)]
+pub struct FloorImage {
+    file: std::fs::File,
+    mem_size: u64,
+}
+
+impl FloorImage {
+    /// Builds the floor guest's memory file for VMs of `mem_size` bytes.
+    pub fn new(mem_size: u64) -> Result<FloorImage, BuildError> {
+        use std::io::{Seek, SeekFrom, Write};
+        let io = |e: std::io::Error| BuildError::Config(format!("writing the floor image: {e}"));
+        let ram = GuestRam::anonymous(mem_size as usize).map_err(BuildError::Memory)?;
+        let mem = ram.memory();
+        arch::write_boot_data(mem, mem_size, b"\0", EntryMode::Native).map_err(BuildError::Arch)?;
+        // out FLOOR_PORT, al
+        mem.write_slice(&[0xe6, FLOOR_PORT], GuestAddress(layout::IMAGE_BASE))
+            .map_err(|e| BuildError::Config(format!("writing the floor guest: {e}")))?;
+        // SAFETY: memfd_create with a static NUL-terminated name; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"mu2-floor".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` is a new descriptor owned by nothing else.
+        let mut file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        file.set_len(mem_size).map_err(io)?;
+        let bytes = ram.as_slice();
+        // Only the low pages and the code page hold anything.
+        for (offset, len) in [(0u64, layout::STACK_BOTTOM as usize), (layout::IMAGE_BASE, 4096)] {
+            file.seek(SeekFrom::Start(offset)).map_err(io)?;
+            file.write_all(&bytes[offset as usize..offset as usize + len]).map_err(io)?;
+        }
+        Ok(FloorImage { file, mem_size })
+    }
+
+    /// Creates a minimal VM on this image, runs it to its first exit and destroys it.
+    pub fn fresh_cycle(&self, hv: &Hypervisor) -> Result<FloorSample, BuildError> {
+        let start = Instant::now();
+        let vm = FloorVm::new(hv, self)?;
+        let mut vm = vm;
+        vm.run_to_exit()?;
+        let create_to_exit = start.elapsed();
+        let torn = Instant::now();
+        drop(vm);
+        Ok(FloorSample { create_to_exit, teardown: torn.elapsed() })
+    }
+}
+
+/// A kept floor VM, for the reuse floor.
+#[derive(Debug)]
+pub struct FloorVm {
+    vcpu: kvm_ioctls::VcpuFd,
+    _vm: kvm_ioctls::VmFd,
+    ram: GuestRam,
+    sregs: kvm_bindings::kvm_sregs,
+    regs: kvm_bindings::kvm_regs,
+}
+
+impl FloorVm {
+    /// A new VM on `image`, set up to run its `out`.
+    pub fn new(hv: &Hypervisor, image: &FloorImage) -> Result<FloorVm, BuildError> {
+        let kvm_err = |what| move |source| BuildError::Kvm { what, source };
+        let vm = hv.kvm().create_vm().map_err(kvm_err("create a VM"))?;
+        let ram = GuestRam::from_file(&image.file, image.mem_size as usize).map_err(BuildError::Memory)?;
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: image.mem_size,
+            userspace_addr: ram.host_address(),
+        };
+        // SAFETY: `ram` maps the region for as long as the VM exists (dropped after `_vm`).
+        unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("register guest memory"))?;
+        let vcpu = vm.create_vcpu(0).map_err(kvm_err("create a vCPU"))?;
+        arch::setup_vcpu(&vcpu, &hv.vcpu_cpuid(0, 1), layout::IMAGE_BASE, EntryMode::Native)
+            .map_err(BuildError::Arch)?;
+        let sregs = vcpu.get_sregs().map_err(kvm_err("read special registers"))?;
+        let regs = vcpu.get_regs().map_err(kvm_err("read registers"))?;
+        Ok(FloorVm { vcpu, _vm: vm, ram, sregs, regs })
+    }
+
+    fn run_to_exit(&mut self) -> Result<(), BuildError> {
+        loop {
+            match self.vcpu.run() {
+                Ok(VcpuExit::IoOut(port, _)) if port == u16::from(FLOOR_PORT) => return Ok(()),
+                Ok(other) => return Err(BuildError::Config(format!("floor guest stopped unexpectedly: {other:?}"))),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(source) => return Err(BuildError::Kvm { what: "run the floor guest", source }),
+            }
         }
     }
-    let create_to_exit = start.elapsed();
-    let torn = Instant::now();
-    drop(vcpu);
-    drop(vm_fd);
-    drop(ram);
-    Ok(FloorSample { create_to_exit, teardown: torn.elapsed() })
+
+    /// The reuse floor: remap the memory file in place, reset the registers, run to the
+    /// first exit. Returns the time that took.
+    pub fn reuse_cycle(&mut self, image: &FloorImage) -> Result<Duration, BuildError> {
+        let start = Instant::now();
+        self.ram.remap_file(&image.file).map_err(BuildError::Memory)?;
+        self.vcpu.set_sregs(&self.sregs).map_err(|source| BuildError::Kvm { what: "set special registers", source })?;
+        self.vcpu.set_regs(&self.regs).map_err(|source| BuildError::Kvm { what: "set registers", source })?;
+        self.run_to_exit()?;
+        Ok(start.elapsed())
+    }
+}
+
+/// Creates a minimal VM with `mem_size` bytes of anonymous memory, runs it to its first
+/// exit and destroys it.
+pub fn fresh_cycle(hv: &Hypervisor, mem_size: u64) -> Result<FloorSample, BuildError> {
+    FloorImage::new(mem_size)?.fresh_cycle(hv)
 }
 
 /// Median of a set of durations in microseconds (sorted copy).

@@ -31,6 +31,7 @@ pub struct Hypervisor {
     kvm: Kvm,
     cpuid: CpuId,
     max_vcpus: usize,
+    msr_indices: std::sync::OnceLock<Vec<u32>>,
 }
 
 impl Hypervisor {
@@ -47,7 +48,7 @@ impl Hypervisor {
         }
         let cpuid = arch::supported_cpuid(&kvm).map_err(HypervisorError::Arch)?;
         let max_vcpus = arch::max_vcpus(&kvm);
-        Ok(Hypervisor { kvm, cpuid, max_vcpus })
+        Ok(Hypervisor { kvm, cpuid, max_vcpus, msr_indices: std::sync::OnceLock::new() })
     }
 
     /// Whether /dev/kvm can be opened here; `Err` says why not.
@@ -63,6 +64,23 @@ impl Hypervisor {
     /// The most vCPUs one VM may have.
     pub fn max_vcpus(&self) -> usize {
         self.max_vcpus
+    }
+
+    /// The MSRs a frozen image saves: those KVM lists and lets a vCPU read. Probed once, on a
+    /// throwaway VM, the first time an image is made.
+    pub fn msr_indices(&self) -> &[u32] {
+        self.msr_indices.get_or_init(|| {
+            let probe = || -> Result<Vec<u32>, Box<dyn std::error::Error>> {
+                let vm = self.kvm.create_vm()?;
+                let vcpu = vm.create_vcpu(0)?;
+                vcpu.set_cpuid2(&self.vcpu_cpuid(0, 1))?;
+                Ok(arch::saved_msr_indices(&self.kvm, &vcpu)?)
+            };
+            probe().unwrap_or_else(|e| {
+                log::warn!("listing MSRs failed ({e}); images will save none");
+                Vec::new()
+            })
+        })
     }
 
     /// The CPUID table for vCPU `index` of `count`.

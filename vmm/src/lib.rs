@@ -5,8 +5,10 @@
 pub mod arch;
 pub mod bench;
 pub mod floor;
+pub mod fork;
 pub mod guests;
 pub mod hypervisor;
+pub mod image;
 pub mod invoke;
 pub mod kick;
 pub mod memory;

@@ -38,6 +38,8 @@ enum Command {
     Run(RunArgs),
     /// Cold-boot a VM, send one request over vsock, print the response bytes to stdout.
     Invoke(InvokeArgs),
+    /// Boot a guest, wait until it is ready, freeze it into an image directory.
+    Snapshot(SnapshotArgs),
     /// Measure request latency next to the raw KVM floor of this host.
     Bench(BenchArgs),
     /// List the guests built into this binary.
@@ -93,6 +95,9 @@ struct InvokeArgs {
     /// The vsock port to connect to (default: the one the guest reports).
     #[arg(long, value_name = "P")]
     port: Option<u32>,
+    /// Fork this frozen image instead of cold-booting a guest.
+    #[arg(long, value_name = "DIR", conflicts_with = "kernel")]
+    image: Option<PathBuf>,
     /// Give up after this long, boot included (e.g. 500ms, 10s).
     #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "10s")]
     timeout: Duration,
@@ -108,6 +113,24 @@ struct InvokeArgs {
 enum BenchMode {
     /// Every request cold-boots a new VM and waits for the guest to become ready.
     Cold,
+    /// Every request restores a new VM from the image on the request path.
+    Fresh,
+    /// VMs restored ahead of time by background threads; one request each.
+    Pool,
+    /// Each worker keeps a VM and resets it to the image between requests.
+    Reuse,
+}
+
+#[derive(Args, Debug)]
+struct SnapshotArgs {
+    #[command(flatten)]
+    guest: GuestArgs,
+    /// The image directory to write.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Give up if the guest is not ready after this long.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "30s")]
+    timeout: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -115,8 +138,26 @@ struct BenchArgs {
     #[command(flatten)]
     guest: GuestArgs,
     /// How each request gets its VM.
-    #[arg(long, value_enum, default_value_t = BenchMode::Cold)]
+    #[arg(long, value_enum, default_value_t = BenchMode::Pool)]
     mode: BenchMode,
+    /// A frozen image to fork (default: a temporary image of --function/--kernel).
+    #[arg(long, value_name = "DIR")]
+    image: Option<PathBuf>,
+    /// Requests in flight at once.
+    #[arg(long, value_name = "C", default_value_t = 1)]
+    concurrency: usize,
+    /// VMs kept ready in pool mode.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    pool_size: usize,
+    /// Cycles measured for each KVM floor.
+    #[arg(long, value_name = "N", default_value_t = 200)]
+    floor_samples: usize,
+    /// Also write every sample to this CSV file.
+    #[arg(long, value_name = "FILE")]
+    csv: Option<PathBuf>,
+    /// Also draw the latency CDF to this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
     /// Number of requests.
     #[arg(long, value_name = "N", default_value_t = 30)]
     requests: usize,
@@ -290,8 +331,65 @@ fn request_bytes(data: &str) -> Result<Vec<u8>, Failure> {
     }
 }
 
+fn load_image(hv: &Hypervisor, dir: &std::path::Path) -> Result<mu2_vmm::image::Image, Failure> {
+    mu2_vmm::image::Image::load(hv, dir).map_err(|e| {
+        let code = match e {
+            mu2_vmm::image::ImageError::Snapshot { .. } | mu2_vmm::image::ImageError::Invalid { .. } => code::BAD_INPUT,
+            _ => code::FAILURE,
+        };
+        Failure::new(code, e)
+    })
+}
+
+fn fork_error_code(e: &mu2_vmm::fork::ForkError) -> u8 {
+    match e {
+        mu2_vmm::fork::ForkError::Invoke(e) => invoke_error_code(e),
+        _ => code::FAILURE,
+    }
+}
+
+fn invoke_image(args: &InvokeArgs, dir: &std::path::Path, request: &[u8]) -> Result<(), Failure> {
+    use mu2_vmm::fork::{Engine, EngineConfig, Mode};
+    let hv = std::sync::Arc::new(open_hypervisor()?);
+    let start = Instant::now();
+    let image = std::sync::Arc::new(load_image(&hv, dir)?);
+    let loaded = Instant::now();
+    let config = EngineConfig { mode: Mode::Fresh, max_response: args.max_response, ..EngineConfig::default() };
+    let engine = Engine::new(hv, image, config);
+    let served = engine.serve(request, args.timeout).map_err(|e| Failure::new(fork_error_code(&e), e))?;
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(&served.response).and_then(|()| stdout.flush()).context("writing the response")?;
+    eprintln!(
+        "image load {:.1} us, fork {:.1} us, request {:.1} us, vm {}",
+        micros(loaded - start),
+        served.fork_us,
+        served.run_us,
+        served.vm_id
+    );
+    Ok(())
+}
+
+fn snapshot_cmd(args: &SnapshotArgs) -> Result<(), Failure> {
+    let hv = open_hypervisor()?;
+    let config = vm_config(&args.guest, "quiet")?;
+    let start = Instant::now();
+    mu2_vmm::image::create(&hv, &config, &args.out, Some(start + args.timeout)).map_err(|e| {
+        let code = match &e {
+            mu2_vmm::image::ImageError::Build(BuildError::Config(_)) => code::BAD_INPUT,
+            mu2_vmm::image::ImageError::Boot(InvokeError::Guest(GuestError::Timeout)) => code::TIMEOUT,
+            _ => code::FAILURE,
+        };
+        Failure::new(code, e)
+    })?;
+    eprintln!("image written to {} in {:.1} ms", args.out.display(), start.elapsed().as_secs_f64() * 1e3);
+    Ok(())
+}
+
 fn invoke_cmd(args: &InvokeArgs) -> Result<(), Failure> {
     let request = request_bytes(&args.data)?;
+    if let Some(dir) = &args.image {
+        return invoke_image(args, dir, &request);
+    }
     let hv = open_hypervisor()?;
     let extra = match args.port {
         Some(p) => format!("quiet {}={p}", mu2_abi::cmdline::PORT),
@@ -333,6 +431,9 @@ fn bench_cmd(args: &BenchArgs) -> Result<(), Failure> {
         return Err(Failure::new(code::BAD_INPUT, anyhow::anyhow!("--requests must be at least 1")));
     }
     let request = request_bytes(&args.data)?;
+    if args.mode != BenchMode::Cold {
+        return fork_bench(args, &request);
+    }
     let hv = open_hypervisor()?;
     let config =
         BenchConfig { vm: vm_config(&args.guest, "quiet")?, request, requests: args.requests, timeout: args.timeout };
@@ -395,6 +496,182 @@ fn bench_cmd(args: &BenchArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+fn fork_bench(args: &BenchArgs, request: &[u8]) -> Result<(), Failure> {
+    use mu2_vmm::bench::{self, Summary};
+    use mu2_vmm::fork::{Engine, EngineConfig, Mode};
+    use std::sync::Arc;
+    if args.concurrency == 0 || args.pool_size == 0 {
+        return Err(Failure::new(code::BAD_INPUT, anyhow::anyhow!("--concurrency and --pool-size must be at least 1")));
+    }
+    let hv = Arc::new(open_hypervisor()?);
+    // An image given, or a temporary one of the chosen guest.
+    let temp_dir;
+    let dir = match &args.image {
+        Some(dir) => dir.clone(),
+        None => {
+            temp_dir = TempDir::new()?;
+            let config = vm_config(&args.guest, "quiet")?;
+            mu2_vmm::image::create(&hv, &config, &temp_dir.0, Some(Instant::now() + Duration::from_secs(60)))
+                .map_err(|e| Failure::new(code::FAILURE, e))?;
+            temp_dir.0.clone()
+        }
+    };
+    let image = Arc::new(load_image(&hv, &dir)?);
+    let mem_size = image.state().mem_size;
+    let mode = match args.mode {
+        BenchMode::Fresh => Mode::Fresh,
+        BenchMode::Pool => Mode::Pool,
+        _ => Mode::Reuse,
+    };
+    let quiet = args.json || !std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let floors = bench::floors(&hv, mem_size, args.floor_samples).map_err(|e| Failure::new(code::FAILURE, e))?;
+    // The expected response and private memory per VM, from one measured fork.
+    let probe = Engine::new(hv.clone(), image.clone(), EngineConfig { mode: Mode::Fresh, ..EngineConfig::default() });
+    let (first, private_kib) =
+        probe.serve_measuring_memory(request, args.timeout).map_err(|e| Failure::new(fork_error_code(&e), e))?;
+    drop(probe);
+    let engine = Engine::new(
+        hv.clone(),
+        image.clone(),
+        EngineConfig { mode, pool_size: args.pool_size, pool_builders: 2, ..EngineConfig::default() },
+    );
+    if mode == Mode::Pool {
+        let depth = engine.wait_for_pool(args.pool_size, Duration::from_secs(600));
+        if !quiet {
+            eprintln!("pool filled: {depth} VMs");
+        }
+    }
+    let total = args.requests;
+    let progress = |done: usize| {
+        if !quiet && (done % 100 == 0 || done == total) {
+            eprint!("\r{done}/{total} requests");
+        }
+    };
+    let run = bench::forked(
+        &engine,
+        request,
+        Some(&first.response),
+        args.requests,
+        args.concurrency,
+        args.timeout,
+        &progress,
+    )
+    .map_err(|e| Failure::new(code::FAILURE, e))?;
+    if !quiet {
+        eprintln!();
+    }
+    let col = |f: fn(&bench::ForkSample) -> f64| run.samples.iter().map(f).collect::<Vec<f64>>();
+    let latency = Summary::of(&col(|s| s.latency_us));
+    let fork = Summary::of(&col(|s| s.fork_us));
+    let run_part = Summary::of(&col(|s| s.run_us));
+    let throughput = run.samples.len() as f64 / run.wall.as_secs_f64();
+    let mode_name = format!("{:?}", args.mode).to_lowercase();
+    if let Some(path) = &args.csv {
+        let mut text = String::from("index,fork_us,run_us,latency_us\n");
+        for (i, s) in run.samples.iter().enumerate() {
+            text.push_str(&format!("{i},{:.1},{:.1},{:.1}\n", s.fork_us, s.run_us, s.latency_us));
+        }
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.plot {
+        plot_cdf(path, &col(|s| s.latency_us), &format!("mu2 {mode_name}: request latency"))
+            .with_context(|| format!("drawing {}", path.display()))?;
+    }
+    if args.json {
+        let report = serde_json::json!({
+            "mode": mode_name,
+            "requests": run.samples.len(),
+            "concurrency": args.concurrency,
+            "mem_mib": mem_size >> 20,
+            "p50_us": latency.p50, "p90_us": latency.p90, "p99_us": latency.p99, "max_us": latency.max,
+            "throughput_rps": throughput,
+            "private_kib_per_vm": private_kib,
+            "fork_p50_us": fork.p50, "run_p50_us": run_part.p50,
+            "floor_fresh_p50_us": floors.fresh.p50, "floor_reuse_p50_us": floors.reuse.p50,
+            "ratio_p50_to_floor_fresh": latency.p50 / floors.fresh.p50,
+            "ratio_p50_to_floor_reuse": latency.p50 / floors.reuse.p50,
+            "pool_size": (mode == Mode::Pool).then_some(args.pool_size),
+            "restore_ioctls_per_vcpu": image.restore_ioctls(),
+        });
+        println!("{report}");
+    } else {
+        let row = |name: &str, s: &Summary| {
+            println!("  {name:<14} p50 {:>9.1}  p90 {:>9.1}  p99 {:>9.1}  max {:>9.1}  us", s.p50, s.p90, s.p99, s.max)
+        };
+        println!(
+            "mode {mode_name}, {} requests, concurrency {}, {} MiB image",
+            run.samples.len(),
+            args.concurrency,
+            mem_size >> 20
+        );
+        row("latency", &latency);
+        row("  fork", &fork);
+        row("  run", &run_part);
+        row("floor_fresh", &floors.fresh);
+        row("floor_reuse", &floors.reuse);
+        println!("  throughput {throughput:.0} requests/s");
+        match private_kib {
+            Some(kib) => println!("  private memory per VM {kib} KiB"),
+            None => println!("  private memory per VM: unknown (no /proc/self/smaps)"),
+        }
+        println!(
+            "  latency p50 / floor_fresh p50 = {:.2}, / floor_reuse p50 = {:.2}",
+            latency.p50 / floors.fresh.p50,
+            latency.p50 / floors.reuse.p50
+        );
+    }
+    Ok(())
+}
+
+/// A temporary directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Result<TempDir, Failure> {
+        let dir = std::env::temp_dir().join(format!(
+            "mu2-image-{}-{}",
+            std::process::id(),
+            Instant::now().elapsed().as_nanos()
+        ));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(TempDir(dir))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn plot_cdf(path: &std::path::Path, latencies: &[f64], title: &str) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let mut sorted = latencies.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let max = sorted.last().copied().unwrap_or(1.0).max(1.0);
+    let root = SVGBackend::new(path, (800, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0.0..max * 1.05, 0.0..1.0)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("latency (µs)")
+        .y_desc("fraction of requests")
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let n = sorted.len().max(1) as f64;
+    chart
+        .draw_series(LineSeries::new(sorted.iter().enumerate().map(|(i, v)| (*v, (i + 1) as f64 / n)), &BLUE))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
 fn micros(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
@@ -412,6 +689,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Invoke(args) => invoke_cmd(args),
         Command::Bench(args) => bench_cmd(args),
+        Command::Snapshot(args) => snapshot_cmd(args),
         Command::Guests => {
             for name in guests::names() {
                 let kind = if guests::EXAMPLES.contains(&name) { "example function" } else { "test guest" };

@@ -35,6 +35,32 @@ struct HostMapping {
     size: usize,
 }
 
+fn map_file(file: &std::fs::File, size: usize, at: Option<NonNull<u8>>) -> Result<NonNull<u8>, MemoryError> {
+    use std::os::fd::AsRawFd;
+    let (addr, fixed) = match at {
+        Some(p) => (p.as_ptr().cast(), libc::MAP_FIXED),
+        None => (std::ptr::null_mut(), 0),
+    };
+    // SAFETY: maps `size` bytes of an open file privately; with MAP_FIXED, `addr` is the start
+    // of a mapping of `size` bytes owned by the caller, which it replaces whole. The result is
+    // checked.
+    let ptr = unsafe {
+        libc::mmap(
+            addr,
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_NORESERVE | fixed,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(MemoryError::Map { size, source: std::io::Error::last_os_error() });
+    }
+    NonNull::new(ptr.cast::<u8>())
+        .ok_or_else(|| MemoryError::Map { size, source: std::io::ErrorKind::AddrNotAvailable.into() })
+}
+
 impl Drop for HostMapping {
     fn drop(&mut self) {
         // SAFETY: the mapping was created for this value and is unmapped exactly once; every
@@ -78,6 +104,21 @@ impl GuestRam {
         Self::over(HostMapping { host, size })
     }
 
+    /// A frozen image's memory file mapped copy-on-write (MAP_PRIVATE): pages are read from
+    /// the file (page cache, shared by every fork) until the guest writes them.
+    pub fn from_file(file: &std::fs::File, size: usize) -> Result<Self, MemoryError> {
+        let host = map_file(file, size, None)?;
+        Self::over(HostMapping { host, size })
+    }
+
+    /// Replaces the whole mapping in place with a fresh copy-on-write view of `file`
+    /// (MAP_FIXED over the same host range): every page the guest wrote is dropped and KVM's
+    /// MMU notifier invalidates its mappings, with no memory-slot change.
+    pub fn remap_file(&mut self, file: &std::fs::File) -> Result<(), MemoryError> {
+        map_file(file, self.mapping.size, Some(self.mapping.host))?;
+        Ok(())
+    }
+
     fn over(mapping: HostMapping) -> Result<Self, MemoryError> {
         // SAFETY: `mapping` is readable and writable for `size` bytes and outlives the view,
         // which does not unmap it (build_raw regions are not owned).
@@ -104,6 +145,36 @@ impl GuestRam {
     /// Size in bytes.
     pub fn size(&self) -> usize {
         self.mapping.size
+    }
+
+    /// Guest RAM as host bytes (for writing a frozen image's memory file).
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: the mapping is readable for its whole size while `self` lives; the VMM only
+        // calls this while no vCPU runs, so the guest does not change it underneath.
+        unsafe { std::slice::from_raw_parts(self.mapping.host.as_ptr(), self.mapping.size) }
+    }
+
+    /// KiB of guest RAM this process holds privately for this VM: pages written since the
+    /// mapping was made (copied from the file, or zero-filled). Reads /proc/self/smaps.
+    pub fn private_kib(&self) -> Option<u64> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+        let start = format!("{:x}-", self.host_address());
+        let mut in_vma = false;
+        let mut total = 0;
+        for line in smaps.lines() {
+            if line.contains('-')
+                && line.split_whitespace().next().is_some_and(|r| r.contains('-') && !r.ends_with(':'))
+            {
+                in_vma = line.starts_with(&start);
+                continue;
+            }
+            if in_vma {
+                if let Some(rest) = line.strip_prefix("Private_Dirty:") {
+                    total += rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok()?;
+                }
+            }
+        }
+        Some(total)
     }
 
     /// Host address of guest-physical address 0.

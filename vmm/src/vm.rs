@@ -18,8 +18,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::arch::{self, EntryMode, GuestFault};
 use crate::hypervisor::Hypervisor;
+use crate::image::Image;
 use crate::kick::{self, KickError, RunGuard};
 use crate::memory::{GuestRam, MemoryError};
+use mu2_devices::persist::Persist;
 
 /// How to build a VM.
 #[derive(Debug, Clone)]
@@ -74,6 +76,9 @@ pub enum BuildError {
     /// Architecture setup failed.
     #[error("setting up the virtual machine")]
     Arch(#[source] arch::ArchError),
+    /// A device could not be restored.
+    #[error("restoring a device: {0}")]
+    Device(String),
     /// The command line does not fit.
     #[error("building the kernel command line")]
     Cmdline(#[source] linux_loader::cmdline::Error),
@@ -180,10 +185,110 @@ pub struct Vm {
     vsock: MmioTransport<Vsock>,
     /// The guest is parked in a WAIT read that has not been answered yet.
     parked_in_wait: bool,
+    /// Restored from an image: the guest resumes from a WAIT that already returned "device
+    /// work", so the devices must be polled (host data into RX) before it runs.
+    poll_before_entry: bool,
     ready: Option<ReadyInfo>,
     stopped: bool,
     stats: ExitStats,
     tsc_khz: Option<u32>,
+    /// MSRs saved when this VM is frozen.
+    msr_indices: Vec<u32>,
+    id: u64,
+}
+
+fn next_vm_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Fills `buf` from the kernel's random source.
+fn fill_entropy(buf: &mut [u8]) -> std::io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: writes at most `rest.len()` bytes into `rest`; the result is checked.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        filled += n as usize;
+    }
+    Ok(())
+}
+
+/// Why a VM could not be frozen.
+#[derive(Debug, thiserror::Error)]
+pub enum FreezeError {
+    /// The guest never reported readiness.
+    #[error("the guest is not ready")]
+    NotReady,
+    /// The guest is not waiting idle (it runs, or it stopped).
+    #[error("the guest is not idle in a wait")]
+    NotIdle,
+    /// A KVM call failed.
+    #[error("KVM could not {what}")]
+    Kvm {
+        /// The operation.
+        what: &'static str,
+        /// KVM's error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Reading vCPU state failed.
+    #[error("saving vCPU state")]
+    Arch(#[source] arch::ArchError),
+    /// Something unexpected.
+    #[error("{0}")]
+    Unexpected(String),
+}
+
+/// Everything about a frozen VM but its memory: plain data, stored in an image's state file.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct VmState {
+    /// Guest RAM size in bytes (the memory file's size).
+    pub mem_size: u64,
+    /// Each vCPU.
+    pub vcpus: Vec<arch::VcpuState>,
+    /// The serial console.
+    pub serial: <SerialConsole as Persist>::State,
+    /// The vsock device and its transport.
+    pub vsock: <MmioTransport<Vsock> as Persist>::State,
+    /// The vsock port the guest listens on.
+    pub port: u32,
+    /// The receive buffer the guest grants a new connection.
+    pub buf_alloc: u32,
+    /// The TSC frequency the guest was told.
+    pub tsc_khz: Option<u32>,
+}
+
+// The image format's tripwire: describing every field that reaches the encoding, in order.
+// Changing `VmState`, `VcpuState` or a device state without updating this text and bumping
+// `mu2_snapshot::FORMAT_VERSION` is a build error.
+impl mu2_snapshot::Versioned for VmState {
+    const SCHEMA: &'static str = "VmState {
+        mem_size: u64,
+        vcpus: Vec<VcpuState { index: u8, cpuid: Vec<kvm_cpuid_entry2>, regs: kvm_regs, sregs: kvm_sregs,
+            xsave: Vec<u32>, xcrs: kvm_xcrs, msrs: Vec<(u32, u64)>, events: kvm_vcpu_events,
+            debugregs: kvm_debugregs, mp_state: kvm_mp_state }>,
+        serial: SerialConsole::State,
+        vsock: MmioTransportState<VsockState>,
+        port: u32, buf_alloc: u32, tsc_khz: Option<u32>
+    }";
+    const RECORDED_VERSION: u32 = 1;
+    const RECORDED_FINGERPRINT: u64 = 0xe2d0_bae9_2f7e_d58d;
+}
+mu2_snapshot::assert_schema!(VmState);
+
+impl VmState {
+    /// The readiness report the frozen guest made.
+    pub fn ready_info(&self) -> ReadyInfo {
+        ReadyInfo { abi_version: mu2_abi::ABI_VERSION, port: self.port, buf_alloc: self.buf_alloc, reserved: 0 }
+    }
 }
 
 impl std::fmt::Debug for Vm {
@@ -244,6 +349,7 @@ impl Vm {
             vcpus.push(vcpu);
         }
         let tsc_khz = arch::tsc_khz(&vcpus[0]);
+        let msr_indices = hv.msr_indices().to_vec();
         let cmdline = Self::cmdline(config, tsc_khz)?;
         arch::write_boot_data(mem, config.mem_size, cmdline.as_bytes_with_nul(), config.entry)
             .map_err(BuildError::Arch)?;
@@ -259,10 +365,13 @@ impl Vm {
             serial: SerialConsole::new(console),
             vsock: MmioTransport::new(Vsock::new(config.vsock)),
             parked_in_wait: false,
+            poll_before_entry: false,
             ready: None,
             stopped: false,
             stats: ExitStats::default(),
             tsc_khz,
+            msr_indices,
+            id: next_vm_id(),
         })
     }
 
@@ -279,6 +388,11 @@ impl Vm {
             cmdline.insert_str(config.cmdline.trim()).map_err(BuildError::Cmdline)?;
         }
         cmdline.as_cstring().map_err(BuildError::Cmdline)
+    }
+
+    /// This VM's identifier, unique in the process (a reset VM gets a new one).
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// Guest memory.
@@ -311,6 +425,133 @@ impl Vm {
         &self.vm_fd
     }
 
+    /// Freezes an idle, ready guest: completes its pending WAIT so that the guest will see
+    /// `RESTORED` and device work when an image of it resumes, and returns its whole state.
+    /// The VM cannot run afterwards. Guest memory is read with [`Vm::memory_bytes`].
+    pub fn freeze(&mut self) -> Result<VmState, FreezeError> {
+        let ready = self.ready.ok_or(FreezeError::NotReady)?;
+        if !self.parked_in_wait || self.stopped {
+            return Err(FreezeError::NotIdle);
+        }
+        self.complete_wait(mu2_abi::wait::RESTORED | 1);
+        // KVM_RUN with immediate_exit completes the MMIO read (RIP moves past it, the value
+        // lands in its register) and returns at once, without running guest code.
+        self.vcpus[0].set_kvm_immediate_exit(1);
+        let completed = self.vcpus[0].run().map(|_| ());
+        self.vcpus[0].set_kvm_immediate_exit(0);
+        match completed {
+            Err(e) if e.errno() == libc::EINTR => {}
+            Ok(()) => return Err(FreezeError::Unexpected("the vCPU ran instead of stopping".into())),
+            Err(source) => return Err(FreezeError::Kvm { what: "complete the pending exit", source }),
+        }
+        self.stopped = true;
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for (index, vcpu) in self.vcpus.iter().enumerate() {
+            let cpuid = vcpu
+                .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                .map_err(|source| FreezeError::Kvm { what: "read the CPUID table", source })?;
+            vcpus.push(arch::VcpuState::save(vcpu, index as u8, &cpuid, &self.msr_indices).map_err(FreezeError::Arch)?);
+        }
+        Ok(VmState {
+            mem_size: self.ram.size() as u64,
+            vcpus,
+            serial: self.serial.save(),
+            vsock: self.vsock.save(),
+            port: ready.port,
+            buf_alloc: ready.buf_alloc,
+            tsc_khz: self.tsc_khz,
+        })
+    }
+
+    /// Guest RAM as bytes (for writing an image), while no vCPU runs.
+    pub fn memory_bytes(&self) -> &[u8] {
+        self.ram.as_slice()
+    }
+
+    /// KiB of guest memory this VM holds privately (pages it wrote).
+    pub fn private_kib(&self) -> Option<u64> {
+        self.ram.private_kib()
+    }
+
+    /// Creates a VM restored from a frozen image: a new KVM VM whose memory is the image's
+    /// memory file mapped copy-on-write.
+    pub fn restore(hv: &Hypervisor, image: &Image) -> Result<Vm, BuildError> {
+        let state = image.state();
+        let kvm_err = |what| move |source| BuildError::Kvm { what, source };
+        let vm_fd = hv.kvm().create_vm().map_err(kvm_err("create a VM"))?;
+        let ram = GuestRam::from_file(image.memory_file(), state.mem_size as usize).map_err(BuildError::Memory)?;
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: state.mem_size,
+            userspace_addr: ram.host_address(),
+        };
+        // SAFETY: the region is guest RAM, mapped for its whole size for as long as the VM
+        // exists: `Vm` drops the VM fd before the memory.
+        unsafe { vm_fd.set_user_memory_region(region) }.map_err(kvm_err("register guest memory"))?;
+        let mut vcpus = Vec::with_capacity(state.vcpus.len());
+        for (saved, restore) in state.vcpus.iter().zip(image.restore_plans()) {
+            let vcpu = vm_fd.create_vcpu(saved.index.into()).map_err(kvm_err("create a vCPU"))?;
+            vcpu.set_cpuid2(&restore.cpuid).map_err(kvm_err("set the CPUID table"))?;
+            saved.restore(&vcpu, &restore.plan).map_err(BuildError::Arch)?;
+            vcpus.push(vcpu);
+        }
+        let vm = Vm {
+            vcpus,
+            vm_fd,
+            ram,
+            serial: SerialConsole::restore(Box::new(std::io::sink()), &state.serial)
+                .map_err(|e| BuildError::Device(e.to_string()))?,
+            vsock: MmioTransport::restore((), &state.vsock).map_err(|e| BuildError::Device(e.to_string()))?,
+            parked_in_wait: false,
+            poll_before_entry: true,
+            ready: Some(state.ready_info()),
+            stopped: false,
+            stats: ExitStats::default(),
+            tsc_khz: state.tsc_khz,
+            msr_indices: image.msr_indices().to_vec(),
+            id: next_vm_id(),
+        };
+        Ok(vm)
+    }
+
+    /// Resets this VM to `image` for its next request (reuse mode): memory remapped
+    /// copy-on-write in place, every piece of vCPU and device state put back.
+    pub fn reset_to(&mut self, image: &Image) -> Result<(), BuildError> {
+        let state = image.state();
+        if state.mem_size != self.ram.size() as u64 || state.vcpus.len() != self.vcpus.len() {
+            return Err(BuildError::Config("the image does not match this VM's layout".into()));
+        }
+        self.ram.remap_file(image.memory_file()).map_err(BuildError::Memory)?;
+        for ((saved, vcpu), restore) in state.vcpus.iter().zip(&self.vcpus).zip(image.restore_plans()) {
+            saved.restore(vcpu, &restore.reset).map_err(BuildError::Arch)?;
+        }
+        self.vsock = MmioTransport::restore((), &state.vsock).map_err(|e| BuildError::Device(e.to_string()))?;
+        self.serial = SerialConsole::restore(Box::new(std::io::sink()), &state.serial)
+            .map_err(|e| BuildError::Device(e.to_string()))?;
+        self.parked_in_wait = false;
+        self.poll_before_entry = true;
+        self.ready = Some(state.ready_info());
+        self.stopped = false;
+        self.stats = ExitStats::default();
+        self.id = next_vm_id();
+        Ok(())
+    }
+
+    /// What every VM restored from an image gets right before it serves: fresh entropy, the
+    /// current time, and its generation number (see `mu2_abi::HostInfo`).
+    pub fn hand_out(&mut self, image: &Image) -> Result<(), BuildError> {
+        let mut info = mu2_abi::HostInfo { generation: image.next_generation(), ..Default::default() };
+        fill_entropy(&mut info.entropy).map_err(|e| BuildError::Device(format!("reading host entropy: {e}")))?;
+        info.unix_time_ns =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        self.ram
+            .memory()
+            .write_slice(&info.to_le_bytes(), GuestAddress(layout::HOST_INFO))
+            .map_err(|e| BuildError::Device(format!("writing host info: {e}")))
+    }
+
     /// Runs the guest until it needs the caller (see [`RunStop`]) or `deadline` passes.
     ///
     /// Called while the guest is parked in a WAIT, the devices are polled first: if they
@@ -325,6 +566,12 @@ impl Vm {
                 return Ok(RunStop::Idle);
             }
             self.complete_wait(1);
+        } else if self.poll_before_entry {
+            self.poll_before_entry = false;
+            self.vsock.poll(self.ram.memory());
+            // The guest's resumed WAIT already says "device work"; a second wake-up would
+            // only cost it a spurious exit.
+            self.vsock.take_wakeup();
         }
         kick::arm_deadline(deadline).map_err(GuestError::Kick)?;
         let result = self.run_vcpu(deadline);
@@ -485,10 +732,10 @@ impl Vm {
             self.stats.unclaimed += 1;
             log::debug!("guest read of unclaimed address {addr:#x}");
         }
-        let data = *data.first_chunk::<8>().unwrap_or(&[0; 8]);
+        let value = Bytes8::from(&*data);
         let out = self.mmio_data();
-        let n = out.len();
-        out.copy_from_slice(&data[..n]);
+        let n = out.len().min(value.len);
+        out[..n].copy_from_slice(&value.as_slice()[..n]);
         Ok(None)
     }
 

@@ -61,7 +61,11 @@ fn run_streams_the_console_until_the_guest_exits() {
     kvm_or_skip!();
     let out = mu2(&["run", "--function", "hello"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from the mu2 guest\n");
+    let console = String::from_utf8_lossy(&out.stdout);
+    assert!(console.starts_with("mu2 guest runtime:"), "boot banner first: {console:?}");
+    assert!(console.ends_with("hello from the mu2 guest\n"), "{console:?}");
+    let quiet = mu2(&["run", "--function", "hello", "--cmdline", "quiet"]);
+    assert_eq!(String::from_utf8_lossy(&quiet.stdout), "hello from the mu2 guest\n");
 }
 
 #[test]

@@ -166,18 +166,25 @@ impl VcpuState {
         Ok(())
     }
 
-    /// Puts every saved piece of state into the vCPU, whatever it holds now (used to reset a
-    /// kept vCPU between requests, where earlier requests may have changed anything).
-    pub fn restore_all(&self, vcpu: &VcpuFd) -> Result<(), ArchError> {
-        let plan = RestorePlan {
+    /// The plan that puts every saved piece of state back, whatever the vCPU holds now (to
+    /// reset a kept vCPU between requests, where a request may have changed anything).
+    /// `probe` is a fresh vCPU of the same layout: MSRs that KVM refuses to take back from
+    /// the host (some paravirtual ones) are found there once and left out.
+    pub fn reset_plan(&self, probe: &VcpuFd) -> RestorePlan {
+        let msrs = self.msrs.iter().filter(|&&msr| write_msrs(probe, &[msr]).is_ok()).copied().collect();
+        RestorePlan {
             xsave: true,
             xcrs: true,
-            msrs: self.msrs.clone(),
+            msrs,
             events: true,
             debugregs: true,
             mp_state: self.mp_state.mp_state != KVM_MP_STATE_RUNNABLE,
-        };
-        self.restore(vcpu, &plan)
+        }
+    }
+
+    /// The MSRs a reset plan leaves out (not writable by the host), for reports.
+    pub fn unresettable_msrs(&self, plan: &RestorePlan) -> Vec<u32> {
+        self.msrs.iter().map(|(i, _)| *i).filter(|i| !plan.msrs.iter().any(|(j, _)| j == i)).collect()
     }
 }
 

@@ -1,0 +1,173 @@
+//! Frozen images: a booted guest, frozen when it is ready, stored as a state file and a
+//! memory file (see docs/image-format.md), and loaded once to serve many forks.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use kvm_bindings::CpuId;
+
+use crate::arch::{self, RestorePlan, VcpuState};
+use crate::hypervisor::Hypervisor;
+use crate::invoke::{self, InvokeError};
+use crate::vm::{BuildError, FreezeError, RunStop, Vm, VmConfig, VmState};
+
+/// Errors making or loading an image.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// Booting the guest failed.
+    #[error("booting the guest")]
+    Build(#[from] BuildError),
+    /// The guest did not become ready.
+    #[error("the guest did not become ready")]
+    Boot(#[source] InvokeError),
+    /// The guest did something other than wait after becoming ready.
+    #[error("the guest did not settle into waiting after becoming ready: {0}")]
+    NotIdle(String),
+    /// Freezing failed.
+    #[error("freezing the guest")]
+    Freeze(#[from] FreezeError),
+    /// The image could not be written or read.
+    #[error("image {path}")]
+    Snapshot {
+        /// The image directory.
+        path: PathBuf,
+        /// What went wrong.
+        #[source]
+        source: mu2_snapshot::SnapshotError,
+    },
+    /// The image's state is inconsistent.
+    #[error("image {path}: {reason}")]
+    Invalid {
+        /// The image directory.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// KVM refused something while preparing restores.
+    #[error("preparing restores")]
+    Arch(#[source] arch::ArchError),
+}
+
+/// Boots `config`, waits until the guest is ready and idle, freezes it and writes the image
+/// to `dir`. Returns how long the boot took.
+pub fn create(hv: &Hypervisor, config: &VmConfig, dir: &Path, deadline: Option<Instant>) -> Result<(), ImageError> {
+    let mut vm = Vm::boot(hv, config, Box::new(std::io::sink()))?;
+    invoke::run_until_ready(&mut vm, deadline).map_err(ImageError::Boot)?;
+    match vm.run(deadline) {
+        Ok(RunStop::Idle) => {}
+        Ok(other) => return Err(ImageError::NotIdle(format!("{other:?}"))),
+        Err(e) => return Err(ImageError::NotIdle(e.to_string())),
+    }
+    let state = vm.freeze()?;
+    mu2_snapshot::write_image(dir, mu2_snapshot::Arch::host(), &state, vm.memory_bytes())
+        .map_err(|source| ImageError::Snapshot { path: dir.to_path_buf(), source })
+}
+
+/// What restoring one vCPU takes, prepared once per image.
+#[derive(Debug)]
+pub struct VcpuRestore {
+    /// The CPUID table.
+    pub cpuid: CpuId,
+    /// What differs from a fresh vCPU.
+    pub plan: RestorePlan,
+    /// Everything that can be put back into a used vCPU (reuse mode).
+    pub reset: RestorePlan,
+}
+
+/// A loaded image, ready to restore VMs from.
+#[derive(Debug)]
+pub struct Image {
+    dir: PathBuf,
+    state: VmState,
+    memory: File,
+    restores: Vec<VcpuRestore>,
+    msr_indices: Vec<u32>,
+    generation: AtomicU64,
+}
+
+impl Image {
+    /// Reads and validates the image in `dir`, and works out the cheapest restore.
+    pub fn load(hv: &Hypervisor, dir: &Path) -> Result<Image, ImageError> {
+        let snapshot = |source| ImageError::Snapshot { path: dir.to_path_buf(), source };
+        let invalid = |reason: String| ImageError::Invalid { path: dir.to_path_buf(), reason };
+        let state: VmState = mu2_snapshot::read_state(dir, mu2_snapshot::Arch::host()).map_err(snapshot)?;
+        let layout = mu2_abi::layout::MIN_MEM..=mu2_abi::layout::MAX_MEM;
+        if !layout.contains(&state.mem_size) || state.mem_size % (2 << 20) != 0 {
+            return Err(invalid(format!("guest memory of {} bytes", state.mem_size)));
+        }
+        if state.vcpus.is_empty() || state.vcpus.len() > hv.max_vcpus() {
+            return Err(invalid(format!("{} vCPUs (this host allows 1 to {})", state.vcpus.len(), hv.max_vcpus())));
+        }
+        let memory = mu2_snapshot::open_memory(dir, state.mem_size).map_err(snapshot)?;
+        let restores = Self::plan(hv, &state)?;
+        let msr_indices = state.vcpus[0].msrs.iter().map(|(i, _)| *i).collect();
+        Ok(Image { dir: dir.to_path_buf(), state, memory, restores, msr_indices, generation: AtomicU64::new(0) })
+    }
+
+    /// Compares the saved vCPUs with fresh ones made the way a restore makes them.
+    fn plan(hv: &Hypervisor, state: &VmState) -> Result<Vec<VcpuRestore>, ImageError> {
+        let kvm_err = |what| move |source| ImageError::Arch(arch::ArchError::Kvm { what, source });
+        let vm = hv.kvm().create_vm().map_err(kvm_err("create a template VM"))?;
+        let mut restores = Vec::with_capacity(state.vcpus.len());
+        for saved in &state.vcpus {
+            let cpuid = saved.cpuid().map_err(ImageError::Arch)?;
+            let vcpu = vm.create_vcpu(saved.index.into()).map_err(kvm_err("create a template vCPU"))?;
+            vcpu.set_cpuid2(&cpuid).map_err(kvm_err("set the CPUID table"))?;
+            let indices: Vec<u32> = saved.msrs.iter().map(|(i, _)| *i).collect();
+            let fresh = VcpuState::save(&vcpu, saved.index, &cpuid, &indices).map_err(ImageError::Arch)?;
+            let plan = saved.plan(&fresh);
+            // Probing writes MSRs, so it uses a vCPU of its own.
+            let probe = vm.create_vcpu(u64::from(saved.index) + 1).map_err(kvm_err("create a probe vCPU"));
+            let reset = match probe {
+                Ok(probe) => {
+                    probe.set_cpuid2(&cpuid).map_err(kvm_err("set the CPUID table"))?;
+                    saved.reset_plan(&probe)
+                }
+                Err(_) => saved.reset_plan(&vcpu),
+            };
+            let skipped = saved.unresettable_msrs(&reset);
+            if !skipped.is_empty() {
+                log::debug!("MSRs KVM will not take back from the host, not reset in reuse mode: {skipped:x?}");
+            }
+            restores.push(VcpuRestore { plan, reset, cpuid });
+        }
+        Ok(restores)
+    }
+
+    /// The image directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The frozen VM's state.
+    pub fn state(&self) -> &VmState {
+        &self.state
+    }
+
+    /// The memory file, for copy-on-write mappings.
+    pub fn memory_file(&self) -> &File {
+        &self.memory
+    }
+
+    /// Per-vCPU restore preparations.
+    pub fn restore_plans(&self) -> &[VcpuRestore] {
+        &self.restores
+    }
+
+    /// The MSRs the image saved.
+    pub fn msr_indices(&self) -> &[u32] {
+        &self.msr_indices
+    }
+
+    /// The next fork's generation number (1, 2, …).
+    pub fn next_generation(&self) -> u64 {
+        self.generation.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Ioctls a fresh-mode restore issues per vCPU beyond VM and vCPU creation.
+    pub fn restore_ioctls(&self) -> usize {
+        self.restores.iter().map(|r| 1 + r.plan.ioctls()).sum()
+    }
+}
