@@ -287,7 +287,7 @@ mu2_snapshot::assert_schema!(VmState);
 impl VmState {
     /// The readiness report the frozen guest made.
     pub fn ready_info(&self) -> ReadyInfo {
-        ReadyInfo { abi_version: mu2_abi::ABI_VERSION, port: self.port, buf_alloc: self.buf_alloc, reserved: 0 }
+        ReadyInfo { abi_version: mu2_abi::ABI_VERSION, port: self.port, buf_alloc: self.buf_alloc, flags: 0 }
     }
 }
 
@@ -466,6 +466,29 @@ impl Vm {
     /// Guest RAM as bytes (for writing an image), while no vCPU runs.
     pub fn memory_bytes(&self) -> &[u8] {
         self.ram.as_slice()
+    }
+
+    /// Enters and leaves the guest without running it (KVM_RUN with immediate_exit), to see
+    /// what the hypervisor itself touches on entry. For measurements.
+    pub fn enter_without_running(&mut self) -> Result<(), GuestError> {
+        self.vcpus[0].set_kvm_immediate_exit(1);
+        let result = self.vcpus[0].run().map(|_| ());
+        self.vcpus[0].set_kvm_immediate_exit(0);
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) if e.errno() == libc::EINTR => Ok(()),
+            Err(source) => Err(GuestError::Kvm { what: "enter the guest", source }),
+        }
+    }
+
+    /// See [`GuestRam::disable_fault_around`].
+    pub fn disable_fault_around(&self) -> std::io::Result<()> {
+        self.ram.disable_fault_around()
+    }
+
+    /// Guest pages mapped so far (see [`GuestRam::touched_pages`]).
+    pub fn touched_pages(&self) -> std::io::Result<Vec<u64>> {
+        self.ram.touched_pages()
     }
 
     /// KiB of guest memory this VM holds privately (pages it wrote).
@@ -715,7 +738,11 @@ impl Vm {
                 Ok(SysdevRequest::Wait) => {
                     self.stats.waits += 1;
                     self.vsock.poll(self.ram.memory());
-                    if self.vsock.take_wakeup() {
+                    // News for the host side (a response, a close) goes to the caller first:
+                    // the guest's own wake-up (reclaiming TX buffers) can wait, and for a
+                    // forked VM that is about to be destroyed it never has to happen.
+                    let host_news = self.vsock.device_mut().take_host_news();
+                    if !host_news && self.vsock.take_wakeup() {
                         mu2_devices::sysdev::complete_wait(self.mmio_data(), 1);
                         return Ok(None);
                     }

@@ -270,6 +270,9 @@ pub struct Vsock {
     stats: VsockStats,
     /// Reused buffer for packet data in both directions; never larger than max_packet_data.
     scratch: Vec<u8>,
+    /// Guest traffic changed something the host side sees (data, a close, an accept) since
+    /// the last [`Vsock::take_host_news`]. Transient: not part of the saved state.
+    host_news: bool,
 }
 
 impl Vsock {
@@ -293,6 +296,7 @@ impl Vsock {
             errors: Vec::new(),
             stats: VsockStats::default(),
             scratch: Vec::new(),
+            host_news: false,
         }
     }
 
@@ -384,6 +388,13 @@ impl Vsock {
             }
         }
         None
+    }
+
+    /// Whether guest traffic changed anything the host side sees (data to read, a connection
+    /// accepted, established or closed) since the last call. The VMM returns control to the
+    /// host side on that instead of waking the guest for bookkeeping it can do later.
+    pub fn take_host_news(&mut self) -> bool {
+        std::mem::take(&mut self.host_news)
     }
 
     /// Malformed chains and protocol violations since the last call (each also logged).
@@ -543,6 +554,9 @@ impl Vsock {
             return self.queue_rst(host_port, guest_port);
         };
         conn.update_peer_credit(hdr.buf_alloc, hdr.fwd_cnt);
+        if hdr.op != OP_CREDIT_UPDATE && hdr.op != OP_CREDIT_REQUEST {
+            self.host_news = true;
+        }
         let unexpected = VsockError::UnexpectedOp { guest_port, host_port, op: hdr.op };
         match hdr.op {
             OP_RESPONSE if conn.phase == ConnPhase::Connecting => {
@@ -602,6 +616,7 @@ impl Vsock {
         let conn = Connection::incoming(host_port, guest_port, hdr.buf_alloc, hdr.fwd_cnt);
         let id = self.add_connection(conn);
         self.accept_queue.push_back((id, host_port));
+        self.host_news = true;
     }
 
     /// Whether a packet is waiting for an RX buffer.
