@@ -287,7 +287,7 @@ mu2_snapshot::assert_schema!(VmState);
 impl VmState {
     /// The readiness report the frozen guest made.
     pub fn ready_info(&self) -> ReadyInfo {
-        ReadyInfo { abi_version: mu2_abi::ABI_VERSION, port: self.port, buf_alloc: self.buf_alloc, flags: 0 }
+        ReadyInfo { abi_version: mu2_abi::ABI_VERSION, port: self.port, buf_alloc: self.buf_alloc, ..Default::default() }
     }
 }
 
@@ -434,16 +434,10 @@ impl Vm {
             return Err(FreezeError::NotIdle);
         }
         self.complete_wait(mu2_abi::wait::RESTORED | 1);
-        // KVM_RUN with immediate_exit completes the MMIO read (RIP moves past it, the value
-        // lands in its register) and returns at once, without running guest code.
-        self.vcpus[0].set_kvm_immediate_exit(1);
-        let completed = self.vcpus[0].run().map(|_| ());
-        self.vcpus[0].set_kvm_immediate_exit(0);
-        match completed {
-            Err(e) if e.errno() == libc::EINTR => {}
-            Ok(()) => return Err(FreezeError::Unexpected("the vCPU ran instead of stopping".into())),
-            Err(source) => return Err(FreezeError::Kvm { what: "complete the pending exit", source }),
-        }
+        self.complete_pending_exit().map_err(|e| match e {
+            GuestError::Kvm { what, source } => FreezeError::Kvm { what, source },
+            other => FreezeError::Unexpected(other.to_string()),
+        })?;
         self.stopped = true;
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for (index, vcpu) in self.vcpus.iter().enumerate() {
@@ -463,6 +457,21 @@ impl Vm {
         })
     }
 
+    /// Lets KVM finish the instruction of the vCPU's last I/O or MMIO exit without running
+    /// any further guest code (KVM_RUN with immediate_exit). KVM completes such an exit on the
+    /// next KVM_RUN — writing the read value into its register and moving RIP past it — so
+    /// state read before this is not final, and state written before this is overwritten.
+    fn complete_pending_exit(&mut self) -> Result<(), GuestError> {
+        self.vcpus[0].set_kvm_immediate_exit(1);
+        let completed = self.vcpus[0].run().map(|_| ());
+        self.vcpus[0].set_kvm_immediate_exit(0);
+        match completed {
+            Err(e) if e.errno() == libc::EINTR => Ok(()),
+            Ok(()) => Err(GuestError::Protocol("the vCPU ran instead of stopping".into())),
+            Err(source) => Err(GuestError::Kvm { what: "complete the pending exit", source }),
+        }
+    }
+
     /// Guest RAM as bytes (for writing an image), while no vCPU runs.
     pub fn memory_bytes(&self) -> &[u8] {
         self.ram.as_slice()
@@ -479,6 +488,30 @@ impl Vm {
             Err(e) if e.errno() == libc::EINTR => Ok(()),
             Err(source) => Err(GuestError::Kvm { what: "enter the guest", source }),
         }
+    }
+
+    /// vCPU 0, for inspection by tests and debuggers.
+    pub fn vcpu_fd(&self) -> &VcpuFd {
+        &self.vcpus[0]
+    }
+
+    /// Reads every vCPU's state the way freezing does (without completing a pending exit).
+    pub fn vcpu_states(&self) -> Result<Vec<arch::VcpuState>, arch::ArchError> {
+        self.vcpus
+            .iter()
+            .enumerate()
+            .map(|(index, vcpu)| {
+                let cpuid = vcpu
+                    .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                    .map_err(|source| arch::ArchError::Kvm { what: "reading the CPUID table", source })?;
+                arch::VcpuState::save(vcpu, index as u8, &cpuid, &self.msr_indices)
+            })
+            .collect()
+    }
+
+    /// The vsock device's and its transport's state now.
+    pub fn vsock_state(&self) -> <MmioTransport<Vsock> as Persist>::State {
+        self.vsock.save()
     }
 
     /// See [`GuestRam::disable_fault_around`].
@@ -546,6 +579,9 @@ impl Vm {
         if state.mem_size != self.ram.size() as u64 || state.vcpus.len() != self.vcpus.len() {
             return Err(BuildError::Config("the image does not match this VM's layout".into()));
         }
+        // The previous request left the vCPU in an exit (a WAIT read, or wherever it was
+        // stopped): finish it first, or KVM would complete it over the restored registers.
+        self.complete_pending_exit().map_err(|e| BuildError::Device(format!("completing the last exit: {e}")))?;
         self.ram.remap_file(image.memory_file()).map_err(BuildError::Memory)?;
         for ((saved, vcpu), restore) in state.vcpus.iter().zip(&self.vcpus).zip(image.restore_plans()) {
             saved.restore(vcpu, &restore.reset).map_err(BuildError::Arch)?;

@@ -165,7 +165,9 @@ pub struct HostInfo {
     pub entropy: [u8; 32],
     /// Wall-clock time when the VM was handed out, nanoseconds since the Unix epoch.
     pub unix_time_ns: u64,
-    /// The guest's TSC value at that same moment.
+    /// The guest's TSC value at that same moment, or 0 when the host does not know it: the
+    /// guest then takes its own TSC reading, on seeing `RESTORED`, as the matching moment
+    /// (microseconds later; a vCPU's TSC would cost the host an ioctl per fork to read).
     pub tsc: u64,
     /// Increments on every restore; zero in a cold-booted VM.
     pub generation: u64,

@@ -40,6 +40,9 @@ fn cpuid_tsc_khz() -> Option<u64> {
 
 /// Sets the wall clock: `unix_ns` was the time when the TSC read `tsc`.
 pub(crate) fn rebase(unix_ns: u64, tsc: u64) {
+    // A zero TSC from the host means "now": the host cannot cheaply read this vCPU's TSC, and
+    // the guest reads it within microseconds of the host's clock reading.
+    let tsc = if tsc == 0 { rdtsc() } else { tsc };
     BASE_TSC.store(tsc, Ordering::Relaxed);
     BASE_UNIX_NS.store(unix_ns, Ordering::Relaxed);
 }
