@@ -1,0 +1,212 @@
+//! Frozen images and forks on real KVM.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use mu2_tests::{guest, invoke_cold, kvm_or_skip};
+use mu2_vmm::fork::{Engine, EngineConfig, ForkError, Mode};
+use mu2_vmm::image::{self, Image, ImageError};
+use mu2_vmm::invoke::{self, InvokeError};
+use mu2_vmm::{GuestError, Hypervisor, RunStop, Vm, VmConfig};
+
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A temporary directory removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("mu2-test-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        TempDir(dir)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn config(name: &str, mem_mib: u64) -> VmConfig {
+    let mut config = VmConfig::new(guest(name));
+    config.mem_size = mem_mib << 20;
+    config.cmdline = "quiet".into();
+    config
+}
+
+fn make_image(hv: &Hypervisor, name: &str) -> (TempDir, Arc<Image>) {
+    let dir = TempDir::new(name);
+    image::create(hv, &config(name, 64), dir.path(), Some(Instant::now() + TIMEOUT)).expect("image");
+    let image = Image::load(hv, dir.path()).expect("image loads");
+    (dir, Arc::new(image))
+}
+
+fn engine(hv: Hypervisor, image: Arc<Image>, mode: Mode) -> Engine {
+    Engine::new(Arc::new(hv), image, EngineConfig { mode, pool_size: 4, ..EngineConfig::default() })
+}
+
+#[test]
+fn the_frozen_state_round_trips_through_the_image_file() {
+    let hv = kvm_or_skip!();
+    let mut vm = Vm::boot(&hv, &config("echo", 64), Box::new(std::io::sink())).expect("boot");
+    invoke::run_until_ready(&mut vm, Some(Instant::now() + TIMEOUT)).expect("ready");
+    assert_eq!(vm.run(None).expect("idle"), RunStop::Idle);
+    let state = vm.freeze().expect("freeze");
+    assert!(matches!(vm.run(None), Err(GuestError::Stopped)), "a frozen VM does not run on");
+    let dir = TempDir::new("roundtrip");
+    mu2_snapshot::write_image(dir.path(), mu2_snapshot::Arch::host(), &state, vm.memory_bytes()).expect("write");
+    let read: mu2_vmm::vm::VmState = mu2_snapshot::read_state(dir.path(), mu2_snapshot::Arch::host()).expect("read");
+    let encode = |s| mu2_snapshot::encode_state(mu2_snapshot::Arch::host(), s).expect("encode");
+    assert_eq!(encode(&read), encode(&state), "every component's state survives the file");
+    assert_eq!(read.vcpus, state.vcpus);
+    assert!(!read.vcpus[0].msrs.is_empty(), "MSRs are saved");
+    assert_eq!(read.port, mu2_abi::DEFAULT_PORT);
+}
+
+#[test]
+fn a_fork_answers_like_a_cold_boot_for_every_example_function() {
+    let hv = kvm_or_skip!();
+    let cases: &[(&str, &[u8])] = &[
+        ("echo", b"the same bytes"),
+        ("sha256", b"abc"),
+        ("work", b"pages=4 spin_us=50"),
+        ("crash", b"ud"),
+        ("random", b""),
+    ];
+    for &(name, request) in cases {
+        let cold = invoke_cold(&hv, name, request, TIMEOUT);
+        let (_dir, image) = make_image(&hv, name);
+        let forked = Engine::new(Arc::new(Hypervisor::open().expect("kvm")), image, EngineConfig::default())
+            .serve(request, TIMEOUT);
+        match (cold, forked) {
+            (Ok(c), Ok(f)) if name == "random" => {
+                let keys = |r: &[u8]| -> Vec<String> {
+                    String::from_utf8_lossy(r).split('"').skip(1).step_by(2).map(String::from).collect()
+                };
+                assert_ne!(c, f.response, "random values differ");
+                assert!(keys(&c).contains(&"random".to_string()) && keys(&f.response).contains(&"random".to_string()));
+            }
+            (Ok(c), Ok(f)) => assert_eq!(c, f.response, "{name}"),
+            (
+                Err(InvokeError::Guest(GuestError::Fault(c))),
+                Err(ForkError::Invoke(InvokeError::Guest(GuestError::Fault(f)))),
+            ) => {
+                assert_eq!((c.vector, c.rip), (f.vector, f.rip), "{name}: the same fault at the same place");
+            }
+            (c, f) => panic!("{name}: cold {c:?} vs fork {f:?}"),
+        }
+    }
+}
+
+#[test]
+fn every_mode_serves_requests() {
+    let hv = kvm_or_skip!();
+    let (_dir, image) = make_image(&hv, "echo");
+    for mode in [Mode::Fresh, Mode::Pool, Mode::Reuse] {
+        let engine = engine(Hypervisor::open().expect("kvm"), image.clone(), mode);
+        let mut ids = HashSet::new();
+        for i in 0..20 {
+            let request = format!("{mode:?} request {i}");
+            let served = engine.serve(request.as_bytes(), TIMEOUT).unwrap_or_else(|e| panic!("{mode:?} {i}: {e}"));
+            assert_eq!(served.response, request.as_bytes());
+            assert!(ids.insert(served.vm_id), "{mode:?}: every request gets its own VM identity");
+        }
+    }
+    drop(hv);
+}
+
+#[test]
+fn a_guest_failure_in_a_fork_leaves_the_engine_serving() {
+    let hv = kvm_or_skip!();
+    let (_dir, image) = make_image(&hv, "crash");
+    for mode in [Mode::Fresh, Mode::Reuse, Mode::Pool] {
+        let engine = engine(Hypervisor::open().expect("kvm"), image.clone(), mode);
+        for _ in 0..3 {
+            match engine.serve(b"pf", TIMEOUT) {
+                Err(ForkError::Invoke(e)) => assert!(e.is_guest_crash(), "{mode:?}: {e}"),
+                other => panic!("{mode:?}: expected a crash, got {other:?}"),
+            }
+        }
+    }
+    drop(hv);
+}
+
+fn random_value(response: &[u8]) -> (String, u64) {
+    let text = String::from_utf8_lossy(response).into_owned();
+    let field = |key: &str| -> String {
+        let start = text.find(&format!("\"{key}\":")).unwrap_or_else(|| panic!("{key} in {text}")) + key.len() + 3;
+        text[start..].split([',', '}']).next().unwrap_or("").trim_matches('"').to_string()
+    };
+    (field("random"), field("unix_time_ns").parse().expect("a number"))
+}
+
+#[test]
+fn a_hundred_forks_draw_a_hundred_different_values_and_know_the_time() {
+    let hv = kvm_or_skip!();
+    let (_dir, image) = make_image(&hv, "random");
+    for mode in [Mode::Fresh, Mode::Pool, Mode::Reuse] {
+        let engine = engine(Hypervisor::open().expect("kvm"), image.clone(), mode);
+        let mut seen = HashSet::new();
+        for _ in 0..100 {
+            let served = engine.serve(b"", TIMEOUT).expect("random answers");
+            let (value, guest_ns) = random_value(&served.response);
+            assert_eq!(value.len(), 64, "32 random bytes in hex");
+            assert!(seen.insert(value), "{mode:?}: a fork repeated another fork's random value");
+            let host_ns = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_nanos() as u64;
+            let skew = host_ns.abs_diff(guest_ns);
+            assert!(skew < 1_000_000_000, "{mode:?}: the fork's clock is {skew} ns off the host's");
+        }
+    }
+    drop(hv);
+}
+
+#[test]
+fn bad_images_are_refused_with_the_problem_named() {
+    let hv = kvm_or_skip!();
+    let (dir, _image) = make_image(&hv, "echo");
+    let path = dir.path();
+    let state = std::fs::read(path.join("state")).expect("state file");
+    let load_error = |what: &str| -> String {
+        match Image::load(&hv, path) {
+            Err(e) => mu2_vmm::fork::error_chain(&e),
+            Ok(_) => panic!("{what}: a bad image loaded"),
+        }
+    };
+
+    let mut corrupt = state.clone();
+    let last = corrupt.len() - 1;
+    corrupt[last] ^= 0xff;
+    std::fs::write(path.join("state"), &corrupt).expect("write");
+    assert!(load_error("corrupt").to_lowercase().contains("checksum"), "{}", load_error("corrupt"));
+
+    std::fs::write(path.join("state"), &state[..20]).expect("write");
+    let truncated = load_error("truncated");
+    assert!(truncated.contains("truncated") || truncated.contains("short"), "{truncated}");
+
+    let mut other_arch = state.clone();
+    other_arch[..8].copy_from_slice(b"MU2IMGa8");
+    std::fs::write(path.join("state"), &other_arch).expect("write");
+    assert!(load_error("arch").contains("aarch64"), "{}", load_error("arch"));
+
+    std::fs::write(path.join("state"), &state).expect("write");
+    let memory = std::fs::OpenOptions::new().write(true).open(path.join("memory")).expect("memory");
+    memory.set_len(32 << 20).expect("truncate memory");
+    let wrong_size = load_error("memory size");
+    assert!(wrong_size.contains("33554432") && wrong_size.contains("67108864"), "{wrong_size}");
+
+    std::fs::remove_file(path.join("memory")).expect("remove");
+    assert!(matches!(Image::load(&hv, path), Err(ImageError::Snapshot { .. })));
+
+    // The VMM is unharmed.
+    assert_eq!(invoke_cold(&hv, "echo", b"fine", TIMEOUT).expect("echo"), b"fine");
+}
