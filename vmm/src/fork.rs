@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use crate::hypervisor::Hypervisor;
 use crate::image::Image;
 use crate::invoke::{self, InvokeError};
-use crate::vm::{BuildError, Vm};
+use crate::vm::{BuildError, ResetKind, Vm};
 
 /// How a request gets its VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,6 +213,8 @@ pub struct Engine {
     pool: Option<Pool>,
     kept: Mutex<Vec<Vm>>,
     reaper: Reaper,
+    fast_resets: AtomicUsize,
+    full_resets: AtomicUsize,
 }
 
 impl Engine {
@@ -220,7 +222,16 @@ impl Engine {
     pub fn new(hv: Arc<Hypervisor>, image: Arc<Image>, config: EngineConfig) -> Engine {
         let pool =
             (config.mode == Mode::Pool).then(|| Pool::start(&hv, &image, config.pool_size, config.pool_builders));
-        Engine { hv, image, config, pool, kept: Mutex::new(Vec::new()), reaper: Reaper::start() }
+        Engine {
+            hv,
+            image,
+            config,
+            pool,
+            kept: Mutex::new(Vec::new()),
+            reaper: Reaper::start(),
+            fast_resets: AtomicUsize::new(0),
+            full_resets: AtomicUsize::new(0),
+        }
     }
 
     /// The image.
@@ -231,6 +242,11 @@ impl Engine {
     /// The mode.
     pub fn mode(&self) -> Mode {
         self.config.mode
+    }
+
+    /// Reuse-mode resets so far: (pages copied back, memory remapped).
+    pub fn reset_counts(&self) -> (usize, usize) {
+        (self.fast_resets.load(Ordering::Relaxed), self.full_resets.load(Ordering::Relaxed))
     }
 
     /// VMs ready in the pool now (pool mode).
@@ -285,11 +301,18 @@ impl Engine {
     /// Reuse mode: reset the VM to the image and keep it; a VM that cannot be reset is
     /// destroyed instead (the next request restores a new one).
     fn recycle(&self, mut vm: Vm) {
-        match vm.reset_to(&self.image) {
-            Ok(()) => match self.kept.lock() {
-                Ok(mut kept) => kept.push(vm),
-                Err(_) => self.reaper.reap(vm),
-            },
+        match vm.reset_to(&self.image, true) {
+            Ok(kind) => {
+                let counter = match kind {
+                    ResetKind::CopiedBack(_) => &self.fast_resets,
+                    ResetKind::Remapped => &self.full_resets,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                match self.kept.lock() {
+                    Ok(mut kept) => kept.push(vm),
+                    Err(_) => self.reaper.reap(vm),
+                }
+            }
             Err(e) => {
                 log::warn!("resetting VM {} failed, destroying it: {}", vm.id(), error_chain(&e));
                 self.reaper.reap(vm);

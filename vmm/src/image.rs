@@ -84,6 +84,8 @@ pub struct Image {
     memory: File,
     restores: Vec<VcpuRestore>,
     msr_indices: Vec<u32>,
+    /// Sorted; `None` when the image is not confined to CPL 3 (no fast reset).
+    structural_pages: Option<Vec<u64>>,
     generation: AtomicU64,
 }
 
@@ -102,8 +104,24 @@ impl Image {
         }
         let memory = mu2_snapshot::open_memory(dir, state.mem_size).map_err(snapshot)?;
         let restores = Self::plan(hv, &state)?;
+        let structural_pages = {
+            use std::os::unix::fs::FileExt;
+            let mut read_page = |addr: u64| {
+                let mut page = vec![0u8; 4096];
+                memory.read_exact_at(&mut page, addr).ok().map(|()| page)
+            };
+            arch::structural_pages(&state.vcpus[0], &mut read_page)
+        };
         let msr_indices = state.vcpus[0].msrs.iter().map(|(i, _)| *i).collect();
-        Ok(Image { dir: dir.to_path_buf(), state, memory, restores, msr_indices, generation: AtomicU64::new(0) })
+        Ok(Image {
+            dir: dir.to_path_buf(),
+            state,
+            memory,
+            restores,
+            msr_indices,
+            structural_pages,
+            generation: AtomicU64::new(0),
+        })
     }
 
     /// Compares the saved vCPUs with fresh ones made the way a restore makes them.
@@ -159,6 +177,12 @@ impl Image {
     /// The MSRs the image saved.
     pub fn msr_indices(&self) -> &[u32] {
         &self.msr_indices
+    }
+
+    /// The pages that decide translation and CPL 0 (see `arch::structural_pages`), sorted;
+    /// `None` when the image does not allow a fast reset.
+    pub fn structural_pages(&self) -> Option<&[u64]> {
+        self.structural_pages.as_deref()
     }
 
     /// The next fork's generation number (1, 2, …).

@@ -15,4 +15,4 @@ pub mod memory;
 pub mod vm;
 
 pub use hypervisor::{Hypervisor, HypervisorError};
-pub use vm::{BuildError, ExitStats, GuestError, RunStop, Vm, VmConfig};
+pub use vm::{BuildError, ExitStats, GuestError, ResetKind, RunStop, Vm, VmConfig};

@@ -181,25 +181,52 @@ impl GuestRam {
     /// copy-on-write mapping made fresh before a request, the pages the guest touched (KVM
     /// faults each one in on first access). Reads /proc/self/pagemap; for measurements.
     pub fn touched_pages(&self) -> std::io::Result<Vec<u64>> {
-        use std::io::{Read, Seek, SeekFrom};
+        // Bit 63: present; bit 62: swapped.
+        Ok(self.pagemap_entries()?.filter(|&(_, entry)| entry & (3 << 62) != 0).map(|(addr, _)| addr).collect())
+    }
+
+    /// Guest-physical addresses of the pages this process holds a private copy of: in a
+    /// copy-on-write mapping of an image, the pages written since the mapping was made (by
+    /// the guest or by the VMM). Reads /proc/self/pagemap: present, and not a file page.
+    pub fn private_pages(&self) -> std::io::Result<Vec<u64>> {
+        Ok(self
+            .pagemap_entries()?
+            .filter(|&(_, entry)| entry & (1 << 63) != 0 && entry & (1 << 61) == 0)
+            .map(|(addr, _)| addr)
+            .collect())
+    }
+
+    fn pagemap_entries(&self) -> std::io::Result<impl Iterator<Item = (u64, u64)>> {
+        use std::os::unix::fs::FileExt;
         const PAGE: u64 = 4096;
         let pages = self.mapping.size as u64 / PAGE;
-        let mut file = std::fs::File::open("/proc/self/pagemap")?;
-        file.seek(SeekFrom::Start(self.host_address() / PAGE * 8))?;
+        let file = std::fs::File::open("/proc/self/pagemap")?;
         let mut raw = vec![0u8; pages as usize * 8];
-        file.read_exact(&mut raw)?;
-        Ok(raw
-            .chunks_exact(8)
-            .enumerate()
-            .filter(|(_, entry)| {
-                let value = u64::from_le_bytes([
-                    entry[0], entry[1], entry[2], entry[3], entry[4], entry[5], entry[6], entry[7],
-                ]);
-                // Bit 63: present; bit 62: swapped.
-                value & (3 << 62) != 0
-            })
-            .map(|(i, _)| i as u64 * PAGE)
-            .collect())
+        file.read_exact_at(&mut raw, self.host_address() / PAGE * 8)?;
+        Ok((0..pages as usize).map(move |i| {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(&raw[i * 8..i * 8 + 8]);
+            (i as u64 * PAGE, u64::from_le_bytes(word))
+        }))
+    }
+
+    /// Copies the given pages back from `file` (the image's memory) into guest RAM, in place:
+    /// the pages stay mapped, so neither the host nor the hypervisor faults on them again.
+    /// The caller guarantees that no vCPU runs.
+    pub fn restore_pages(&self, file: &std::fs::File, pages: &[u64]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        const PAGE: usize = 4096;
+        for &addr in pages {
+            let offset = addr as usize;
+            if offset.checked_add(PAGE).is_none_or(|end| end > self.mapping.size) {
+                return Err(std::io::ErrorKind::InvalidInput.into());
+            }
+            // SAFETY: the page lies inside the mapping (checked above), which is writable and
+            // owned by `self`; no vCPU runs, so nothing else accesses it meanwhile.
+            let page = unsafe { std::slice::from_raw_parts_mut(self.mapping.host.as_ptr().add(offset), PAGE) };
+            file.read_exact_at(page, addr)?;
+        }
+        Ok(())
     }
 
     /// Turns off the kernel's fault-around for this mapping (MADV_RANDOM), so that

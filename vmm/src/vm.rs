@@ -221,6 +221,15 @@ fn fill_entropy(buf: &mut [u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// How a reuse-mode reset put guest memory back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetKind {
+    /// This many written pages were copied back from the image; all mappings kept.
+    CopiedBack(usize),
+    /// The memory file was remapped over the whole range.
+    Remapped,
+}
+
 /// Why a VM could not be frozen.
 #[derive(Debug, thiserror::Error)]
 pub enum FreezeError {
@@ -287,7 +296,12 @@ mu2_snapshot::assert_schema!(VmState);
 impl VmState {
     /// The readiness report the frozen guest made.
     pub fn ready_info(&self) -> ReadyInfo {
-        ReadyInfo { abi_version: mu2_abi::ABI_VERSION, port: self.port, buf_alloc: self.buf_alloc, ..Default::default() }
+        ReadyInfo {
+            abi_version: mu2_abi::ABI_VERSION,
+            port: self.port,
+            buf_alloc: self.buf_alloc,
+            ..Default::default()
+        }
     }
 }
 
@@ -524,6 +538,11 @@ impl Vm {
         self.ram.touched_pages()
     }
 
+    /// Pages this VM holds a private copy of (see [`GuestRam::private_pages`]).
+    pub fn private_pages(&self) -> std::io::Result<Vec<u64>> {
+        self.ram.private_pages()
+    }
+
     /// KiB of guest memory this VM holds privately (pages it wrote).
     pub fn private_kib(&self) -> Option<u64> {
         self.ram.private_kib()
@@ -572,9 +591,17 @@ impl Vm {
         Ok(vm)
     }
 
-    /// Resets this VM to `image` for its next request (reuse mode): memory remapped
-    /// copy-on-write in place, every piece of vCPU and device state put back.
-    pub fn reset_to(&mut self, image: &Image) -> Result<(), BuildError> {
+    /// Resets this VM to `image` for its next request (reuse mode): guest memory back to the
+    /// image's, every piece of vCPU and device state put back.
+    ///
+    /// Memory is reset one of two ways. The full way remaps the memory file copy-on-write over
+    /// the same range: every page the guest touched must then be faulted in again. The fast
+    /// way copies back only the pages written since the image was mapped and keeps every
+    /// mapping; it is taken only when `clean` (the request ended normally), the image is
+    /// confined to CPL 3, and neither the paging and exception structures nor the registers
+    /// that locate them changed — so the request cannot have changed how memory is
+    /// translated (see `arch::structural_pages`).
+    pub fn reset_to(&mut self, image: &Image, clean: bool) -> Result<ResetKind, BuildError> {
         let state = image.state();
         if state.mem_size != self.ram.size() as u64 || state.vcpus.len() != self.vcpus.len() {
             return Err(BuildError::Config("the image does not match this VM's layout".into()));
@@ -582,7 +609,18 @@ impl Vm {
         // The previous request left the vCPU in an exit (a WAIT read, or wherever it was
         // stopped): finish it first, or KVM would complete it over the restored registers.
         self.complete_pending_exit().map_err(|e| BuildError::Device(format!("completing the last exit: {e}")))?;
-        self.ram.remap_file(image.memory_file()).map_err(BuildError::Memory)?;
+        let kind = match self.pages_to_copy_back(image, clean) {
+            Some(pages) => {
+                self.ram
+                    .restore_pages(image.memory_file(), &pages)
+                    .map_err(|e| BuildError::Device(format!("copying pages back from the image: {e}")))?;
+                ResetKind::CopiedBack(pages.len())
+            }
+            None => {
+                self.ram.remap_file(image.memory_file()).map_err(BuildError::Memory)?;
+                ResetKind::Remapped
+            }
+        };
         for ((saved, vcpu), restore) in state.vcpus.iter().zip(&self.vcpus).zip(image.restore_plans()) {
             saved.restore(vcpu, &restore.reset).map_err(BuildError::Arch)?;
         }
@@ -595,7 +633,29 @@ impl Vm {
         self.stopped = false;
         self.stats = ExitStats::default();
         self.id = next_vm_id();
-        Ok(())
+        Ok(kind)
+    }
+
+    /// The pages a fast reset copies back, or `None` when only a full remap is safe.
+    fn pages_to_copy_back(&self, image: &Image, clean: bool) -> Option<Vec<u64>> {
+        let structural = image.structural_pages().filter(|_| clean)?;
+        let saved = &image.state().vcpus.first()?.sregs;
+        let now = self.vcpus[0].get_sregs().ok()?;
+        let same = now.cr3 == saved.cr3
+            && now.cr0 == saved.cr0
+            && now.cr4 == saved.cr4
+            && now.efer == saved.efer
+            && (now.gdt.base, now.gdt.limit, now.idt.base, now.idt.limit)
+                == (saved.gdt.base, saved.gdt.limit, saved.idt.base, saved.idt.limit)
+            && now.tr.base == saved.tr.base;
+        if !same {
+            return None;
+        }
+        let written = self.ram.private_pages().ok()?;
+        if written.iter().any(|page| structural.binary_search(page).is_ok()) {
+            return None;
+        }
+        Some(written)
     }
 
     /// What every VM restored from an image gets right before it serves: fresh entropy, the

@@ -3,6 +3,7 @@
 //! Exports the same names as `arch::aarch64` so that the VM builder stays free of
 //! architecture conditionals.
 
+mod confine;
 mod cpuid;
 mod state;
 mod tables;
@@ -14,6 +15,7 @@ use linux_loader::loader::{elf::Elf, KernelLoader};
 use mu2_abi::layout;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+pub use confine::structural_pages;
 pub use cpuid::{supported_cpuid, vcpu_cpuid};
 pub use state::{saved_msr_indices, RestorePlan, VcpuState};
 
@@ -137,7 +139,7 @@ pub fn setup_vcpu(vcpu: &VcpuFd, cpuid: &CpuId, entry: u64, mode: EntryMode) -> 
     match mode {
         EntryMode::Native => {
             sregs.idt.base = tables::IDT;
-            sregs.idt.limit = 256 * 16 - 1;
+            sregs.idt.limit = tables::IDT_VECTORS * 16 - 1;
             sregs.tr = kvm_segment {
                 base: tables::TSS,
                 limit: tables::TSS_SIZE - 1,

@@ -5,9 +5,7 @@
 //!
 //! | address | what |
 //! |---|---|
-//! | 0x1000 | GDT, then the 64-bit TSS with its I/O bitmap at 0x1100 |
-//! | 0x2000 | IDT: 256 interrupt gates |
-//! | 0x3000 | 256 exception stubs, 16 bytes each |
+//! | 0x1000 | GDT; the 64-bit TSS with its I/O bitmap at 0x1040; IDT (32 gates) at 0x1200; 32 exception stubs at 0x1400 |
 //! | 0x4000 | ring-0 stack page (TSS.RSP0 = 0x5000) |
 //! | 0x5000 | PML4; 0x6000 PDPT; 0x7000..0xb000 four PDs (4 GiB); 0xb000 PT of the first 2 MiB |
 
@@ -15,16 +13,22 @@ use super::{ArchError, EntryMode};
 use mu2_abi::{layout, sysdev};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+// Everything the CPU consults to deliver an exception shares one page: a fork whose first
+// page fault makes the hypervisor read them then touches one page, not three.
 pub const GDT: u64 = 0x1000;
-pub const TSS: u64 = 0x1100;
+pub const TSS: u64 = 0x1040;
 /// The 64-bit TSS (104 bytes) followed by an I/O permission bitmap for ports 0..0x400 (all
 /// allowed) and its terminating byte. Ports past the bitmap are denied.
 pub const TSS_SIZE: u32 = 104 + IO_BITMAP_BYTES + 1;
 const IO_BITMAP_BYTES: u32 = 0x400 / 8;
-pub const IDT: u64 = 0x2000;
-const STUBS: u64 = 0x3000;
+pub const IDT: u64 = 0x1200;
+/// Vectors with a gate: the architectural exceptions. A higher vector (there are no
+/// interrupts; only a stray `int n` raises one) is past the IDT limit and arrives as #GP.
+pub const IDT_VECTORS: u16 = 32;
+const STUBS: u64 = 0x1400;
 const STUB_SIZE: u64 = 16;
 const RING0_STACK_TOP: u64 = 0x5000;
+pub const RING0_STACK_PAGE: u64 = RING0_STACK_TOP - 0x1000;
 pub const PML4: u64 = 0x5000;
 const PDPT: u64 = 0x6000;
 const PD: u64 = 0x7000;
@@ -117,24 +121,32 @@ fn as_bytes(words: &[u64]) -> Vec<u8> {
     words.iter().flat_map(|w| w.to_le_bytes()).collect()
 }
 
-pub fn write(mem: &GuestMemoryMmap, mem_size: u64, mode: EntryMode) -> Result<(), ArchError> {
-    put_slice(mem, "GDT", GDT, &as_bytes(&gdt(mode)))?;
+/// The page at [`GDT`] as the VMM writes it: GDT and, for native entry, TSS, IDT and stubs.
+pub fn exception_page(mode: EntryMode) -> Vec<u8> {
+    let mut page = vec![0u8; 4096];
+    let at = |addr: u64| (addr - GDT) as usize;
+    let gdt = as_bytes(&gdt(mode));
+    page[..gdt.len()].copy_from_slice(&gdt);
     if mode == EntryMode::Native {
-        let mut tss = [0u8; TSS_SIZE as usize];
+        let tss = &mut page[at(TSS)..at(TSS) + TSS_SIZE as usize];
         tss[4..12].copy_from_slice(&RING0_STACK_TOP.to_le_bytes());
         // The I/O bitmap follows the TSS proper: zero bits allow, the last byte must be 0xff.
         tss[102..104].copy_from_slice(&104u16.to_le_bytes());
         tss[TSS_SIZE as usize - 1] = 0xff;
-        put_slice(mem, "TSS", TSS, &tss)?;
-        let mut idt = Vec::with_capacity(256 * 2);
-        let mut stubs = Vec::with_capacity(256 * STUB_SIZE as usize);
-        for vector in 0..=255u8 {
-            idt.extend(idt_gate(STUBS + u64::from(vector) * STUB_SIZE));
-            stubs.extend(stub(vector));
+        for vector in 0..IDT_VECTORS as u8 {
+            let handler = STUBS + u64::from(vector) * STUB_SIZE;
+            let gate = as_bytes(&idt_gate(handler));
+            let gate_at = at(IDT) + usize::from(vector) * 16;
+            page[gate_at..gate_at + 16].copy_from_slice(&gate);
+            let stub_at = at(handler);
+            page[stub_at..stub_at + STUB_SIZE as usize].copy_from_slice(&stub(vector));
         }
-        put_slice(mem, "IDT", IDT, &as_bytes(&idt))?;
-        put_slice(mem, "exception stubs", STUBS, &stubs)?;
     }
+    page
+}
+
+pub fn write(mem: &GuestMemoryMmap, mem_size: u64, mode: EntryMode) -> Result<(), ArchError> {
+    put_slice(mem, "exception structures", GDT, &exception_page(mode))?;
 
     // Identity map of [0, 4 GiB) for CPL 3: RAM below mem_size, the MMIO window uncached,
     // nothing else. Page 0 stays unmapped so that null pointers fault.
@@ -160,6 +172,13 @@ pub fn write(mem: &GuestMemoryMmap, mem_size: u64, mode: EntryMode) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exception_structures_share_one_page() {
+        let end = STUBS + u64::from(IDT_VECTORS) * STUB_SIZE;
+        assert!(GDT + 7 * 8 <= TSS && TSS + u64::from(TSS_SIZE) <= IDT);
+        assert!(IDT + u64::from(IDT_VECTORS) * 16 <= STUBS && end <= GDT + 0x1000);
+    }
 
     #[test]
     fn stub_reports_its_vector_to_the_fault_register() {
