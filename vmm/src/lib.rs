@@ -2,8 +2,10 @@
 //!
 //! See ARCHITECTURE.md at the repository root for the code map and the request flow.
 
+pub mod api;
 pub mod arch;
 pub mod bench;
+pub mod dispatch;
 pub mod floor;
 pub mod fork;
 pub mod guests;
@@ -12,6 +14,7 @@ pub mod image;
 pub mod invoke;
 pub mod kick;
 pub mod memory;
+pub mod uds;
 pub mod vm;
 
 pub use hypervisor::{Hypervisor, HypervisorError};

@@ -44,6 +44,39 @@ enum Command {
     Bench(BenchArgs),
     /// List the guests built into this binary.
     Guests,
+    /// Run the daemon: the control API on a Unix socket, the HTTP dispatcher on TCP.
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// The control API's Unix socket (created mode 0600, removed on exit).
+    #[arg(long, value_name = "PATH")]
+    api_sock: PathBuf,
+    /// Serve the HTTP dispatcher on this TCP address (e.g. 127.0.0.1:8080).
+    #[arg(long, value_name = "ADDR")]
+    http: Option<std::net::SocketAddr>,
+    /// Route a path prefix to an image: /PATH=IMAGE (repeatable).
+    #[arg(long = "route", value_name = "/PATH=IMAGE", value_parser = mu2_vmm::dispatch::Routes::parse_arg)]
+    routes: Vec<(String, String)>,
+    /// Where images made by the daemon go (default: a temporary directory, removed on exit).
+    #[arg(long, value_name = "DIR")]
+    images_dir: Option<PathBuf>,
+    /// How each request gets its VM.
+    #[arg(long, value_name = "MODE", default_value = "pool")]
+    mode: mu2_vmm::fork::Mode,
+    /// VMs kept ready per image in pool mode.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pool_size: usize,
+    /// Most VMs in use at once (requests in flight plus pooled VMs); beyond it requests get 429.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    max_vms: usize,
+    /// Deadline of one request in its VM.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "10s")]
+    timeout: Duration,
+    /// Largest request body, bytes (413 beyond).
+    #[arg(long, value_name = "BYTES", default_value_t = 8 << 20)]
+    max_body: usize,
 }
 
 #[derive(Args, Debug)]
@@ -86,6 +119,10 @@ struct RunArgs {
     /// Stop the guest after this long (e.g. 500ms, 10s, 2m).
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     timeout: Option<Duration>,
+    /// Bridge the guest's vsock to Unix sockets: connect to PATH and send `CONNECT <port>`;
+    /// guest connections to host port P go to PATH_P.
+    #[arg(long, value_name = "PATH")]
+    vsock_uds: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -295,6 +332,14 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
     let config = vm_config(&args.guest, "")?;
     let mut vm = boot(&hv, &config, console(&args.guest.console, true)?)?;
     let deadline = args.timeout.map(|t| Instant::now() + t);
+    if let Some(path) = &args.vsock_uds {
+        return match mu2_vmm::uds::run(&mut vm, path, deadline) {
+            Ok(0) => Ok(()),
+            Ok(code) => Err(Failure::new(code::GUEST_CRASH, anyhow::anyhow!("guest exited with code {code}"))),
+            Err(mu2_vmm::uds::UdsError::Guest(e)) => Err(Failure::new(guest_error_code(&e), e)),
+            Err(e) => Err(Failure::new(code::FAILURE, e)),
+        };
+    }
     loop {
         match vm.run(deadline) {
             Ok(RunStop::Ready(info)) => {
@@ -423,6 +468,29 @@ fn invoke_cmd(args: &InvokeArgs) -> Result<(), Failure> {
         stats.pio,
     );
     Ok(())
+}
+
+fn serve_cmd(args: &ServeArgs) -> Result<(), Failure> {
+    use mu2_vmm::api::{ServeConfig, ServeError};
+    let config = ServeConfig {
+        http: args.http,
+        routes: args.routes.clone(),
+        images_dir: args.images_dir.clone(),
+        mode: args.mode,
+        pool_size: args.pool_size,
+        max_vms: args.max_vms,
+        timeout: args.timeout,
+        max_body: args.max_body,
+        ..ServeConfig::new(args.api_sock.clone())
+    };
+    mu2_vmm::api::run_until_signal(config).map_err(|e| {
+        let code = match &e {
+            ServeError::Config(_) => code::BAD_INPUT,
+            ServeError::Hypervisor(HypervisorError::Missing | HypervisorError::PermissionDenied) => code::NO_KVM,
+            _ => code::FAILURE,
+        };
+        Failure::new(code, e)
+    })
 }
 
 fn bench_cmd(args: &BenchArgs) -> Result<(), Failure> {
@@ -690,6 +758,7 @@ fn main() -> ExitCode {
         Command::Invoke(args) => invoke_cmd(args),
         Command::Bench(args) => bench_cmd(args),
         Command::Snapshot(args) => snapshot_cmd(args),
+        Command::Serve(args) => serve_cmd(args),
         Command::Guests => {
             for name in guests::names() {
                 let kind = if guests::EXAMPLES.contains(&name) { "example function" } else { "test guest" };

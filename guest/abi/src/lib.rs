@@ -115,8 +115,8 @@ pub struct ReadyInfo {
     /// The receive buffer the guest grants each new connection (vsock `buf_alloc`). The host
     /// may send this many bytes on a new connection before the guest's first reply.
     pub buf_alloc: u32,
-    /// Reserved, zero.
-    pub reserved: u32,
+    /// Capabilities of the guest, bits of [`ready_flags`]; 0 for guests that predate them.
+    pub flags: u32,
 }
 
 impl ReadyInfo {
@@ -126,8 +126,16 @@ impl ReadyInfo {
     /// Decodes the structure as it lies in guest memory (little-endian).
     pub fn from_le_bytes(b: [u8; Self::SIZE]) -> Self {
         let word = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-        ReadyInfo { abi_version: word(0), port: word(4), buf_alloc: word(8), reserved: word(12) }
+        ReadyInfo { abi_version: word(0), port: word(4), buf_alloc: word(8), flags: word(12) }
     }
+}
+
+/// Bits of [`ReadyInfo::flags`]. Unknown bits are ignored by the VMM, so adding one does not
+/// change [`ABI_VERSION`].
+pub mod ready_flags {
+    /// The guest speaks the HTTP framing on its port: a request is an HTTP/1.1 request
+    /// message and its answer an HTTP/1.1 response message (see docs/guest-abi.md).
+    pub const HTTP: u32 = 1 << 0;
 }
 
 /// A byte string in guest memory, for [`sysdev::PANIC`] and [`sysdev::LOG`].
@@ -239,7 +247,7 @@ mod tests {
 
     #[test]
     fn encodings_match_the_in_memory_layout() {
-        let r = ReadyInfo { abi_version: 1, port: 5000, buf_alloc: 65536, reserved: 0 };
+        let r = ReadyInfo { abi_version: 1, port: 5000, buf_alloc: 65536, flags: 0 };
         let mut b = [0u8; 16];
         b[0..4].copy_from_slice(&1u32.to_le_bytes());
         b[4..8].copy_from_slice(&5000u32.to_le_bytes());

@@ -29,6 +29,7 @@ pub mod console;
 pub mod fmt;
 mod global;
 mod heap;
+pub mod http;
 #[cfg(not(test))]
 mod mem;
 mod random;
@@ -45,7 +46,7 @@ use global::Global;
 
 pub use heap::{free as heap_free, size as heap_size};
 pub use random::{fill_random, random_u64};
-pub use serve::{notify_host, serve};
+pub use serve::{notify_host, serve, serve_with_flags};
 pub use sysdev::present as sysdev_present;
 pub use time::{now_unix_ns, rdtsc, spin_us, ticks_to_ns, tsc_khz};
 
@@ -211,6 +212,18 @@ macro_rules! entry {
         #[no_mangle]
         fn mu2_main() {
             $f()
+        }
+    };
+}
+
+/// Declares an HTTP function, `fn(&http::Request) -> http::Response`: the guest announces the
+/// HTTP framing, so the mu2 dispatcher hands it whole HTTP requests (see [`http`]).
+#[macro_export]
+macro_rules! http_function {
+    ($f:path) => {
+        #[no_mangle]
+        fn mu2_main() {
+            $crate::http::serve($f)
         }
     };
 }

@@ -12,7 +12,7 @@ use crate::virtio::Dma;
 use crate::vsock::{self, Vsock, BUF_ALLOC};
 
 static DRIVER: Global<Option<Vsock>> = Global::new(None);
-static READY: Dma<ReadyInfo> = Dma::new(ReadyInfo { abi_version: 0, port: 0, buf_alloc: 0, reserved: 0 });
+static READY: Dma<ReadyInfo> = Dma::new(ReadyInfo { abi_version: 0, port: 0, buf_alloc: 0, flags: 0 });
 static TX_NOTIFY: AtomicU64 = AtomicU64::new(0);
 
 /// Runs `f` on the vsock driver if it is up.
@@ -22,7 +22,7 @@ pub(crate) fn with_driver<R>(f: impl FnOnce(&mut Vsock) -> R) -> Option<R> {
 
 /// Finds the vsock device among the command line's virtio-mmio devices, brings it up, and
 /// reports readiness to the VMM. Panics (reported to the VMM) if there is none.
-fn start() {
+fn start(flags: u32) {
     let config = crate::config();
     let port = config.port.unwrap_or(mu2_abi::DEFAULT_PORT);
     let device = config.devices().iter().map(|d| Transport::new(d.addr)).find(|&t| vsock::probe(t).is_ok());
@@ -36,7 +36,7 @@ fn start() {
         crate::println!("mu2: listening on vsock {}:{port}", dev.cid());
     }
     DRIVER.with(|d| *d = Some(dev));
-    let info = ReadyInfo { abi_version: ABI_VERSION, port, buf_alloc: BUF_ALLOC, reserved: 0 };
+    let info = ReadyInfo { abi_version: ABI_VERSION, port, buf_alloc: BUF_ALLOC, flags };
     // SAFETY: READY is static memory nothing else references; written before its address
     // goes to the VMM.
     unsafe { READY.ptr().write_volatile(info) };
@@ -57,8 +57,13 @@ fn wait_for_work() -> u32 {
 
 /// Serves requests forever: each request's bytes go to `handler`, whose return value is the
 /// response.
-pub fn serve(mut handler: impl FnMut(&[u8]) -> Vec<u8>) -> ! {
-    start();
+pub fn serve(handler: impl FnMut(&[u8]) -> Vec<u8>) -> ! {
+    serve_with_flags(0, handler)
+}
+
+/// [`serve`], announcing `flags` ([`mu2_abi::ready_flags`]) to the VMM when ready.
+pub fn serve_with_flags(flags: u32, mut handler: impl FnMut(&[u8]) -> Vec<u8>) -> ! {
+    start(flags);
     loop {
         if wait_for_work() & wait::RESTORED != 0 {
             crate::restored();

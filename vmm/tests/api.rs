@@ -1,0 +1,346 @@
+//! `mu2 serve` as users run it: the real daemon binary on a temporary socket and a free
+//! loopback port, real /dev/kvm, real guests.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mu2_vmm::api::client::{self, metric_value, Client};
+use serde_json::json;
+
+fn kvm_available(test: &str) -> bool {
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        Ok(_) => true,
+        Err(e) => {
+            if std::env::var("MU2_REQUIRE_KVM").is_ok_and(|v| v == "1") {
+                panic!("{test}: KVM is required (MU2_REQUIRE_KVM=1) but /dev/kvm cannot be opened: {e}");
+            }
+            eprintln!("SKIPPED {test}: needs /dev/kvm ({e}); set MU2_REQUIRE_KVM=1 to make this a failure");
+            false
+        }
+    }
+}
+
+macro_rules! kvm_or_skip {
+    () => {
+        if !kvm_available(module_path!()) {
+            return;
+        }
+    };
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+/// A daemon started for one test; killed if the test fails before stopping it.
+struct Daemon {
+    child: Option<Child>,
+    sock: PathBuf,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl Daemon {
+    fn start(tag: &str, extra: &[&str]) -> Daemon {
+        let dir = std::env::temp_dir().join(format!("mu2-api-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let sock = dir.join("api.sock");
+        let port = free_port();
+        let http = format!("127.0.0.1:{port}");
+        let images = dir.join("images");
+        let child = Command::new(env!("CARGO_BIN_EXE_mu2"))
+            .arg("serve")
+            .arg("--api-sock")
+            .arg(&sock)
+            .args(["--http", &http, "--images-dir"])
+            .arg(&images)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting mu2 serve");
+        let daemon = Daemon { child: Some(child), sock, dir, port };
+        let until = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < until {
+            if daemon.client().health().is_ok() {
+                return daemon;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the daemon did not answer /health");
+    }
+
+    fn client(&self) -> Client {
+        Client::new(&self.sock)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// One request to the dispatcher.
+    fn http(&self, method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> client::Response {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).expect("connect to the dispatcher");
+        stream.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+        client::roundtrip(&mut stream, method, target, headers, body).expect("roundtrip").expect("an HTTP response")
+    }
+
+    /// SIGTERM, then the exit status.
+    fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+        assert!(status.success());
+        let until = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(Instant::now() < until, "the daemon did not stop after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn status_of(r: Result<client::Response, client::ClientError>) -> u16 {
+    match r {
+        Ok(r) => r.status,
+        Err(e) => panic!("request failed: {e}"),
+    }
+}
+
+#[test]
+fn images_are_created_invoked_listed_and_deleted_and_metrics_move() {
+    kvm_or_skip!();
+    let d = Daemon::start("images", &["--pool-size", "2", "--timeout", "2s", "--max-body", "4096"]);
+    let c = d.client();
+    let mode = std::fs::metadata(&d.sock).expect("socket").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket mode");
+
+    let created = c.put_image("e2", &json!({ "function": "echo" })).expect("PUT");
+    assert_eq!(created["name"], "e2");
+    assert_eq!(created["http"], false);
+    assert_eq!(status_of(c.request("PUT", "/images/e2", br#"{"function":"echo"}"#)), 409);
+    let list = c.list_images().expect("list");
+    assert!(list["images"].as_array().is_some_and(|a| a.iter().any(|i| i["name"] == "e2")), "{list}");
+    assert_eq!(c.get_image("e2").expect("get")["ready"], true);
+
+    let before = c.metrics().expect("metrics");
+    let out = c.invoke("e2", b"hello mu2").expect("invoke");
+    assert_eq!(out.body, b"hello mu2");
+    for h in ["x-mu2-vm-id", "x-mu2-fork-us", "x-mu2-run-us", "x-mu2-total-us"] {
+        assert!(out.header(h).is_some_and(|v| v.parse::<f64>().is_ok()), "header {h}: {:?}", out.headers);
+    }
+    let after = c.metrics().expect("metrics");
+    let ok = |t: &str| metric_value(t, "mu2_requests_total", "image=\"e2\",outcome=\"ok\"");
+    assert_eq!(ok(&after), ok(&before) + 1.0, "{after}");
+    assert!(metric_value(&after, "mu2_request_duration_seconds_count", "image=\"e2\"") >= 1.0);
+    assert!(metric_value(&after, "mu2_forks_total", "") >= 1.0);
+
+    // A built-in function is an image without a PUT.
+    assert_eq!(c.invoke("sha256", b"abc").expect("sha256").body.len(), 64);
+
+    // Errors, each with its status, while other requests keep succeeding.
+    let busy = {
+        let c = c.clone();
+        std::thread::spawn(move || {
+            (0..10).map(|i| c.invoke("e2", format!("req {i}").as_bytes()).map(|r| r.body)).collect::<Vec<_>>()
+        })
+    };
+    assert_eq!(status_of(c.request("PUT", "/images/bad", b"{not json")), 400);
+    assert_eq!(status_of(c.request("PUT", "/images/bad", br#"{"function":"nope"}"#)), 400);
+    assert_eq!(status_of(c.request("POST", "/images/missing/invoke", b"x")), 404);
+    assert_eq!(status_of(c.request("GET", "/nope", b"")), 404);
+    assert_eq!(status_of(c.request("POST", "/images/e2/invoke", &[b'x'; 5000])), 413);
+    let crash = c.request("POST", "/images/crash/invoke", b"pf").expect("crash");
+    assert_eq!(crash.status, 502, "{}", String::from_utf8_lossy(&crash.body));
+    assert!(crash.json().expect("json")["error"].as_str().is_some_and(|e| e.contains("fault")));
+    let hang = c.request("POST", "/images/hang/invoke", b"x").expect("hang");
+    assert_eq!(hang.status, 504, "{}", String::from_utf8_lossy(&hang.body));
+    let mut raw = std::os::unix::net::UnixStream::connect(&d.sock).expect("connect");
+    raw.write_all(b"GARBAGE\r\n\r\n").expect("write");
+    let mut answer = Vec::new();
+    std::io::Read::read_to_end(&mut raw, &mut answer).expect("read");
+    assert_eq!(client::parse_response(&answer, false).map(|r| r.status), Ok(400));
+    for (i, r) in busy.join().expect("busy thread").into_iter().enumerate() {
+        assert_eq!(r.expect("concurrent invoke"), format!("req {i}").into_bytes());
+    }
+    let m = c.metrics().expect("metrics");
+    assert_eq!(metric_value(&m, "mu2_requests_total", "image=\"hang\",outcome=\"timeout\""), 1.0);
+    assert_eq!(metric_value(&m, "mu2_requests_total", "image=\"crash\",outcome=\"guest_error\""), 1.0);
+
+    c.delete_image("e2").expect("DELETE");
+    assert_eq!(status_of(c.request("GET", "/images/e2", b"")), 404);
+    assert_eq!(status_of(c.request("DELETE", "/images/e2", b"")), 404);
+}
+
+#[test]
+fn max_vms_answers_429_while_full() {
+    kvm_or_skip!();
+    let d = Daemon::start("limit", &["--mode", "fresh", "--max-vms", "1", "--timeout", "3s"]);
+    let c = d.client();
+    assert_eq!(c.invoke("echo", b"warm").expect("echo").body, b"warm");
+    let hang = {
+        let c = c.clone();
+        std::thread::spawn(move || c.request("POST", "/images/hang/invoke", b"").map(|r| r.status))
+    };
+    // Wait until the hanging request holds the only VM.
+    let until = Instant::now() + Duration::from_secs(30);
+    while c.health().expect("health")["in_flight"] != 1 {
+        assert!(Instant::now() < until, "the hang request never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let refused = c.request("POST", "/images/echo/invoke", b"x").expect("refused");
+    assert_eq!(refused.status, 429);
+    assert_eq!(hang.join().expect("hang thread").expect("hang"), 504);
+    assert_eq!(c.invoke("echo", b"again").expect("echo").body, b"again");
+    // DELETE is refused while in use: checked through the count, not a race.
+    let m = c.metrics().expect("metrics");
+    assert_eq!(metric_value(&m, "mu2_requests_total", "image=\"echo\",outcome=\"rejected\""), 1.0);
+}
+
+#[test]
+fn dispatcher_serves_200_concurrent_requests_and_shutdown_is_clean() {
+    kvm_or_skip!();
+    let mut d = Daemon::start(
+        "dispatch",
+        &["--route", "/hello=hello-http", "--route", "/echo=echo", "--pool-size", "4", "--timeout", "5s"],
+    );
+    let r = d.http("GET", "/hello/world?status=201&a=b", &[("x-echo", "ping")], b"");
+    assert_eq!(r.status, 201);
+    assert_eq!(r.header("x-echo"), Some("ping"));
+    let text = String::from_utf8_lossy(&r.body).into_owned();
+    assert!(text.contains("method: GET\npath: /hello/world\nquery: status=201&a=b\n"), "{text}");
+    let r = d.http("POST", "/echo/anything", &[], b"raw bytes");
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"raw bytes"[..]));
+    assert_eq!(r.header("content-type"), Some("application/octet-stream"));
+    assert_eq!(d.http("GET", "/unknown", &[], b"").status, 404);
+
+    let port = d.port;
+    let threads: Vec<_> = (0..200)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+                stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+                let body = format!("body {i}");
+                let r = client::roundtrip(&mut stream, "PUT", &format!("/hello/{i}?n={i}"), &[], body.as_bytes())?
+                    .map_err(std::io::Error::other)?;
+                Ok::<_, std::io::Error>((i, r))
+            })
+        })
+        .collect();
+    for t in threads {
+        let (i, r) = t.join().expect("client thread").expect("request");
+        let text = String::from_utf8_lossy(&r.body).into_owned();
+        assert_eq!(r.status, 200, "request {i}: {text}");
+        let want = format!("method: PUT\npath: /hello/{i}\nquery: n={i}\n");
+        assert!(text.contains(&want) && text.ends_with(&format!("body {i}")), "request {i}: {text}");
+    }
+    let c = d.client();
+    let m = c.metrics().expect("metrics");
+    assert!(metric_value(&m, "mu2_requests_total", "image=\"hello-http\",outcome=\"ok\"") >= 201.0, "{m}");
+    assert_eq!(metric_value(&m, "mu2_requests_in_flight", ""), 0.0);
+
+    // Draining: with the images gone, no VM is left in the process.
+    for image in ["hello-http", "echo"] {
+        c.delete_image(image).expect("DELETE");
+    }
+    let health = c.health().expect("health");
+    assert_eq!(health["live_vms"], 0, "{health}");
+    assert_eq!(health["in_flight"], 0);
+
+    let pid = d.pid();
+    let status = d.stop();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(!d.sock.exists(), "the socket is removed");
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "the process is gone");
+}
+
+#[test]
+fn openapi_document_matches_the_server() {
+    kvm_or_skip!();
+    let doc: serde_json::Value = serde_json::from_str(include_str!("../../docs/openapi.json")).expect("openapi.json");
+    let d = Daemon::start("openapi", &["--mode", "fresh"]);
+    let c = d.client();
+    // In an order that makes every call meaningful: create, read, use, delete.
+    let calls: &[(&str, &str, &[u8])] = &[
+        ("get", "/health", b""),
+        ("get", "/metrics", b""),
+        ("put", "/images/{name}", br#"{"function":"echo"}"#),
+        ("get", "/images", b""),
+        ("get", "/images/{name}", b""),
+        ("post", "/images/{name}/invoke", b"hi"),
+        ("delete", "/images/{name}", b""),
+    ];
+    let paths = doc["paths"].as_object().expect("paths");
+    let documented: usize =
+        paths.values().map(|p| p.as_object().map_or(0, |o| o.keys().filter(|k| *k != "parameters").count())).sum();
+    assert_eq!(documented, calls.len(), "every documented operation is exercised");
+    for (method, path, body) in calls {
+        let responses =
+            doc["paths"][path][method]["responses"].as_object().unwrap_or_else(|| panic!("{method} {path}"));
+        let target = path.replace("{name}", "oa-echo");
+        let r = c.request(&method.to_uppercase(), &target, body).expect("request");
+        assert!(responses.contains_key(&r.status.to_string()), "{method} {path}: {} not documented", r.status);
+        assert!((200..300).contains(&r.status), "{method} {path}: {}", r.status);
+    }
+    // A documented error: invoking what was just deleted.
+    let r = c.request("POST", "/images/oa-echo/invoke", b"x").expect("request");
+    assert!(doc["paths"]["/images/{name}/invoke"]["post"]["responses"].get(r.status.to_string()).is_some());
+    assert_eq!(r.status, 404);
+}
+
+#[test]
+fn run_bridges_vsock_to_a_unix_socket() {
+    kvm_or_skip!();
+    let dir = std::env::temp_dir().join(format!("mu2-uds-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("v.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mu2"))
+        .args(["run", "--function", "echo", "--timeout", "60s", "--vsock-uds"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("mu2 run");
+    let until = Instant::now() + Duration::from_secs(30);
+    let mut stream = loop {
+        if let Ok(s) = std::os::unix::net::UnixStream::connect(&path) {
+            break s;
+        }
+        assert!(Instant::now() < until, "no socket");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    use std::io::Read;
+    stream.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    stream.write_all(b"CONNECT 5000\n").expect("connect line");
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while !line.ends_with(b"\n") {
+        assert_eq!(stream.read(&mut byte).expect("handshake"), 1);
+        line.push(byte[0]);
+    }
+    assert!(line.starts_with(b"OK "), "{}", String::from_utf8_lossy(&line));
+    let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    stream.write_all(&payload).expect("payload");
+    stream.shutdown(std::net::Shutdown::Write).expect("half-close");
+    let mut back = Vec::new();
+    stream.read_to_end(&mut back).expect("echo");
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(back == payload, "echoed {} of {} bytes", back.len(), payload.len());
+}
