@@ -4,15 +4,15 @@
 //! - `fresh`: the VM is created on the request path;
 //! - `pool`: VMs are restored ahead of time by background threads, each serves exactly one
 //!   request and is destroyed; the pool refills itself;
-//! - `reuse`: a VM is kept and reset to the image between requests (memory remapped
-//!   copy-on-write in place, every piece of vCPU and device state put back).
+//! - `reuse`: VMs are kept and reset to the image between requests (see `Vm::reset_to`); the
+//!   reset runs on a resetter thread after the response is out, so no caller waits for it.
 //!
 //! Destroying a VM blocks for milliseconds on some hosts, so it happens on a reaper thread,
 //! off the request path, in every mode.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -49,7 +49,7 @@ impl std::str::FromStr for Mode {
 pub struct EngineConfig {
     /// The mode.
     pub mode: Mode,
-    /// VMs kept ready in pool mode.
+    /// VMs kept ready in pool mode; the most VMs reuse mode keeps.
     pub pool_size: usize,
     /// Threads restoring VMs for the pool.
     pub pool_builders: usize,
@@ -204,6 +204,71 @@ impl Drop for Pool {
     }
 }
 
+/// Reuse mode's VMs: reset ones ready for a request, and how many exist.
+#[derive(Debug, Default)]
+struct Kept {
+    ready: Mutex<Vec<Vm>>,
+    returned: Condvar,
+    alive: AtomicUsize,
+}
+
+impl Kept {
+    fn put_back(&self, vm: Vm) {
+        match self.ready.lock() {
+            Ok(mut ready) => ready.push(vm),
+            Err(poisoned) => poisoned.into_inner().push(vm),
+        }
+        self.returned.notify_one();
+    }
+
+    fn forget_one(&self) {
+        self.alive.fetch_sub(1, Ordering::Relaxed);
+        self.returned.notify_one();
+    }
+}
+
+/// Resets used VMs in the background (reuse mode).
+#[derive(Debug)]
+struct Resetter {
+    tx: Option<Sender<(Vm, bool)>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Resetter {
+    fn start(image: Arc<Image>, kept: Arc<Kept>, reaper: Sender<Vm>, counts: Arc<[AtomicUsize; 2]>) -> Resetter {
+        let (tx, rx) = mpsc::channel::<(Vm, bool)>();
+        let thread = std::thread::Builder::new()
+            .name("mu2-resetter".into())
+            .spawn(move || {
+                for (mut vm, clean) in rx {
+                    match vm.reset_to(&image, clean) {
+                        Ok(kind) => {
+                            let slot = usize::from(kind == ResetKind::Remapped);
+                            counts[slot].fetch_add(1, Ordering::Relaxed);
+                            kept.put_back(vm);
+                        }
+                        Err(e) => {
+                            log::warn!("resetting VM {} failed, destroying it: {}", vm.id(), error_chain(&e));
+                            kept.forget_one();
+                            let _ = reaper.send(vm);
+                        }
+                    }
+                }
+            })
+            .ok();
+        Resetter { tx: Some(tx), thread }
+    }
+}
+
+impl Drop for Resetter {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// The fork engine for one image.
 #[derive(Debug)]
 pub struct Engine {
@@ -211,10 +276,12 @@ pub struct Engine {
     image: Arc<Image>,
     config: EngineConfig,
     pool: Option<Pool>,
-    kept: Mutex<Vec<Vm>>,
+    // Declared before the reaper and the kept VMs: dropping it joins its thread first.
+    resetter: Option<Resetter>,
+    kept: Arc<Kept>,
     reaper: Reaper,
-    fast_resets: AtomicUsize,
-    full_resets: AtomicUsize,
+    /// Reuse-mode resets: [pages copied back, memory remapped].
+    resets: Arc<[AtomicUsize; 2]>,
 }
 
 impl Engine {
@@ -222,16 +289,14 @@ impl Engine {
     pub fn new(hv: Arc<Hypervisor>, image: Arc<Image>, config: EngineConfig) -> Engine {
         let pool =
             (config.mode == Mode::Pool).then(|| Pool::start(&hv, &image, config.pool_size, config.pool_builders));
-        Engine {
-            hv,
-            image,
-            config,
-            pool,
-            kept: Mutex::new(Vec::new()),
-            reaper: Reaper::start(),
-            fast_resets: AtomicUsize::new(0),
-            full_resets: AtomicUsize::new(0),
-        }
+        let reaper = Reaper::start();
+        let kept = Arc::new(Kept::default());
+        let resets = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+        let resetter = match (config.mode, &reaper.tx) {
+            (Mode::Reuse, Some(tx)) => Some(Resetter::start(image.clone(), kept.clone(), tx.clone(), resets.clone())),
+            _ => None,
+        };
+        Engine { hv, image, config, pool, resetter, kept, reaper, resets }
     }
 
     /// The image.
@@ -246,7 +311,7 @@ impl Engine {
 
     /// Reuse-mode resets so far: (pages copied back, memory remapped).
     pub fn reset_counts(&self) -> (usize, usize) {
-        (self.fast_resets.load(Ordering::Relaxed), self.full_resets.load(Ordering::Relaxed))
+        (self.resets[0].load(Ordering::Relaxed), self.resets[1].load(Ordering::Relaxed))
     }
 
     /// VMs ready in the pool now (pool mode).
@@ -267,13 +332,28 @@ impl Engine {
         match self.config.mode {
             Mode::Fresh => Vm::restore(&self.hv, &self.image).map_err(ForkError::Restore),
             Mode::Pool => self.pool.as_ref().ok_or(ForkError::PoolClosed)?.take(),
-            Mode::Reuse => {
-                let kept = self.kept.lock().ok().and_then(|mut k| k.pop());
-                match kept {
-                    Some(vm) => Ok(vm),
-                    None => Vm::restore(&self.hv, &self.image).map_err(ForkError::Restore),
-                }
+            Mode::Reuse => self.kept_vm(),
+        }
+    }
+
+    /// Reuse mode: a reset VM, a new one while fewer than `pool_size` exist, or else the next
+    /// one the resetter hands back.
+    fn kept_vm(&self) -> Result<Vm, ForkError> {
+        let limit = self.config.pool_size.max(1);
+        let mut ready = self.kept.ready.lock().map_err(|_| ForkError::PoolClosed)?;
+        loop {
+            if let Some(vm) = ready.pop() {
+                return Ok(vm);
             }
+            if self.kept.alive.load(Ordering::Relaxed) < limit {
+                self.kept.alive.fetch_add(1, Ordering::Relaxed);
+                drop(ready);
+                return Vm::restore(&self.hv, &self.image).map_err(|e| {
+                    self.kept.forget_one();
+                    ForkError::Restore(e)
+                });
+            }
+            ready = self.kept.returned.wait(ready).map_err(|_| ForkError::PoolClosed)?;
         }
     }
 
@@ -282,6 +362,9 @@ impl Engine {
         let start = Instant::now();
         let mut vm = self.vm_for_request()?;
         if let Err(e) = vm.hand_out(&self.image) {
+            if self.config.mode == Mode::Reuse {
+                self.kept.forget_one();
+            }
             self.reaper.reap(vm);
             return Err(ForkError::Restore(e));
         }
@@ -290,34 +373,18 @@ impl Engine {
         let result = invoke::invoke(&mut vm, port, request, self.config.max_response, Some(forked + timeout));
         let done = Instant::now();
         let vm_id = vm.id();
-        match (&result, self.config.mode) {
-            (Ok(_), Mode::Reuse) => self.recycle(vm),
+        match &self.resetter {
+            // A failed request's VM is reset too: the reset falls back to a full remap.
+            Some(Resetter { tx: Some(tx), .. }) => {
+                if let Err(mpsc::SendError((vm, _))) = tx.send((vm, result.is_ok())) {
+                    self.kept.forget_one();
+                    self.reaper.reap(vm);
+                }
+            }
             _ => self.reaper.reap(vm),
         }
         let response = result?;
         Ok(Served { response, fork_us: micros(forked - start), run_us: micros(done - forked), vm_id })
-    }
-
-    /// Reuse mode: reset the VM to the image and keep it; a VM that cannot be reset is
-    /// destroyed instead (the next request restores a new one).
-    fn recycle(&self, mut vm: Vm) {
-        match vm.reset_to(&self.image, true) {
-            Ok(kind) => {
-                let counter = match kind {
-                    ResetKind::CopiedBack(_) => &self.fast_resets,
-                    ResetKind::Remapped => &self.full_resets,
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
-                match self.kept.lock() {
-                    Ok(mut kept) => kept.push(vm),
-                    Err(_) => self.reaper.reap(vm),
-                }
-            }
-            Err(e) => {
-                log::warn!("resetting VM {} failed, destroying it: {}", vm.id(), error_chain(&e));
-                self.reaper.reap(vm);
-            }
-        }
     }
 
     /// Serves one request and reports how much guest memory its VM wrote (KiB), for
