@@ -69,7 +69,7 @@ fn the_frozen_state_round_trips_through_the_image_file() {
     let encode = |s| mu2_snapshot::encode_state(mu2_snapshot::Arch::host(), s).expect("encode");
     assert_eq!(encode(&read), encode(&state), "every component's state survives the file");
     assert_eq!(read.vcpus, state.vcpus);
-    assert!(!read.vcpus[0].msrs.is_empty(), "MSRs are saved");
+    assert!(!read.vcpus[0].msr_indices().is_empty(), "MSRs are saved");
     assert_eq!(read.port, mu2_abi::DEFAULT_PORT);
 }
 

@@ -2,11 +2,11 @@
 //! this host, measured in the same run as any mu2 figure so that figures compare as ratios.
 //!
 //! The floor VM has the same memory size and CPU setup as a mu2 VM but no devices, no image
-//! and no boot data beyond the page tables: one `out` instruction at the entry point.
+//! and no boot data beyond the page tables: one exiting instruction at the entry point
+//! (`arch::floor_code`: an `out` on x86_64, an MMIO write on aarch64).
 
 use std::time::{Duration, Instant};
 
-use kvm_ioctls::VcpuExit;
 use mu2_abi::layout;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -14,9 +14,6 @@ use crate::arch::{self, EntryMode};
 use crate::hypervisor::Hypervisor;
 use crate::memory::GuestRam;
 use crate::vm::BuildError;
-
-/// The port the floor guest writes to; any exit would do.
-const FLOOR_PORT: u8 = 0x80;
 
 /// Durations of one floor cycle.
 #[derive(Debug, Clone, Copy)]
@@ -27,7 +24,7 @@ pub struct FloorSample {
     pub teardown: Duration,
 }
 
-/// The floor guest's memory: boot tables and one `out` instruction, in an in-memory file
+/// The floor guest's memory: boot tables and one exiting instruction, in an in-memory file
 /// mapped copy-on-write by every floor VM, as a frozen image's memory file is.
 #[derive(Debug)]
 pub struct FloorImage {
@@ -43,8 +40,7 @@ impl FloorImage {
         let ram = GuestRam::anonymous(mem_size as usize).map_err(BuildError::Memory)?;
         let mem = ram.memory();
         arch::write_boot_data(mem, mem_size, b"\0", EntryMode::Native).map_err(BuildError::Arch)?;
-        // out FLOOR_PORT, al
-        mem.write_slice(&[0xe6, FLOOR_PORT], GuestAddress(layout::IMAGE_BASE))
+        mem.write_slice(&arch::floor_code(), GuestAddress(layout::IMAGE_BASE))
             .map_err(|e| BuildError::Config(format!("writing the floor guest: {e}")))?;
         // SAFETY: memfd_create with a static NUL-terminated name; the result is checked.
         let fd = unsafe { libc::memfd_create(c"mu2-floor".as_ptr(), libc::MFD_CLOEXEC) };
@@ -82,12 +78,11 @@ pub struct FloorVm {
     vcpu: kvm_ioctls::VcpuFd,
     _vm: kvm_ioctls::VmFd,
     ram: GuestRam,
-    sregs: kvm_bindings::kvm_sregs,
-    regs: kvm_bindings::kvm_regs,
+    regs: arch::EntryRegs,
 }
 
 impl FloorVm {
-    /// A new VM on `image`, set up to run its `out`.
+    /// A new VM on `image`, set up to run its exiting instruction.
     pub fn new(hv: &Hypervisor, image: &FloorImage) -> Result<FloorVm, BuildError> {
         let kvm_err = |what| move |source| BuildError::Kvm { what, source };
         let vm = hv.kvm().create_vm().map_err(kvm_err("create a VM"))?;
@@ -104,15 +99,14 @@ impl FloorVm {
         let vcpu = vm.create_vcpu(0).map_err(kvm_err("create a vCPU"))?;
         arch::setup_vcpu(&vcpu, &hv.vcpu_cpuid(0, 1), layout::IMAGE_BASE, EntryMode::Native)
             .map_err(BuildError::Arch)?;
-        let sregs = vcpu.get_sregs().map_err(kvm_err("read special registers"))?;
-        let regs = vcpu.get_regs().map_err(kvm_err("read registers"))?;
-        Ok(FloorVm { vcpu, _vm: vm, ram, sregs, regs })
+        let regs = arch::EntryRegs::read(&vcpu).map_err(BuildError::Arch)?;
+        Ok(FloorVm { vcpu, _vm: vm, ram, regs })
     }
 
     fn run_to_exit(&mut self) -> Result<(), BuildError> {
         loop {
             match self.vcpu.run() {
-                Ok(VcpuExit::IoOut(port, _)) if port == u16::from(FLOOR_PORT) => return Ok(()),
+                Ok(exit) if arch::is_floor_exit(&exit) => return Ok(()),
                 Ok(other) => return Err(BuildError::Config(format!("floor guest stopped unexpectedly: {other:?}"))),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
                 Err(source) => return Err(BuildError::Kvm { what: "run the floor guest", source }),
@@ -125,8 +119,7 @@ impl FloorVm {
     pub fn reuse_cycle(&mut self, image: &FloorImage) -> Result<Duration, BuildError> {
         let start = Instant::now();
         self.ram.remap_file(&image.file).map_err(BuildError::Memory)?;
-        self.vcpu.set_sregs(&self.sregs).map_err(|source| BuildError::Kvm { what: "set special registers", source })?;
-        self.vcpu.set_regs(&self.regs).map_err(|source| BuildError::Kvm { what: "set registers", source })?;
+        self.regs.write(&mut self.vcpu).map_err(BuildError::Arch)?;
         self.run_to_exit()?;
         Ok(start.elapsed())
     }

@@ -1,9 +1,8 @@
 //! The host's KVM: opened once, shared by every VM a process creates.
 
-use kvm_bindings::CpuId;
 use kvm_ioctls::Kvm;
 
-use crate::arch;
+use crate::arch::{self, CpuId};
 
 /// Errors opening KVM.
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +72,7 @@ impl Hypervisor {
             let probe = || -> Result<Vec<u32>, Box<dyn std::error::Error>> {
                 let vm = self.kvm.create_vm()?;
                 let vcpu = vm.create_vcpu(0)?;
-                vcpu.set_cpuid2(&self.vcpu_cpuid(0, 1))?;
+                arch::set_cpuid(&vcpu, &self.vcpu_cpuid(0, 1))?;
                 Ok(arch::saved_msr_indices(&self.kvm, &vcpu)?)
             };
             probe().unwrap_or_else(|e| {

@@ -6,9 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use kvm_bindings::CpuId;
-
-use crate::arch::{self, RestorePlan, VcpuState};
+use crate::arch::{self, CpuId, RestorePlan, VcpuState};
 use crate::hypervisor::Hypervisor;
 use crate::invoke::{self, InvokeError};
 use crate::vm::{BuildError, FreezeError, RunStop, Vm, VmConfig, VmState};
@@ -112,7 +110,7 @@ impl Image {
             };
             arch::structural_pages(&state.vcpus[0], &mut read_page)
         };
-        let msr_indices = state.vcpus[0].msrs.iter().map(|(i, _)| *i).collect();
+        let msr_indices = state.vcpus[0].msr_indices();
         Ok(Image {
             dir: dir.to_path_buf(),
             state,
@@ -132,15 +130,15 @@ impl Image {
         for saved in &state.vcpus {
             let cpuid = saved.cpuid().map_err(ImageError::Arch)?;
             let vcpu = vm.create_vcpu(saved.index.into()).map_err(kvm_err("create a template vCPU"))?;
-            vcpu.set_cpuid2(&cpuid).map_err(kvm_err("set the CPUID table"))?;
-            let indices: Vec<u32> = saved.msrs.iter().map(|(i, _)| *i).collect();
+            arch::set_cpuid(&vcpu, &cpuid).map_err(kvm_err("set the CPUID table"))?;
+            let indices = saved.msr_indices();
             let fresh = VcpuState::save(&vcpu, saved.index, &cpuid, &indices).map_err(ImageError::Arch)?;
             let plan = saved.plan(&fresh);
             // Probing writes MSRs, so it uses a vCPU of its own.
             let probe = vm.create_vcpu(u64::from(saved.index) + 1).map_err(kvm_err("create a probe vCPU"));
             let reset = match probe {
                 Ok(probe) => {
-                    probe.set_cpuid2(&cpuid).map_err(kvm_err("set the CPUID table"))?;
+                    arch::set_cpuid(&probe, &cpuid).map_err(kvm_err("set the CPUID table"))?;
                     saved.reset_plan(&probe)
                 }
                 Err(_) => saved.reset_plan(&vcpu),

@@ -161,7 +161,7 @@ pub enum RunStop {
 pub struct ExitStats {
     /// Times the vCPU entered the guest (KVM_RUN calls).
     pub entries: u64,
-    /// Port I/O exits (the x86 serial console).
+    /// Serial console exits (port I/O on x86_64, MMIO on aarch64).
     pub pio: u64,
     /// MMIO exits to the virtio-mmio device.
     pub virtio_mmio: u64,
@@ -455,9 +455,8 @@ impl Vm {
         self.stopped = true;
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for (index, vcpu) in self.vcpus.iter().enumerate() {
-            let cpuid = vcpu
-                .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-                .map_err(|source| FreezeError::Kvm { what: "read the CPUID table", source })?;
+            let cpuid =
+                arch::get_cpuid(vcpu).map_err(|source| FreezeError::Kvm { what: "read the CPUID table", source })?;
             vcpus.push(arch::VcpuState::save(vcpu, index as u8, &cpuid, &self.msr_indices).map_err(FreezeError::Arch)?);
         }
         Ok(VmState {
@@ -515,8 +514,7 @@ impl Vm {
             .iter()
             .enumerate()
             .map(|(index, vcpu)| {
-                let cpuid = vcpu
-                    .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                let cpuid = arch::get_cpuid(vcpu)
                     .map_err(|source| arch::ArchError::Kvm { what: "reading the CPUID table", source })?;
                 arch::VcpuState::save(vcpu, index as u8, &cpuid, &self.msr_indices)
             })
@@ -568,7 +566,7 @@ impl Vm {
         let mut vcpus = Vec::with_capacity(state.vcpus.len());
         for (saved, restore) in state.vcpus.iter().zip(image.restore_plans()) {
             let vcpu = vm_fd.create_vcpu(saved.index.into()).map_err(kvm_err("create a vCPU"))?;
-            vcpu.set_cpuid2(&restore.cpuid).map_err(kvm_err("set the CPUID table"))?;
+            arch::set_cpuid(&vcpu, &restore.cpuid).map_err(kvm_err("set the CPUID table"))?;
             saved.restore(&vcpu, &restore.plan).map_err(BuildError::Arch)?;
             vcpus.push(vcpu);
         }
@@ -639,16 +637,7 @@ impl Vm {
     /// The pages a fast reset copies back, or `None` when only a full remap is safe.
     fn pages_to_copy_back(&self, image: &Image, clean: bool) -> Option<Vec<u64>> {
         let structural = image.structural_pages().filter(|_| clean)?;
-        let saved = &image.state().vcpus.first()?.sregs;
-        let now = self.vcpus[0].get_sregs().ok()?;
-        let same = now.cr3 == saved.cr3
-            && now.cr0 == saved.cr0
-            && now.cr4 == saved.cr4
-            && now.efer == saved.efer
-            && (now.gdt.base, now.gdt.limit, now.idt.base, now.idt.limit)
-                == (saved.gdt.base, saved.gdt.limit, saved.idt.base, saved.idt.limit)
-            && now.tr.base == saved.tr.base;
-        if !same {
+        if !arch::same_translation(image.state().vcpus.first()?, &self.vcpus[0]) {
             return None;
         }
         let written = self.ram.private_pages().ok()?;
@@ -796,7 +785,13 @@ impl Vm {
     }
 
     fn serial_offset(port: u16) -> Option<u64> {
-        let offset = u64::from(port.checked_sub(arch::SERIAL_PIO_BASE)?);
+        let offset = u64::from(port.checked_sub(arch::SERIAL_PIO_BASE?)?);
+        (offset < SERIAL_REGISTERS).then_some(offset)
+    }
+
+    /// The serial console's register at `addr`, where the console is memory-mapped (aarch64).
+    fn serial_mmio_offset(addr: u64) -> Option<u64> {
+        let offset = addr.checked_sub(arch::SERIAL_MMIO_BASE?)?;
         (offset < SERIAL_REGISTERS).then_some(offset)
     }
 
@@ -851,6 +846,10 @@ impl Vm {
         } else if let Some(offset) = Self::offset_in(addr, VSOCK_MMIO) {
             self.stats.virtio_mmio += 1;
             self.vsock.read(offset, data);
+        } else if let Some(offset) = Self::serial_mmio_offset(addr) {
+            self.stats.pio += 1;
+            data.fill(0);
+            data[0] = self.serial.read(offset);
         } else {
             self.stats.unclaimed += 1;
             log::debug!("guest read of unclaimed address {addr:#x}");
@@ -874,6 +873,11 @@ impl Vm {
         if let Some(offset) = Self::offset_in(addr, VSOCK_MMIO) {
             self.stats.virtio_mmio += 1;
             self.vsock.write(self.ram.memory(), offset, data);
+        } else if let Some(offset) = Self::serial_mmio_offset(addr) {
+            self.stats.pio += 1;
+            for byte in data {
+                self.serial.write(offset, *byte);
+            }
         } else {
             self.stats.unclaimed += 1;
             log::debug!("guest write to unclaimed address {addr:#x}");

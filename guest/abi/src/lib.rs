@@ -44,6 +44,9 @@ pub mod layout {
     pub const MMIO_DEVICE_SIZE: u64 = 0x1000;
     /// First virtio-mmio device; device `i` is at `VIRTIO_MMIO_BASE + i * MMIO_DEVICE_SIZE`.
     pub const VIRTIO_MMIO_BASE: u64 = MMIO_BASE + MMIO_DEVICE_SIZE;
+    /// aarch64 only: the serial console, an 8250 with byte-wide registers at stride 1 (x86_64
+    /// uses I/O ports 0x3f8..0x400 instead).
+    pub const SERIAL_MMIO: u64 = MMIO_BASE + 0x10_0000;
     /// Largest guest RAM: RAM is one block from 0 up to the MMIO window.
     pub const MAX_MEM: u64 = MMIO_BASE;
     /// Smallest guest RAM the VMM accepts.

@@ -1,14 +1,12 @@
-//! The serial console: an 8250 UART at port 0x3f8, written one `out` (one VM exit, ~45 µs
-//! at CPL 3) per byte. For boot messages and errors only: the serve path never prints.
+//! The serial console: an 8250 UART (x86_64: port 0x3f8; aarch64: MMIO at
+//! `layout::SERIAL_MMIO`), written one VM exit (~45 µs at CPL 3) per byte. For boot messages and errors only: the serve path never prints.
 
 use core::fmt;
-
-const COM1: u16 = 0x3f8;
 
 /// Writes raw bytes to the console.
 pub fn write_bytes(bytes: &[u8]) {
     for &b in bytes {
-        crate::arch::outb(COM1, b);
+        crate::arch::console_byte(b);
     }
 }
 

@@ -23,7 +23,6 @@
 extern crate alloc;
 
 mod arch;
-mod bootparams;
 pub mod cmdline;
 pub mod console;
 pub mod fmt;
@@ -91,12 +90,8 @@ fn boot(boot_params: u64, linux_entry: bool) {
     }
     let image_start = core::ptr::addr_of!(__image_start) as u64;
     let image_end = core::ptr::addr_of!(__image_end) as u64;
-    // Page 0 is not mapped: a zero boot_params pointer means "none".
-    let zero_page = (boot_params >= 4096).then(|| {
-        // SAFETY: both entry paths pass the address of a 4 KiB boot_params in RAM.
-        unsafe { &*(boot_params as *const [u8; bootparams::SIZE]) }
-    });
-    let cmdline_addr = zero_page.map_or(0, bootparams::cmdline_addr);
+    // x86_64: `boot_params` (the Linux zero page); aarch64: the devicetree.
+    let cmdline_addr = arch::cmdline_addr(boot_params);
     let config = if cmdline_addr == 0 {
         cmdline::Config::default()
     } else {
@@ -110,7 +105,7 @@ fn boot(boot_params: u64, linux_entry: bool) {
         sysdev::set_base(addr);
     }
     CONFIG.with(|c| *c = config);
-    let heap = zero_page.and_then(|zp| bootparams::heap_range(zp, image_start, image_end));
+    let heap = arch::heap_range(boot_params, image_start, image_end);
     let Some((heap_start, heap_end)) = heap else { panic!("no e820 RAM region holds the image") };
     heap::init(heap_start, heap_end);
     time::init(config.tsc_khz);
@@ -158,10 +153,10 @@ fn restored() {
 /// Stops the VM with `code`.
 pub fn exit(code: u32) -> ! {
     sysdev::exit(code);
-    // No system device: say so, then try the i8042 reset line (Firecracker stops the VM on
-    // it), then spin.
+    // No system device: say so, then try the platform's power-off (x86_64: the i8042 reset
+    // line, on which Firecracker stops the VM; aarch64: PSCI), then spin.
     println!("mu2 guest exited with code {code}");
-    arch::outb(0x64, 0xfe);
+    arch::power_off();
     arch::spin_forever()
 }
 

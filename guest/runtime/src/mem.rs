@@ -1,18 +1,15 @@
 //! The memory primitives the compiler expects from libc, which a bare-metal guest lacks.
-//! `rep movsb`/`rep stosb` keep them short and stop the compiler from turning a byte loop
-//! back into a call to the function being defined.
+//! The bulk loops are the architecture's (x86_64: `rep movsb`/`rep stosb`): short, and the
+//! compiler cannot turn them back into a call to the function being defined.
 
-use core::arch::asm;
+use crate::arch;
 
 /// # Safety
 /// `dest` and `src` are valid for `n` bytes and do not overlap.
 #[no_mangle]
 pub unsafe extern "C" fn memcpy(dest: *mut u8, src: *const u8, n: usize) -> *mut u8 {
     // SAFETY: the caller guarantees both ranges are valid and disjoint.
-    unsafe {
-        asm!("rep movsb", inout("rcx") n => _, inout("rdi") dest => _, inout("rsi") src => _,
-             options(nostack, preserves_flags));
-    }
+    unsafe { arch::copy_forward(dest, src, n) };
     dest
 }
 
@@ -25,12 +22,8 @@ pub unsafe extern "C" fn memmove(dest: *mut u8, src: *const u8, n: usize) -> *mu
         // SAFETY: forwarded from the caller's guarantee.
         return unsafe { memcpy(dest, src, n) };
     }
-    // SAFETY: copy backwards with the direction flag set, restored before returning.
-    unsafe {
-        asm!("std", "rep movsb", "cld",
-             inout("rcx") n => _, inout("rdi") dest.add(n).wrapping_sub(1) => _,
-             inout("rsi") src.add(n).wrapping_sub(1) => _, options(nostack));
-    }
+    // SAFETY: forwarded from the caller's guarantee; dest is above src, so copy downwards.
+    unsafe { arch::copy_backward(dest, src, n) };
     dest
 }
 
@@ -39,10 +32,7 @@ pub unsafe extern "C" fn memmove(dest: *mut u8, src: *const u8, n: usize) -> *mu
 #[no_mangle]
 pub unsafe extern "C" fn memset(dest: *mut u8, c: i32, n: usize) -> *mut u8 {
     // SAFETY: the caller guarantees the range is valid.
-    unsafe {
-        asm!("rep stosb", inout("rcx") n => _, inout("rdi") dest => _, in("al") c as u8,
-             options(nostack, preserves_flags));
-    }
+    unsafe { arch::fill(dest, c as u8, n) };
     dest
 }
 

@@ -28,12 +28,12 @@ fn base() -> Option<u64> {
 fn write32(base: u64, reg: u64, value: u32) {
     // SAFETY: `base` came from the command line's `mu2.sysdev=`, an identity-mapped,
     // user-accessible MMIO window; writing a register is one exit with no memory effect.
-    unsafe { ((base + reg) as *mut u32).write_volatile(value) }
+    unsafe { crate::arch::mmio_write32(base + reg, value) }
 }
 
 fn write64(base: u64, reg: u64, value: u64) {
     // SAFETY: as in `write32`.
-    unsafe { ((base + reg) as *mut u64).write_volatile(value) }
+    unsafe { crate::arch::mmio_write64(base + reg, value) }
 }
 
 /// Parks the vCPU until a virtio device has work; returns the [`mu2_abi::wait`] bits, or
@@ -41,7 +41,7 @@ fn write64(base: u64, reg: u64, value: u64) {
 pub fn wait() -> Option<u32> {
     let base = base()?;
     // SAFETY: as in `write32`; the read blocks in the VMM until there is work.
-    Some(unsafe { ((base + sysdev::WAIT) as *const u32).read_volatile() })
+    Some(unsafe { crate::arch::mmio_read32(base + sysdev::WAIT) })
 }
 
 /// Reports readiness with a `ReadyInfo` that must stay in place (a static).

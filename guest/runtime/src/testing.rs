@@ -50,3 +50,24 @@ pub fn wait_forever() -> ! {
         }
     }
 }
+
+/// Raises an invalid-instruction exception on purpose (x86_64 `ud2`, aarch64 `udf`).
+pub fn fault_invalid_opcode() {
+    crate::arch::fault_invalid_opcode();
+}
+
+/// Raises a privilege fault on purpose (x86_64: `hlt` at CPL 3, #GP; aarch64: `brk`).
+pub fn fault_privileged() {
+    crate::arch::fault_privileged();
+}
+
+/// Raises a divide error on purpose (x86_64: #DE; aarch64, whose division does not trap:
+/// `svc`).
+pub fn fault_divide() {
+    crate::arch::fault_divide();
+}
+
+/// Writes to address 0, which is unmapped: a page fault (x86_64) or data abort (aarch64).
+pub fn fault_null_write() {
+    crate::arch::fault_null_write();
+}

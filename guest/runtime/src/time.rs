@@ -15,27 +15,9 @@ static BASE_TSC: AtomicU64 = AtomicU64::new(0);
 static BASE_UNIX_NS: AtomicU64 = AtomicU64::new(0);
 
 pub(crate) fn init(tsc_khz: Option<u64>) {
-    let khz = tsc_khz.filter(|&k| k > 0).or_else(cpuid_tsc_khz).unwrap_or(FALLBACK_TSC_KHZ);
+    let khz = tsc_khz.filter(|&k| k > 0).or_else(arch::counter_khz).unwrap_or(FALLBACK_TSC_KHZ);
     TSC_KHZ.store(khz, Ordering::Relaxed);
     BASE_TSC.store(arch::rdtsc(), Ordering::Relaxed);
-}
-
-/// TSC frequency from CPUID leaf 0x15 (crystal ratio) or 0x16 (base MHz): a few exits.
-fn cpuid_tsc_khz() -> Option<u64> {
-    let max = arch::cpuid(0, 0).0;
-    if max >= 0x15 {
-        let (den, num, crystal_hz, _) = arch::cpuid(0x15, 0);
-        if den != 0 && num != 0 && crystal_hz != 0 {
-            return Some(u64::from(crystal_hz) * u64::from(num) / u64::from(den) / 1000);
-        }
-    }
-    if max >= 0x16 {
-        let mhz = arch::cpuid(0x16, 0).0 & 0xffff;
-        if mhz != 0 {
-            return Some(u64::from(mhz) * 1000);
-        }
-    }
-    None
 }
 
 /// Sets the wall clock: `unix_ns` was the time when the TSC read `tsc`.

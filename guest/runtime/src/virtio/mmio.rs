@@ -55,14 +55,14 @@ impl Transport {
     pub fn read(&self, reg: u64) -> u32 {
         // SAFETY: `base` names a virtio-mmio window from the command line, identity-mapped,
         // user-accessible and uncached; a register read has no effect on guest memory.
-        unsafe { ((self.base + reg) as *const u32).read_volatile() }
+        unsafe { crate::arch::mmio_read32(self.base + reg) }
     }
 
     /// Writes a 32-bit register.
     pub fn write(&self, reg: u64, value: u32) {
         // SAFETY: as in `read`; the registers written here never make the device write
         // memory the driver did not hand it.
-        unsafe { ((self.base + reg) as *mut u32).write_volatile(value) }
+        unsafe { crate::arch::mmio_write32(self.base + reg, value) }
     }
 
     /// Writes a 64-bit address as its low/high register pair (high = low + 4).

@@ -8,8 +8,8 @@ mod cpuid;
 mod state;
 mod tables;
 
-use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, CpuId};
-use kvm_ioctls::{Kvm, VcpuFd};
+use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use linux_loader::loader::bootparam::boot_params;
 use linux_loader::loader::{elf::Elf, KernelLoader};
 use mu2_abi::layout;
@@ -17,6 +17,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 pub use confine::structural_pages;
 pub use cpuid::{supported_cpuid, vcpu_cpuid};
+/// The vCPU configuration set before anything else (aarch64: its KVM_ARM_VCPU_INIT).
+pub use kvm_bindings::CpuId;
 pub use state::{saved_msr_indices, RestorePlan, VcpuState};
 
 /// Errors of the x86_64 setup code.
@@ -79,7 +81,19 @@ pub enum EntryMode {
 }
 
 /// The serial console's location: COM1's I/O ports.
-pub const SERIAL_PIO_BASE: u16 = 0x3f8;
+pub const SERIAL_PIO_BASE: Option<u16> = Some(0x3f8);
+/// The serial console is not memory-mapped on x86_64.
+pub const SERIAL_MMIO_BASE: Option<u64> = None;
+
+/// Gives a new vCPU its CPUID table; first thing after creating it.
+pub fn set_cpuid(vcpu: &VcpuFd, cpuid: &CpuId) -> Result<(), kvm_ioctls::Error> {
+    vcpu.set_cpuid2(cpuid)
+}
+
+/// The CPUID table a vCPU was given.
+pub fn get_cpuid(vcpu: &VcpuFd) -> Result<CpuId, kvm_ioctls::Error> {
+    vcpu.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+}
 
 /// Loads a guest ELF into guest memory; returns (entry point, end of the image).
 pub fn load_kernel(mem: &GuestMemoryMmap, image: &[u8], mem_size: u64) -> Result<(u64, u64), ArchError> {
@@ -255,4 +269,56 @@ pub fn max_vcpus(kvm: &Kvm) -> usize {
 /// Describes the instruction pointer of a stopped vCPU, for error reports.
 pub fn instruction_pointer(vcpu: &VcpuFd) -> Option<u64> {
     vcpu.get_regs().ok().map(|r| r.rip)
+}
+
+/// The I/O port the floor guest writes to; any exit would do.
+const FLOOR_PORT: u8 = 0x80;
+
+/// The floor guest: `out FLOOR_PORT, al` (one port I/O exit).
+pub fn floor_code() -> Vec<u8> {
+    vec![0xe6, FLOOR_PORT]
+}
+
+/// Whether `exit` is the floor guest's exit.
+pub fn is_floor_exit(exit: &VcpuExit<'_>) -> bool {
+    matches!(exit, VcpuExit::IoOut(port, _) if *port == u16::from(FLOOR_PORT))
+}
+
+/// The registers of a vCPU at entry, to put back for the reuse floor.
+#[derive(Debug, Clone)]
+pub struct EntryRegs {
+    sregs: kvm_sregs,
+    regs: kvm_regs,
+}
+
+impl EntryRegs {
+    /// Reads the entry registers `setup_vcpu` sets.
+    pub fn read(vcpu: &VcpuFd) -> Result<EntryRegs, ArchError> {
+        let kvm = |what| move |source| ArchError::Kvm { what, source };
+        Ok(EntryRegs {
+            sregs: vcpu.get_sregs().map_err(kvm("reading special registers"))?,
+            regs: vcpu.get_regs().map_err(kvm("reading registers"))?,
+        })
+    }
+
+    /// Puts them back.
+    pub fn write(&self, vcpu: &mut VcpuFd) -> Result<(), ArchError> {
+        let kvm = |what| move |source| ArchError::Kvm { what, source };
+        vcpu.set_sregs(&self.sregs).map_err(kvm("setting special registers"))?;
+        vcpu.set_regs(&self.regs).map_err(kvm("setting registers"))
+    }
+}
+
+/// Whether `vcpu` still uses the paging and descriptor-table setup of `saved` (the fast
+/// reset's precondition, with `structural_pages`).
+pub fn same_translation(saved: &VcpuState, vcpu: &VcpuFd) -> bool {
+    let saved = &saved.sregs;
+    let Ok(now) = vcpu.get_sregs() else { return false };
+    now.cr3 == saved.cr3
+        && now.cr0 == saved.cr0
+        && now.cr4 == saved.cr4
+        && now.efer == saved.efer
+        && (now.gdt.base, now.gdt.limit, now.idt.base, now.idt.limit)
+            == (saved.gdt.base, saved.gdt.limit, saved.idt.base, saved.idt.limit)
+        && now.tr.base == saved.tr.base
 }

@@ -112,6 +112,11 @@ impl VcpuState {
         })
     }
 
+    /// The indices of the MSRs this state saved.
+    pub fn msr_indices(&self) -> Vec<u32> {
+        self.msrs.iter().map(|(i, _)| *i).collect()
+    }
+
     /// The CPUID table to give the vCPU before anything else.
     pub fn cpuid(&self) -> Result<CpuId, ArchError> {
         CpuId::from_entries(&self.cpuid).map_err(|_| ArchError::BadState("CPUID table too large".into()))

@@ -12,6 +12,9 @@
 //! tables are assembled at build time (`.data.mu2boot`), the GDT is static too; `.bss` is
 //! zeroed after the switch to CPL 3, at native speed.
 
+#[path = "../../bootparams.rs"]
+mod bootparams;
+
 use core::arch::asm;
 #[cfg(not(test))]
 use core::arch::global_asm;
@@ -312,6 +315,148 @@ pub fn rdrand() -> Option<u64> {
         }
     }
     None
+}
+
+/// Writes one byte to the console: COM1's transmit register.
+#[inline(always)]
+pub fn console_byte(value: u8) {
+    outb(0x3f8, value);
+}
+
+/// Stops the machine without a system device: the i8042 reset line (Firecracker stops the
+/// VM on it).
+pub fn power_off() {
+    outb(0x64, 0xfe);
+}
+
+/// The zero page at `boot_params`. Page 0 is not mapped: a zero pointer means "none".
+fn zero_page(boot_params: u64) -> Option<&'static [u8; bootparams::SIZE]> {
+    (boot_params >= 4096).then(|| {
+        // SAFETY: both entry paths pass the address of a 4 KiB boot_params in RAM.
+        unsafe { &*(boot_params as *const [u8; bootparams::SIZE]) }
+    })
+}
+
+/// Address of the NUL-terminated command line, or 0 if there is none.
+pub fn cmdline_addr(boot_params: u64) -> u64 {
+    zero_page(boot_params).map_or(0, bootparams::cmdline_addr)
+}
+
+/// The heap: from the image's end to the end of the e820 RAM region holding the image.
+pub fn heap_range(boot_params: u64, image_start: u64, image_end: u64) -> Option<(u64, u64)> {
+    zero_page(boot_params).and_then(|zp| bootparams::heap_range(zp, image_start, image_end))
+}
+
+/// TSC frequency from CPUID leaf 0x15 (crystal ratio) or 0x16 (base MHz): a few exits.
+pub fn counter_khz() -> Option<u64> {
+    let max = cpuid(0, 0).0;
+    if max >= 0x15 {
+        let (den, num, crystal_hz, _) = cpuid(0x15, 0);
+        if den != 0 && num != 0 && crystal_hz != 0 {
+            return Some(u64::from(crystal_hz) * u64::from(num) / u64::from(den) / 1000);
+        }
+    }
+    if max >= 0x16 {
+        let mhz = cpuid(0x16, 0).0 & 0xffff;
+        if mhz != 0 {
+            return Some(u64::from(mhz) * 1000);
+        }
+    }
+    None
+}
+
+/// Reads a 32-bit device register.
+///
+/// # Safety
+/// `addr` is a mapped MMIO register.
+#[inline(always)]
+pub unsafe fn mmio_read32(addr: u64) -> u32 {
+    // SAFETY: the caller guarantees a mapped register; x86 orders device accesses itself.
+    unsafe { (addr as *const u32).read_volatile() }
+}
+
+/// Writes a 32-bit device register.
+///
+/// # Safety
+/// `addr` is a mapped MMIO register.
+#[inline(always)]
+pub unsafe fn mmio_write32(addr: u64, value: u32) {
+    // SAFETY: as for `mmio_read32`.
+    unsafe { (addr as *mut u32).write_volatile(value) }
+}
+
+/// Writes a 64-bit device register.
+///
+/// # Safety
+/// `addr` is a mapped MMIO register.
+#[inline(always)]
+pub unsafe fn mmio_write64(addr: u64, value: u64) {
+    // SAFETY: as for `mmio_read32`.
+    unsafe { (addr as *mut u64).write_volatile(value) }
+}
+
+/// Copies `n` bytes upwards (`rep movsb`).
+///
+/// # Safety
+/// Both ranges valid for `n` bytes; if they overlap, `dest` must not be above `src`.
+pub unsafe fn copy_forward(dest: *mut u8, src: *const u8, n: usize) {
+    // SAFETY: the caller guarantees both ranges.
+    unsafe {
+        asm!("rep movsb", inout("rcx") n => _, inout("rdi") dest => _, inout("rsi") src => _,
+             options(nostack, preserves_flags));
+    }
+}
+
+/// Copies `n` bytes downwards, with the direction flag set and restored before returning.
+///
+/// # Safety
+/// Both ranges valid for `n` bytes.
+pub unsafe fn copy_backward(dest: *mut u8, src: *const u8, n: usize) {
+    // SAFETY: the caller guarantees both ranges; the copy starts at their last bytes.
+    unsafe {
+        asm!("std", "rep movsb", "cld",
+             inout("rcx") n => _, inout("rdi") dest.wrapping_add(n).wrapping_sub(1) => _,
+             inout("rsi") src.wrapping_add(n).wrapping_sub(1) => _, options(nostack));
+    }
+}
+
+/// Sets `n` bytes at `dest` to `c` (`rep stosb`).
+///
+/// # Safety
+/// `dest` valid for `n` bytes.
+pub unsafe fn fill(dest: *mut u8, c: u8, n: usize) {
+    // SAFETY: the caller guarantees the range.
+    unsafe {
+        asm!("rep stosb", inout("rcx") n => _, inout("rdi") dest => _, in("al") c,
+             options(nostack, preserves_flags));
+    }
+}
+
+/// Raises #UD (`ud2`) on purpose.
+pub fn fault_invalid_opcode() {
+    // SAFETY: raises #UD on purpose; the VMM stops the guest.
+    unsafe { asm!("ud2", options(nomem, nostack)) }
+}
+
+/// Raises #GP (`hlt` at CPL 3) on purpose.
+pub fn fault_privileged() {
+    // SAFETY: `hlt` at CPL 3 raises #GP on purpose.
+    unsafe { asm!("hlt", options(nomem, nostack)) }
+}
+
+/// Raises #DE (divide by zero) on purpose.
+pub fn fault_divide() {
+    // SAFETY: divides by zero on purpose (#DE); no memory is touched.
+    unsafe {
+        asm!("xor edx, edx", "xor ecx, ecx", "mov eax, 1", "div ecx", out("eax") _, out("ecx") _, out("edx") _, options(nomem, nostack))
+    }
+}
+
+/// Writes to address 0, which is not mapped: #PF on purpose.
+pub fn fault_null_write() {
+    // SAFETY: writes to address 0, which is not mapped, raising #PF on purpose. In asm: a
+    // null write in Rust would be undefined behaviour, not a fault.
+    unsafe { asm!("mov byte ptr [{0}], 1", in(reg) 0usize, options(nostack)) }
 }
 
 /// Spins forever at CPL 3 (`hlt` would fault there): where a stop request went unanswered.
