@@ -3,6 +3,8 @@
 //! from the host side, to cover what a guest could reach through ring 0 too — is back to the
 //! image's value after the reset: memory, general and control registers, segment bases, MSRs,
 //! FPU/SSE state, debug registers and device state.
+// x86_64 register state; tests/tests/aarch64.rs covers aarch64.
+#![cfg(target_arch = "x86_64")]
 
 use std::io::{Read, Seek, SeekFrom};
 use std::sync::Arc;

@@ -1,6 +1,8 @@
 //! Which guest pages one forked request touches, and how many exits it takes.
 //!
 //! `cargo run --release -p mu2-vmm --example touched -- [FUNCTION] [REQUEST]`
+//! With `WARM=1` the fork is warmed up first, as pool mode does (`Vm::warm_up`); with
+//! `PRECOPY=1` as well, the pages a probe request wrote are copied in advance.
 //! Each page a request touches costs a shadow-paging fault on PVM hosts (~5–10 µs), so this is
 //! where a forked request's time goes.
 
@@ -40,6 +42,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let image = Image::load(&hv, &dir)?;
     let mut vm = Vm::restore(&hv, &image)?;
     vm.disable_fault_around()?;
+    if std::env::var_os("WARM").is_some() {
+        if std::env::var_os("PRECOPY").is_some() {
+            // The pages a request writes, from a probe fork.
+            let mut probe = Vm::restore(&hv, &image)?;
+            probe.hand_out(&image)?;
+            invoke::invoke(&mut probe, image.state().port, request.as_bytes(), 1 << 20, None)?;
+            let written = probe.private_pages()?;
+            println!("a probe request wrote {} pages", written.len());
+            vm.copy_in_advance(&written);
+        }
+        vm.hand_out(&image)?;
+        if std::env::var_os("OTHER_THREAD").is_some() {
+            vm = std::thread::scope(|s| s.spawn(move || vm.warm_up(None).map(|()| vm)).join()).expect("thread")?;
+        } else {
+            vm.warm_up(None)?;
+        }
+        println!("warmed up: pages mapped {}", vm.touched_pages()?.len());
+    }
     vm.hand_out(&image)?;
     let initial = vm.touched_pages()?;
     vm.enter_without_running()?;

@@ -132,6 +132,22 @@ impl Drop for Reaper {
     }
 }
 
+/// Prepares a pooled VM off the request path, so that its request faults in few pages: the
+/// pages a request writes are copied in advance (`written`), then the guest runs until it
+/// waits for work, mapping the pages that path reads (see `Vm::warm_up`). A VM whose warm-up
+/// fails is replaced by a cold restore, which serves all the same.
+fn warmed(hv: &Hypervisor, mut vm: Vm, image: &Image, written: &[u64]) -> Result<Vm, BuildError> {
+    vm.copy_in_advance(written);
+    if vm.hand_out(image).is_ok() && vm.warm_up(Some(Instant::now() + WARM_UP_DEADLINE)).is_ok() {
+        return Ok(vm);
+    }
+    drop(vm);
+    Vm::restore(hv, image)
+}
+
+/// How long a pooled VM's warm-up may take.
+const WARM_UP_DEADLINE: Duration = Duration::from_millis(500);
+
 /// VMs restored ahead of time.
 #[derive(Debug)]
 struct Pool {
@@ -142,26 +158,45 @@ struct Pool {
 }
 
 impl Pool {
-    fn start(hv: &Arc<Hypervisor>, image: &Arc<Image>, size: usize, builders: usize) -> Pool {
+    fn start(hv: &Arc<Hypervisor>, image: &Arc<Image>, size: usize, builders: usize, written: Arc<Vec<u64>>) -> Pool {
         // The channel holds `size` VMs; each builder also holds one while it waits to hand
         // it over, so the channel is that much smaller.
         let capacity = size.saturating_sub(builders).max(1);
         let (tx, rx): (SyncSender<Result<Vm, BuildError>>, _) = mpsc::sync_channel(capacity);
         let stop = Arc::new(AtomicBool::new(false));
         let depth = Arc::new(AtomicUsize::new(0));
+        let filling = Arc::new(AtomicBool::new(true));
+        let low_water = size / 2;
         let builders = (0..builders.max(1))
             .filter_map(|i| {
                 let (hv, image, tx, stop, depth) = (hv.clone(), image.clone(), tx.clone(), stop.clone(), depth.clone());
+                let written = written.clone();
+                let filling = filling.clone();
                 std::thread::Builder::new()
                     .name(format!("mu2-pool-{i}"))
                     .spawn(move || {
                         while !stop.load(Ordering::Relaxed) {
-                            let vm = Vm::restore(&hv, &image);
+                            // Refill in bursts: once the pool is full, wait until it is down to
+                            // half. Building a VM competes with the VM serving a request (for
+                            // the cores, and for the process's mmap lock, which VM creation
+                            // takes and the serving VM's page faults need), so most requests
+                            // then run with nothing being built beside them.
+                            if !filling.load(Ordering::Relaxed) {
+                                if depth.load(Ordering::Relaxed) > low_water {
+                                    std::thread::sleep(Duration::from_millis(1));
+                                    continue;
+                                }
+                                filling.store(true, Ordering::Relaxed);
+                            }
+                            let vm = Vm::restore(&hv, &image).and_then(|vm| warmed(&hv, vm, &image, &written));
                             let failed = vm.is_err();
                             depth.fetch_add(1, Ordering::Relaxed);
                             if tx.send(vm).is_err() {
                                 depth.fetch_sub(1, Ordering::Relaxed);
                                 break;
+                            }
+                            if depth.load(Ordering::Relaxed) >= size {
+                                filling.store(false, Ordering::Relaxed);
                             }
                             if failed {
                                 // Do not spin on a persistent failure; the taker sees it.
@@ -269,6 +304,19 @@ impl Drop for Resetter {
     }
 }
 
+/// The pages a request writes in a VM of `image`, from one probe fork serving an empty
+/// request; empty if the probe fails (a guest that crashes or hangs on it).
+fn probe_written_pages(hv: &Hypervisor, image: &Image) -> Vec<u64> {
+    let probe = || -> Option<Vec<u64>> {
+        let mut vm = Vm::restore(hv, image).ok()?;
+        vm.hand_out(image).ok()?;
+        let deadline = Some(Instant::now() + WARM_UP_DEADLINE);
+        invoke::invoke(&mut vm, image.state().port, b"", 1 << 20, deadline).ok()?;
+        vm.private_pages().ok()
+    };
+    probe().unwrap_or_default()
+}
+
 /// The fork engine for one image.
 #[derive(Debug)]
 pub struct Engine {
@@ -287,8 +335,10 @@ pub struct Engine {
 impl Engine {
     /// Starts an engine; in pool mode the builders start filling the pool at once.
     pub fn new(hv: Arc<Hypervisor>, image: Arc<Image>, config: EngineConfig) -> Engine {
-        let pool =
-            (config.mode == Mode::Pool).then(|| Pool::start(&hv, &image, config.pool_size, config.pool_builders));
+        let pool = (config.mode == Mode::Pool).then(|| {
+            let written = Arc::new(probe_written_pages(&hv, &image));
+            Pool::start(&hv, &image, config.pool_size, config.pool_builders, written)
+        });
         let reaper = Reaper::start();
         let kept = Arc::new(Kept::default());
         let resets = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);

@@ -229,6 +229,26 @@ impl GuestRam {
         Ok(())
     }
 
+    /// Makes this process's private copy of each given page now (a write of the page's own
+    /// bytes), so that neither the host nor the hypervisor has to copy it on the guest's first
+    /// write. The caller guarantees that no vCPU runs.
+    pub fn copy_in_advance(&self, pages: &[u64]) {
+        const PAGE: usize = 4096;
+        for &addr in pages {
+            let offset = addr as usize;
+            if offset.checked_add(PAGE).is_none_or(|end| end > self.mapping.size) {
+                continue;
+            }
+            // SAFETY: the byte lies inside the mapping (checked above), which is readable and
+            // writable and owned by `self`; no vCPU runs. Writing back the value just read
+            // changes nothing but forces the copy.
+            unsafe {
+                let byte = self.mapping.host.as_ptr().add(offset);
+                byte.write_volatile(byte.read_volatile());
+            }
+        }
+    }
+
     /// Turns off the kernel's fault-around for this mapping (MADV_RANDOM), so that
     /// [`GuestRam::touched_pages`] counts exactly the pages the guest touched rather than the
     /// 64 KiB blocks around them. For measurements.

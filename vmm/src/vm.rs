@@ -188,6 +188,9 @@ pub struct Vm {
     /// Restored from an image: the guest resumes from a WAIT that already returned "device
     /// work", so the devices must be polled (host data into RX) before it runs.
     poll_before_entry: bool,
+    /// The next answer to the parked WAIT carries `RESTORED` (a warmed-up VM: the guest must
+    /// take its HostInfo again when it is handed out).
+    announce_restore: bool,
     ready: Option<ReadyInfo>,
     stopped: bool,
     stats: ExitStats,
@@ -380,6 +383,7 @@ impl Vm {
             vsock: MmioTransport::new(Vsock::new(config.vsock)),
             parked_in_wait: false,
             poll_before_entry: false,
+            announce_restore: false,
             ready: None,
             stopped: false,
             stats: ExitStats::default(),
@@ -536,6 +540,11 @@ impl Vm {
         self.ram.touched_pages()
     }
 
+    /// See [`GuestRam::copy_in_advance`].
+    pub fn copy_in_advance(&self, pages: &[u64]) {
+        self.ram.copy_in_advance(pages);
+    }
+
     /// Pages this VM holds a private copy of (see [`GuestRam::private_pages`]).
     pub fn private_pages(&self) -> std::io::Result<Vec<u64>> {
         self.ram.private_pages()
@@ -579,6 +588,7 @@ impl Vm {
             vsock: MmioTransport::restore((), &state.vsock).map_err(|e| BuildError::Device(e.to_string()))?,
             parked_in_wait: false,
             poll_before_entry: true,
+            announce_restore: false,
             ready: Some(state.ready_info()),
             stopped: false,
             stats: ExitStats::default(),
@@ -587,6 +597,23 @@ impl Vm {
             id: next_vm_id(),
         };
         Ok(vm)
+    }
+
+    /// Lets a freshly restored VM run until its guest waits for work, before it is handed
+    /// out: the guest takes its HostInfo, polls its rings and parks in WAIT, so the pages that
+    /// path touches are mapped by then instead of faulting on the request path. Its next WAIT
+    /// answer carries `RESTORED` again, so the guest takes the HostInfo written at hand-out.
+    pub fn warm_up(&mut self, deadline: Option<Instant>) -> Result<(), GuestError> {
+        if !self.poll_before_entry {
+            return Err(GuestError::Protocol("only a freshly restored VM can be warmed up".into()));
+        }
+        match self.run(deadline)? {
+            RunStop::Idle => {
+                self.announce_restore = true;
+                Ok(())
+            }
+            other => Err(GuestError::Protocol(format!("warming up: the guest stopped with {other:?}"))),
+        }
     }
 
     /// Resets this VM to `image` for its next request (reuse mode): guest memory back to the
@@ -627,6 +654,7 @@ impl Vm {
             .map_err(|e| BuildError::Device(e.to_string()))?;
         self.parked_in_wait = false;
         self.poll_before_entry = true;
+        self.announce_restore = false;
         self.ready = Some(state.ready_info());
         self.stopped = false;
         self.stats = ExitStats::default();
@@ -673,7 +701,8 @@ impl Vm {
             if !self.vsock.take_wakeup() {
                 return Ok(RunStop::Idle);
             }
-            self.complete_wait(1);
+            let restored = if std::mem::take(&mut self.announce_restore) { mu2_abi::wait::RESTORED } else { 0 };
+            self.complete_wait(1 | restored);
         } else if self.poll_before_entry {
             self.poll_before_entry = false;
             self.vsock.poll(self.ram.memory());
