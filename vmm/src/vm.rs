@@ -282,17 +282,10 @@ pub struct VmState {
 // Changing `VmState`, `VcpuState` or a device state without updating this text and bumping
 // `mu2_snapshot::FORMAT_VERSION` is a build error.
 impl mu2_snapshot::Versioned for VmState {
-    const SCHEMA: &'static str = "VmState {
-        mem_size: u64,
-        vcpus: Vec<VcpuState { index: u8, cpuid: Vec<kvm_cpuid_entry2>, regs: kvm_regs, sregs: kvm_sregs,
-            xsave: Vec<u32>, xcrs: kvm_xcrs, msrs: Vec<(u32, u64)>, events: kvm_vcpu_events,
-            debugregs: kvm_debugregs, mp_state: kvm_mp_state }>,
-        serial: SerialConsole::State,
-        vsock: MmioTransportState<VsockState>,
-        port: u32, buf_alloc: u32, tsc_khz: Option<u32>
-    }";
+    // Each architecture describes its own vCPU state (see `arch::VM_STATE_SCHEMA`).
+    const SCHEMA: &'static str = arch::VM_STATE_SCHEMA;
     const RECORDED_VERSION: u32 = 1;
-    const RECORDED_FINGERPRINT: u64 = 0xe2d0_bae9_2f7e_d58d;
+    const RECORDED_FINGERPRINT: u64 = arch::VM_STATE_FINGERPRINT;
 }
 mu2_snapshot::assert_schema!(VmState);
 

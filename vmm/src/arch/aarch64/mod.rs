@@ -371,3 +371,17 @@ pub fn same_translation(saved: &VcpuState, vcpu: &VcpuFd) -> bool {
         vcpu.get_one_reg(id, &mut now).is_ok() && saved == Some(now.as_slice())
     })
 }
+
+/// The image format's tripwire (see `mu2_snapshot::Versioned`): every field of `VmState` that
+/// reaches the encoding, in order, with this architecture's vCPU state. Changing `VmState`,
+/// `VcpuState` or a device state without updating this text and bumping
+/// `mu2_snapshot::FORMAT_VERSION` is a build error.
+pub const VM_STATE_SCHEMA: &str = "VmState {
+        mem_size: u64,
+        vcpus: Vec<VcpuState { index: u8, init: kvm_vcpu_init, regs: Vec<(u64, Vec<u8>)>, mp_state: u32 }>,
+        serial: SerialConsole::State,
+        vsock: MmioTransportState<VsockState>,
+        port: u32, buf_alloc: u32, tsc_khz: Option<u32>
+    }";
+/// [`VM_STATE_SCHEMA`]'s recorded fingerprint.
+pub const VM_STATE_FINGERPRINT: u64 = 0xb906_360f_0e95_05c1;

@@ -322,3 +322,19 @@ pub fn same_translation(saved: &VcpuState, vcpu: &VcpuFd) -> bool {
             == (saved.gdt.base, saved.gdt.limit, saved.idt.base, saved.idt.limit)
         && now.tr.base == saved.tr.base
 }
+
+/// The image format's tripwire (see `mu2_snapshot::Versioned`): every field of `VmState` that
+/// reaches the encoding, in order, with this architecture's vCPU state. Changing `VmState`,
+/// `VcpuState` or a device state without updating this text and bumping
+/// `mu2_snapshot::FORMAT_VERSION` is a build error.
+pub const VM_STATE_SCHEMA: &str = "VmState {
+        mem_size: u64,
+        vcpus: Vec<VcpuState { index: u8, cpuid: Vec<kvm_cpuid_entry2>, regs: kvm_regs, sregs: kvm_sregs,
+            xsave: Vec<u32>, xcrs: kvm_xcrs, msrs: Vec<(u32, u64)>, events: kvm_vcpu_events,
+            debugregs: kvm_debugregs, mp_state: kvm_mp_state }>,
+        serial: SerialConsole::State,
+        vsock: MmioTransportState<VsockState>,
+        port: u32, buf_alloc: u32, tsc_khz: Option<u32>
+    }";
+/// [`VM_STATE_SCHEMA`]'s recorded fingerprint.
+pub const VM_STATE_FINGERPRINT: u64 = 0xe2d0_bae9_2f7e_d58d;
