@@ -120,9 +120,13 @@ struct RunArgs {
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     timeout: Option<Duration>,
     /// Bridge the guest's vsock to Unix sockets: connect to PATH and send `CONNECT <port>`;
-    /// guest connections to host port P go to PATH_P.
+    /// guest connections to host port P go to PATH_P. With --image, each fork gets its own
+    /// path: PATH.<pid of this mu2>, printed on stderr.
     #[arg(long, value_name = "PATH")]
     vsock_uds: Option<PathBuf>,
+    /// Run a VM forked from this frozen image instead of booting a guest.
+    #[arg(long, value_name = "DIR", conflicts_with = "kernel")]
+    image: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -329,10 +333,22 @@ fn boot(hv: &Hypervisor, config: &VmConfig, console: ConsoleOutput) -> Result<Vm
 
 fn run(args: &RunArgs) -> Result<(), Failure> {
     let hv = open_hypervisor()?;
-    let config = vm_config(&args.guest, "")?;
-    let mut vm = boot(&hv, &config, console(&args.guest.console, true)?)?;
+    let (mut vm, socket) = match &args.image {
+        Some(dir) => {
+            let image = load_image(&hv, dir)?;
+            let mut vm = Vm::restore(&hv, &image).map_err(|e| Failure::new(code::FAILURE, e))?;
+            vm.hand_out(&image).map_err(|e| Failure::new(code::FAILURE, e))?;
+            let socket = args.vsock_uds.as_ref().map(|p| mu2_vmm::uds::fork_path(p, u64::from(std::process::id())));
+            (vm, socket)
+        }
+        None => {
+            let config = vm_config(&args.guest, "")?;
+            (boot(&hv, &config, console(&args.guest.console, true)?)?, args.vsock_uds.clone())
+        }
+    };
     let deadline = args.timeout.map(|t| Instant::now() + t);
-    if let Some(path) = &args.vsock_uds {
+    if let Some(path) = &socket {
+        eprintln!("vsock socket: {}", path.display());
         return match mu2_vmm::uds::run(&mut vm, path, deadline) {
             Ok(0) => Ok(()),
             Ok(code) => Err(Failure::new(code::GUEST_CRASH, anyhow::anyhow!("guest exited with code {code}"))),

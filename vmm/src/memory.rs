@@ -189,11 +189,90 @@ impl GuestRam {
     /// copy-on-write mapping of an image, the pages written since the mapping was made (by
     /// the guest or by the VMM). Reads /proc/self/pagemap: present, and not a file page.
     pub fn private_pages(&self) -> std::io::Result<Vec<u64>> {
-        Ok(self
-            .pagemap_entries()?
-            .filter(|&(_, entry)| entry & (1 << 63) != 0 && entry & (1 << 61) == 0)
-            .map(|(addr, _)| addr)
-            .collect())
+        match self.private_pages_by_scan() {
+            Ok(pages) => Ok(pages),
+            // Kernels before 6.7 have no PAGEMAP_SCAN: read every page's entry instead (its
+            // cost grows with guest memory: ~1 ms for 1 GiB here).
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTTY | libc::EINVAL)) => Ok(self
+                .pagemap_entries()?
+                .filter(|&(_, entry)| entry & (1 << 63) != 0 && entry & (1 << 61) == 0)
+                .map(|(addr, _)| addr)
+                .collect()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// [`GuestRam::private_pages`] through the PAGEMAP_SCAN ioctl, which walks only the page
+    /// tables that exist and returns matching ranges, not an entry per page.
+    fn private_pages_by_scan(&self) -> std::io::Result<Vec<u64>> {
+        use std::os::fd::AsRawFd;
+        const PAGE: u64 = 4096;
+        const PAGE_IS_FILE: u64 = 1 << 2;
+        const PAGE_IS_PRESENT: u64 = 1 << 3;
+        // _IOWR('f', 16, struct pm_scan_arg): the argument is 12 u64 (96 bytes).
+        const PAGEMAP_SCAN: u64 = (3 << 30) | (96 << 16) | ((b'f' as u64) << 8) | 16;
+        #[repr(C)]
+        #[derive(Default, Clone, Copy)]
+        struct PageRegion {
+            start: u64,
+            end: u64,
+            categories: u64,
+        }
+        #[repr(C)]
+        #[derive(Default)]
+        struct PmScanArg {
+            size: u64,
+            flags: u64,
+            start: u64,
+            end: u64,
+            walk_end: u64,
+            vec: u64,
+            vec_len: u64,
+            max_pages: u64,
+            category_inverted: u64,
+            category_mask: u64,
+            category_anyof_mask: u64,
+            return_mask: u64,
+        }
+        let file = std::fs::File::open("/proc/self/pagemap")?;
+        let base = self.host_address();
+        let end = base + self.mapping.size as u64;
+        let mut regions = [PageRegion::default(); 256];
+        let mut pages = Vec::new();
+        let mut start = base;
+        while start < end {
+            let mut arg = PmScanArg {
+                size: std::mem::size_of::<PmScanArg>() as u64,
+                start,
+                end,
+                vec: regions.as_mut_ptr() as u64,
+                vec_len: regions.len() as u64,
+                // Present, and not a file page: a private copy.
+                category_inverted: PAGE_IS_FILE,
+                category_mask: PAGE_IS_FILE | PAGE_IS_PRESENT,
+                return_mask: PAGE_IS_FILE | PAGE_IS_PRESENT,
+                ..Default::default()
+            };
+            // SAFETY: `arg` is a valid pm_scan_arg whose `vec` points at `regions`, writable for
+            // `vec_len` entries; both outlive the call and the kernel touches nothing else.
+            let found = unsafe { libc::ioctl(file.as_raw_fd(), PAGEMAP_SCAN as _, &mut arg as *mut PmScanArg) };
+            if found < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            for region in regions.iter().take(found as usize) {
+                let mut page = region.start.max(base);
+                while page < region.end.min(end) {
+                    pages.push(page - base);
+                    page += PAGE;
+                }
+            }
+            // The walk stops early when the region buffer is full; go on from there.
+            if arg.walk_end <= start || arg.walk_end >= end {
+                break;
+            }
+            start = arg.walk_end;
+        }
+        Ok(pages)
     }
 
     fn pagemap_entries(&self) -> std::io::Result<impl Iterator<Item = (u64, u64)>> {

@@ -344,3 +344,68 @@ fn run_bridges_vsock_to_a_unix_socket() {
     let _ = std::fs::remove_dir_all(&dir);
     assert!(back == payload, "echoed {} of {} bytes", back.len(), payload.len());
 }
+
+/// Each fork of an image gets its own socket path: PATH.<pid>, announced on stderr.
+#[test]
+fn a_forked_long_running_vm_gets_its_own_vsock_socket() {
+    if !kvm_available("a_forked_long_running_vm_gets_its_own_vsock_socket") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("mu2-api-fork-uds-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let image = dir.join("echo.img");
+    let status = Command::new(env!("CARGO_BIN_EXE_mu2"))
+        .args(["snapshot", "--function", "echo", "--out"])
+        .arg(&image)
+        .status()
+        .expect("mu2 snapshot");
+    assert!(status.success());
+    let base = dir.join("v.sock");
+    let mut forks = Vec::new();
+    for _ in 0..2 {
+        let child = Command::new(env!("CARGO_BIN_EXE_mu2"))
+            .args(["run", "--timeout", "60s", "--image"])
+            .arg(&image)
+            .arg("--vsock-uds")
+            .arg(&base)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mu2 run --image");
+        let path = mu2_vmm::uds::fork_path(&base, u64::from(child.id()));
+        forks.push((child, path));
+    }
+    assert_ne!(forks[0].1, forks[1].1, "two forks, two paths");
+    for (i, (_, path)) in forks.iter().enumerate() {
+        let until = Instant::now() + Duration::from_secs(30);
+        let mut stream = loop {
+            if let Ok(s) = std::os::unix::net::UnixStream::connect(path) {
+                break s;
+            }
+            assert!(Instant::now() < until, "no socket at {}", path.display());
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        use std::io::Read;
+        stream.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+        stream.write_all(b"CONNECT 5000\n").expect("connect line");
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while !line.ends_with(b"\n") {
+            assert_eq!(stream.read(&mut byte).expect("handshake"), 1);
+            line.push(byte[0]);
+        }
+        assert!(line.starts_with(b"OK "), "{}", String::from_utf8_lossy(&line));
+        let payload = format!("fork {i}");
+        stream.write_all(payload.as_bytes()).expect("payload");
+        stream.shutdown(std::net::Shutdown::Write).expect("half-close");
+        let mut back = Vec::new();
+        stream.read_to_end(&mut back).expect("echo");
+        assert_eq!(back, payload.as_bytes());
+    }
+    for (mut child, _) in forks {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
