@@ -88,3 +88,62 @@ pub fn invoke_cold_with(
     let ready = invoke::run_until_ready(&mut vm, deadline)?;
     invoke::invoke(&mut vm, ready.port, request, invoke::DEFAULT_MAX_RESPONSE, deadline)
 }
+
+/// A temporary directory, removed when dropped.
+#[derive(Debug)]
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    /// A new, empty directory whose name contains `tag`.
+    ///
+    /// # Panics
+    /// If the directory cannot be created.
+    pub fn new(tag: &str) -> TempDir {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("mu2-test-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        TempDir(dir)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The built-in guest `name` with 64 MiB, quiet.
+pub fn quiet_config(name: &str) -> VmConfig {
+    let mut config = VmConfig::new(guest(name));
+    config.cmdline = "quiet".into();
+    config
+}
+
+/// Freezes `name` into a temporary image and loads it.
+///
+/// # Panics
+/// If the image cannot be made or loaded.
+pub fn make_image(hv: &Hypervisor, name: &str) -> (TempDir, std::sync::Arc<mu2_vmm::image::Image>) {
+    let dir = TempDir::new(name);
+    let deadline = Some(Instant::now() + Duration::from_secs(30));
+    mu2_vmm::image::create(hv, &quiet_config(name), dir.path(), deadline).expect("image");
+    let image = mu2_vmm::image::Image::load(hv, dir.path()).expect("image loads");
+    (dir, std::sync::Arc::new(image))
+}
+
+/// A fork engine for `image` in `mode`, with its own KVM handle and a pool of 4.
+///
+/// # Panics
+/// If KVM cannot be opened.
+pub fn engine(image: std::sync::Arc<mu2_vmm::image::Image>, mode: mu2_vmm::fork::Mode) -> mu2_vmm::fork::Engine {
+    let hv = Hypervisor::open().expect("kvm");
+    let config = mu2_vmm::fork::EngineConfig { mode, pool_size: 4, ..mu2_vmm::fork::EngineConfig::default() };
+    mu2_vmm::fork::Engine::new(std::sync::Arc::new(hv), image, config)
+}

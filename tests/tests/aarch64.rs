@@ -6,17 +6,15 @@
 #![cfg(target_arch = "aarch64")]
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mu2_devices::virtio::vsock::VsockError;
-use mu2_tests::{boot, guest, invoke_cold, kvm_or_skip};
+use mu2_tests::{boot, engine, guest, invoke_cold, kvm_or_skip, make_image, quiet_config, TempDir};
 use mu2_vmm::arch::EntryMode;
-use mu2_vmm::fork::{Engine, EngineConfig, ForkError, Mode};
-use mu2_vmm::image::{self, Image, ImageError};
+use mu2_vmm::fork::{ForkError, Mode};
+use mu2_vmm::image::{Image, ImageError};
 use mu2_vmm::invoke::{self, InvokeError};
-use mu2_vmm::{GuestError, Hypervisor, RunStop, Vm, VmConfig};
+use mu2_vmm::{GuestError, RunStop, Vm, VmConfig};
 use sha2::{Digest, Sha256};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -134,52 +132,10 @@ fn bad_configurations_are_refused() {
     assert!(Vm::boot(&hv, &linux, Box::new(std::io::sink())).is_err(), "no Linux entry on aarch64");
 }
 
-/// A temporary directory removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("mu2-test-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        TempDir(dir)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn config(name: &str) -> VmConfig {
-    let mut config = VmConfig::new(guest(name));
-    config.cmdline = "quiet".into();
-    config
-}
-
-fn make_image(hv: &Hypervisor, name: &str) -> (TempDir, Arc<Image>) {
-    let dir = TempDir::new(name);
-    image::create(hv, &config(name), dir.path(), Some(Instant::now() + TIMEOUT)).expect("image");
-    let image = Image::load(hv, dir.path()).expect("image loads");
-    (dir, Arc::new(image))
-}
-
-fn engine(image: Arc<Image>, mode: Mode) -> Engine {
-    let hv = Hypervisor::open().expect("kvm");
-    Engine::new(Arc::new(hv), image, EngineConfig { mode, pool_size: 4, ..EngineConfig::default() })
-}
-
 #[test]
 fn the_frozen_state_holds_every_listed_register_and_round_trips() {
     let hv = kvm_or_skip!();
-    let mut vm = Vm::boot(&hv, &config("echo"), Box::new(std::io::sink())).expect("boot");
+    let mut vm = Vm::boot(&hv, &quiet_config("echo"), Box::new(std::io::sink())).expect("boot");
     invoke::run_until_ready(&mut vm, Some(Instant::now() + TIMEOUT)).expect("ready");
     assert_eq!(vm.run(None).expect("idle"), RunStop::Idle);
     let state = vm.freeze().expect("freeze");

@@ -1,64 +1,21 @@
 //! Frozen images and forks on real KVM.
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use mu2_tests::{guest, invoke_cold, kvm_or_skip};
+use mu2_tests::{engine, invoke_cold, kvm_or_skip, make_image, quiet_config, TempDir};
 use mu2_vmm::fork::{Engine, EngineConfig, ForkError, Mode};
-use mu2_vmm::image::{self, Image, ImageError};
+use mu2_vmm::image::{Image, ImageError};
 use mu2_vmm::invoke::{self, InvokeError};
-use mu2_vmm::{GuestError, Hypervisor, RunStop, Vm, VmConfig};
+use mu2_vmm::{GuestError, Hypervisor, RunStop, Vm};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
-
-/// A temporary directory removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("mu2-test-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        TempDir(dir)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn config(name: &str, mem_mib: u64) -> VmConfig {
-    let mut config = VmConfig::new(guest(name));
-    config.mem_size = mem_mib << 20;
-    config.cmdline = "quiet".into();
-    config
-}
-
-fn make_image(hv: &Hypervisor, name: &str) -> (TempDir, Arc<Image>) {
-    let dir = TempDir::new(name);
-    image::create(hv, &config(name, 64), dir.path(), Some(Instant::now() + TIMEOUT)).expect("image");
-    let image = Image::load(hv, dir.path()).expect("image loads");
-    (dir, Arc::new(image))
-}
-
-fn engine(hv: Hypervisor, image: Arc<Image>, mode: Mode) -> Engine {
-    Engine::new(Arc::new(hv), image, EngineConfig { mode, pool_size: 4, ..EngineConfig::default() })
-}
 
 #[test]
 fn the_frozen_state_round_trips_through_the_image_file() {
     let hv = kvm_or_skip!();
-    let mut vm = Vm::boot(&hv, &config("echo", 64), Box::new(std::io::sink())).expect("boot");
+    let mut vm = Vm::boot(&hv, &quiet_config("echo"), Box::new(std::io::sink())).expect("boot");
     invoke::run_until_ready(&mut vm, Some(Instant::now() + TIMEOUT)).expect("ready");
     assert_eq!(vm.run(None).expect("idle"), RunStop::Idle);
     let state = vm.freeze().expect("freeze");
@@ -113,7 +70,7 @@ fn every_mode_serves_requests() {
     let hv = kvm_or_skip!();
     let (_dir, image) = make_image(&hv, "echo");
     for mode in [Mode::Fresh, Mode::Pool, Mode::Reuse] {
-        let engine = engine(Hypervisor::open().expect("kvm"), image.clone(), mode);
+        let engine = engine(image.clone(), mode);
         let mut ids = HashSet::new();
         for i in 0..20 {
             let request = format!("{mode:?} request {i}");
@@ -130,7 +87,7 @@ fn a_guest_failure_in_a_fork_leaves_the_engine_serving() {
     let hv = kvm_or_skip!();
     let (_dir, image) = make_image(&hv, "crash");
     for mode in [Mode::Fresh, Mode::Reuse, Mode::Pool] {
-        let engine = engine(Hypervisor::open().expect("kvm"), image.clone(), mode);
+        let engine = engine(image.clone(), mode);
         for _ in 0..3 {
             match engine.serve(b"pf", TIMEOUT) {
                 Err(ForkError::Invoke(e)) => assert!(e.is_guest_crash(), "{mode:?}: {e}"),
@@ -155,7 +112,7 @@ fn a_hundred_forks_draw_a_hundred_different_values_and_know_the_time() {
     let hv = kvm_or_skip!();
     let (_dir, image) = make_image(&hv, "random");
     for mode in [Mode::Fresh, Mode::Pool, Mode::Reuse] {
-        let engine = engine(Hypervisor::open().expect("kvm"), image.clone(), mode);
+        let engine = engine(image.clone(), mode);
         let mut seen = HashSet::new();
         for _ in 0..100 {
             let served = engine.serve(b"", TIMEOUT).expect("random answers");

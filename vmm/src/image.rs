@@ -10,6 +10,7 @@ use crate::arch::{self, CpuId, RestorePlan, VcpuState};
 use crate::hypervisor::Hypervisor;
 use crate::invoke::{self, InvokeError};
 use crate::vm::{BuildError, FreezeError, RunStop, Vm, VmConfig, VmState};
+use mu2_abi::ReadyInfo;
 
 /// Errors making or loading an image.
 #[derive(Debug, thiserror::Error)]
@@ -49,10 +50,16 @@ pub enum ImageError {
 }
 
 /// Boots `config`, waits until the guest is ready and idle, freezes it and writes the image
-/// to `dir`. Returns how long the boot took.
-pub fn create(hv: &Hypervisor, config: &VmConfig, dir: &Path, deadline: Option<Instant>) -> Result<(), ImageError> {
+/// to `dir`. Returns what the guest reported when it became ready (its port, receive buffer
+/// and capability flags).
+pub fn create(
+    hv: &Hypervisor,
+    config: &VmConfig,
+    dir: &Path,
+    deadline: Option<Instant>,
+) -> Result<ReadyInfo, ImageError> {
     let mut vm = Vm::boot(hv, config, Box::new(std::io::sink()))?;
-    invoke::run_until_ready(&mut vm, deadline).map_err(ImageError::Boot)?;
+    let ready = invoke::run_until_ready(&mut vm, deadline).map_err(ImageError::Boot)?;
     match vm.run(deadline) {
         Ok(RunStop::Idle) => {}
         Ok(other) => return Err(ImageError::NotIdle(format!("{other:?}"))),
@@ -60,7 +67,8 @@ pub fn create(hv: &Hypervisor, config: &VmConfig, dir: &Path, deadline: Option<I
     }
     let state = vm.freeze()?;
     mu2_snapshot::write_image(dir, mu2_snapshot::Arch::host(), &state, vm.memory_bytes())
-        .map_err(|source| ImageError::Snapshot { path: dir.to_path_buf(), source })
+        .map_err(|source| ImageError::Snapshot { path: dir.to_path_buf(), source })?;
+    Ok(ready)
 }
 
 /// What restoring one vCPU takes, prepared once per image.

@@ -1,6 +1,8 @@
 //! `mu2 serve` as users run it: the real daemon binary on a temporary socket and a free
 //! loopback port, real /dev/kvm, real guests.
 
+mod common;
+
 use std::io::Write;
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
@@ -10,27 +12,6 @@ use std::time::{Duration, Instant};
 
 use mu2_vmm::api::client::{self, metric_value, Client};
 use serde_json::json;
-
-fn kvm_available(test: &str) -> bool {
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
-        Ok(_) => true,
-        Err(e) => {
-            if std::env::var("MU2_REQUIRE_KVM").is_ok_and(|v| v == "1") {
-                panic!("{test}: KVM is required (MU2_REQUIRE_KVM=1) but /dev/kvm cannot be opened: {e}");
-            }
-            eprintln!("SKIPPED {test}: needs /dev/kvm ({e}); set MU2_REQUIRE_KVM=1 to make this a failure");
-            false
-        }
-    }
-}
-
-macro_rules! kvm_or_skip {
-    () => {
-        if !kvm_available(module_path!()) {
-            return;
-        }
-    };
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
@@ -348,7 +329,7 @@ fn run_bridges_vsock_to_a_unix_socket() {
 /// Each fork of an image gets its own socket path: PATH.<pid>, announced on stderr.
 #[test]
 fn a_forked_long_running_vm_gets_its_own_vsock_socket() {
-    if !kvm_available("a_forked_long_running_vm_gets_its_own_vsock_socket") {
+    if !common::kvm_available("a_forked_long_running_vm_gets_its_own_vsock_socket") {
         return;
     }
     let dir = std::env::temp_dir().join(format!("mu2-api-fork-uds-{}", std::process::id()));

@@ -1,27 +1,8 @@
 //! The `mu2` command as users run it: real /dev/kvm, real guests.
 
+mod common;
+
 use std::process::{Command, Output};
-
-fn kvm_available(test: &str) -> bool {
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
-        Ok(_) => true,
-        Err(e) => {
-            if std::env::var("MU2_REQUIRE_KVM").is_ok_and(|v| v == "1") {
-                panic!("{test}: KVM is required (MU2_REQUIRE_KVM=1) but /dev/kvm cannot be opened: {e}");
-            }
-            eprintln!("SKIPPED {test}: needs /dev/kvm ({e}); set MU2_REQUIRE_KVM=1 to make this a failure");
-            false
-        }
-    }
-}
-
-macro_rules! kvm_or_skip {
-    () => {
-        if !kvm_available(module_path!()) {
-            return;
-        }
-    };
-}
 
 fn mu2(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_mu2")).args(args).output().expect("running mu2")

@@ -25,7 +25,7 @@ use crate::dispatch::{self, Routes};
 use crate::fork::{error_chain, Engine, EngineConfig, ForkError, Mode, Served};
 use crate::hypervisor::{Hypervisor, HypervisorError};
 use crate::image::{Image, ImageError};
-use crate::vm::{RunStop, Vm, VmConfig};
+use crate::vm::VmConfig;
 use crate::{guests, invoke};
 
 /// The file in an image directory made by the daemon that records what the image's guest
@@ -240,21 +240,10 @@ fn unix_now() -> u64 {
 }
 
 /// Boots `config`'s guest, freezes it once it is ready and idle, writes the image to `dir`.
-/// Returns whether the guest announced the HTTP framing (like `image::create`, which does
-/// not report the readiness flags).
+/// Returns whether the guest announced the HTTP framing.
 fn freeze_guest(hv: &Hypervisor, config: &VmConfig, dir: &Path) -> Result<bool, ImageError> {
-    let deadline = Some(Instant::now() + BUILD_TIMEOUT);
-    let mut vm = Vm::boot(hv, config, Box::new(std::io::sink()))?;
-    let info = invoke::run_until_ready(&mut vm, deadline).map_err(ImageError::Boot)?;
-    match vm.run(deadline) {
-        Ok(RunStop::Idle) => {}
-        Ok(other) => return Err(ImageError::NotIdle(format!("{other:?}"))),
-        Err(e) => return Err(ImageError::NotIdle(e.to_string())),
-    }
-    let state = vm.freeze()?;
-    mu2_snapshot::write_image(dir, mu2_snapshot::Arch::host(), &state, vm.memory_bytes())
-        .map_err(|source| ImageError::Snapshot { path: dir.to_path_buf(), source })?;
-    Ok(info.flags & mu2_abi::ready_flags::HTTP != 0)
+    let ready = crate::image::create(hv, config, dir, Some(Instant::now() + BUILD_TIMEOUT))?;
+    Ok(ready.flags & mu2_abi::ready_flags::HTTP != 0)
 }
 
 fn image_failure(e: &ImageError) -> Failure {
