@@ -364,6 +364,22 @@ impl Engine {
         (self.resets[0].load(Ordering::Relaxed), self.resets[1].load(Ordering::Relaxed))
     }
 
+    /// Waits until no reset is in progress (reuse mode): every kept VM is back and ready.
+    /// Returns false if `timeout` passed first.
+    pub fn wait_for_resets(&self, timeout: Duration) -> bool {
+        let until = Instant::now() + timeout;
+        loop {
+            let ready = self.kept.ready.lock().map(|r| r.len()).unwrap_or(0);
+            if ready >= self.kept.alive.load(Ordering::Relaxed) {
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// VMs ready in the pool now (pool mode).
     pub fn pool_depth(&self) -> usize {
         self.pool.as_ref().map_or(0, |p| p.depth.load(Ordering::Relaxed))
