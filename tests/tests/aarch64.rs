@@ -250,3 +250,63 @@ fn bad_images_are_refused_with_the_problem_named() {
     assert!(matches!(Image::load(&hv, path), Err(ImageError::Snapshot { .. })));
     assert_eq!(invoke_cold(&hv, "echo", b"fine", TIMEOUT).expect("echo"), b"fine");
 }
+
+/// Reuse mode on aarch64: whatever the previous request changed is the image's again after a
+/// reset — registers (general ones, the thread pointer and the vector base, changed from the
+/// host to cover what EL1 code could reach), memory, and device state.
+#[test]
+fn a_reset_vm_holds_nothing_of_its_previous_request() {
+    let hv = kvm_or_skip!();
+    let (_dir, image) = make_image(&hv, "echo");
+    let saved = image.state().vcpus[0].clone();
+    let port = image.state().port;
+    let mut vm = Vm::restore(&hv, &image).expect("restore");
+    vm.hand_out(&image).expect("hand out");
+    let deadline = Some(Instant::now() + TIMEOUT);
+    assert_eq!(invoke::invoke(&mut vm, port, b"first", 1 << 20, deadline).expect("first"), b"first");
+
+    // X0..X30 come first in KVM's list; then two system registers EL1 code could change:
+    // TPIDR_EL0 and VBAR_EL1 (the VMM's vector table).
+    const TPIDR_EL0: u64 = 0x6030_0000_0013_de82;
+    const VBAR_EL1: u64 = 0x6030_0000_0013_c600;
+    let mut scribbled = Vec::new();
+    for (id, value) in
+        saved.regs.iter().take(31).chain(saved.regs.iter().filter(|(id, _)| [TPIDR_EL0, VBAR_EL1].contains(id)))
+    {
+        let junk = vec![0xa5u8; value.len()];
+        if vm.vcpu_fd().set_one_reg(*id, &junk).is_ok() {
+            scribbled.push((*id, value.clone()));
+        }
+    }
+    assert!(scribbled.len() >= 31, "general registers and system registers were changed");
+    let pages = [0x20_0000u64, 0x100_0000, mu2_abi::layout::HOST_INFO];
+    for addr in pages {
+        vm_memory::Bytes::write_slice(vm.memory(), &[0xcc; 4096], vm_memory::GuestAddress(addr))
+            .expect("scribble memory");
+    }
+    let conn = vm.vsock().connect(port, 0).expect("a host connection");
+    vm.vsock().send(conn, b"leftover").expect("queued data");
+
+    vm.reset_to(&image, true).expect("reset");
+
+    for (id, value) in &scribbled {
+        let mut now = vec![0u8; value.len()];
+        vm.vcpu_fd().get_one_reg(*id, &mut now).expect("read register");
+        assert_eq!(&now, value, "register {id:#x}");
+    }
+    for addr in pages {
+        let mut now = vec![0u8; 4096];
+        vm_memory::Bytes::read_slice(vm.memory(), &mut now, vm_memory::GuestAddress(addr)).expect("read memory");
+        let mut file = image.memory_file();
+        let mut original = vec![0u8; 4096];
+        std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(addr)).expect("seek");
+        std::io::Read::read_exact(&mut file, &mut original).expect("read image");
+        assert!(now == original, "page {addr:#x}");
+    }
+    let encode = |s| postcard::to_stdvec(s).expect("encode");
+    assert_eq!(encode(&vm.vsock_state()), encode(&image.state().vsock), "device state");
+    assert!(vm.vsock().state(conn).is_none(), "host connections do not survive a reset");
+    vm.hand_out(&image).expect("hand out");
+    let deadline = Some(Instant::now() + TIMEOUT);
+    assert_eq!(invoke::invoke(&mut vm, port, b"second", 1 << 20, deadline).expect("second"), b"second");
+}
