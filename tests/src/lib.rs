@@ -147,3 +147,56 @@ pub fn engine(image: std::sync::Arc<mu2_vmm::image::Image>, mode: mu2_vmm::fork:
     let config = mu2_vmm::fork::EngineConfig { mode, pool_size: 4, ..mu2_vmm::fork::EngineConfig::default() };
     mu2_vmm::fork::Engine::new(std::sync::Arc::new(hv), image, config)
 }
+
+/// Every kind of bad image is refused with an error that names the problem, and the VMM goes
+/// on serving: a corrupt state file, a truncated one, an image of the other architecture, a
+/// memory file of the wrong size, a missing memory file. Shared by both architectures' suites.
+///
+/// # Panics
+/// When an image is accepted or an error does not name its problem.
+pub fn bad_images_are_refused(hv: &Hypervisor) {
+    use mu2_snapshot::Arch;
+    use mu2_vmm::image::{Image, ImageError};
+    let (dir, _image) = make_image(hv, "echo");
+    let path = dir.path();
+    let state = std::fs::read(path.join("state")).expect("state file");
+    let load_error = |what: &str| -> String {
+        match Image::load(hv, path) {
+            Err(e) => mu2_vmm::fork::error_chain(&e),
+            Ok(_) => panic!("{what}: a bad image loaded"),
+        }
+    };
+
+    let mut corrupt = state.clone();
+    let last = corrupt.len() - 1;
+    corrupt[last] ^= 0xff;
+    std::fs::write(path.join("state"), &corrupt).expect("write");
+    let text = load_error("corrupt");
+    assert!(text.to_lowercase().contains("checksum"), "{text}");
+
+    std::fs::write(path.join("state"), &state[..20]).expect("write");
+    let text = load_error("truncated");
+    assert!(text.contains("truncated") || text.contains("short"), "{text}");
+
+    let other = match Arch::host() {
+        Arch::X86_64 => Arch::Aarch64,
+        Arch::Aarch64 => Arch::X86_64,
+    };
+    let mut other_arch = state.clone();
+    other_arch[..8].copy_from_slice(&other.magic());
+    std::fs::write(path.join("state"), &other_arch).expect("write");
+    let text = load_error("other architecture");
+    assert!(text.contains(other.name()), "{text}");
+
+    std::fs::write(path.join("state"), &state).expect("write");
+    let memory = std::fs::OpenOptions::new().write(true).open(path.join("memory")).expect("memory");
+    memory.set_len(32 << 20).expect("truncate memory");
+    let text = load_error("memory size");
+    assert!(text.contains("33554432") && text.contains("67108864"), "{text}");
+
+    std::fs::remove_file(path.join("memory")).expect("remove");
+    assert!(matches!(Image::load(hv, path), Err(ImageError::Snapshot { .. })));
+
+    // The VMM is unharmed.
+    assert_eq!(invoke_cold(hv, "echo", b"fine", Duration::from_secs(30)).expect("echo"), b"fine");
+}

@@ -12,7 +12,6 @@ use mu2_devices::virtio::vsock::VsockError;
 use mu2_tests::{boot, engine, guest, invoke_cold, kvm_or_skip, make_image, quiet_config, TempDir};
 use mu2_vmm::arch::EntryMode;
 use mu2_vmm::fork::{ForkError, Mode};
-use mu2_vmm::image::{Image, ImageError};
 use mu2_vmm::invoke::{self, InvokeError};
 use mu2_vmm::{GuestError, RunStop, Vm, VmConfig};
 use sha2::{Digest, Sha256};
@@ -224,31 +223,7 @@ fn forks_draw_different_values_and_know_the_time() {
 #[test]
 fn bad_images_are_refused_with_the_problem_named() {
     let hv = kvm_or_skip!();
-    let (dir, _image) = make_image(&hv, "echo");
-    let path = dir.path();
-    let state = std::fs::read(path.join("state")).expect("state file");
-    let load_error = |what: &str| -> String {
-        match Image::load(&hv, path) {
-            Err(e) => mu2_vmm::fork::error_chain(&e),
-            Ok(_) => panic!("{what}: a bad image loaded"),
-        }
-    };
-    let mut corrupt = state.clone();
-    let last = corrupt.len() - 1;
-    corrupt[last] ^= 0xff;
-    std::fs::write(path.join("state"), &corrupt).expect("write");
-    assert!(load_error("corrupt").to_lowercase().contains("checksum"), "{}", load_error("corrupt"));
-    let mut other_arch = state.clone();
-    other_arch[..8].copy_from_slice(b"MU2IMGx8");
-    std::fs::write(path.join("state"), &other_arch).expect("write");
-    assert!(load_error("arch").contains("x86_64"), "{}", load_error("arch"));
-    std::fs::write(path.join("state"), &state).expect("write");
-    let memory = std::fs::OpenOptions::new().write(true).open(path.join("memory")).expect("memory");
-    memory.set_len(32 << 20).expect("truncate memory");
-    assert!(load_error("memory size").contains("33554432"));
-    std::fs::remove_file(path.join("memory")).expect("remove");
-    assert!(matches!(Image::load(&hv, path), Err(ImageError::Snapshot { .. })));
-    assert_eq!(invoke_cold(&hv, "echo", b"fine", TIMEOUT).expect("echo"), b"fine");
+    mu2_tests::bad_images_are_refused(&hv);
 }
 
 /// Reuse mode on aarch64: whatever the previous request changed is the image's again after a

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mu2_tests::{engine, invoke_cold, kvm_or_skip, make_image, quiet_config, TempDir};
 use mu2_vmm::fork::{Engine, EngineConfig, ForkError, Mode};
-use mu2_vmm::image::{Image, ImageError};
 use mu2_vmm::invoke::{self, InvokeError};
 use mu2_vmm::{GuestError, Hypervisor, RunStop, Vm};
 
@@ -130,40 +129,5 @@ fn a_hundred_forks_draw_a_hundred_different_values_and_know_the_time() {
 #[test]
 fn bad_images_are_refused_with_the_problem_named() {
     let hv = kvm_or_skip!();
-    let (dir, _image) = make_image(&hv, "echo");
-    let path = dir.path();
-    let state = std::fs::read(path.join("state")).expect("state file");
-    let load_error = |what: &str| -> String {
-        match Image::load(&hv, path) {
-            Err(e) => mu2_vmm::fork::error_chain(&e),
-            Ok(_) => panic!("{what}: a bad image loaded"),
-        }
-    };
-
-    let mut corrupt = state.clone();
-    let last = corrupt.len() - 1;
-    corrupt[last] ^= 0xff;
-    std::fs::write(path.join("state"), &corrupt).expect("write");
-    assert!(load_error("corrupt").to_lowercase().contains("checksum"), "{}", load_error("corrupt"));
-
-    std::fs::write(path.join("state"), &state[..20]).expect("write");
-    let truncated = load_error("truncated");
-    assert!(truncated.contains("truncated") || truncated.contains("short"), "{truncated}");
-
-    let mut other_arch = state.clone();
-    other_arch[..8].copy_from_slice(b"MU2IMGa8");
-    std::fs::write(path.join("state"), &other_arch).expect("write");
-    assert!(load_error("arch").contains("aarch64"), "{}", load_error("arch"));
-
-    std::fs::write(path.join("state"), &state).expect("write");
-    let memory = std::fs::OpenOptions::new().write(true).open(path.join("memory")).expect("memory");
-    memory.set_len(32 << 20).expect("truncate memory");
-    let wrong_size = load_error("memory size");
-    assert!(wrong_size.contains("33554432") && wrong_size.contains("67108864"), "{wrong_size}");
-
-    std::fs::remove_file(path.join("memory")).expect("remove");
-    assert!(matches!(Image::load(&hv, path), Err(ImageError::Snapshot { .. })));
-
-    // The VMM is unharmed.
-    assert_eq!(invoke_cold(&hv, "echo", b"fine", TIMEOUT).expect("echo"), b"fine");
+    mu2_tests::bad_images_are_refused(&hv);
 }

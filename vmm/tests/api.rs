@@ -297,29 +297,8 @@ fn run_bridges_vsock_to_a_unix_socket() {
         .stdout(Stdio::null())
         .spawn()
         .expect("mu2 run");
-    let until = Instant::now() + Duration::from_secs(30);
-    let mut stream = loop {
-        if let Ok(s) = std::os::unix::net::UnixStream::connect(&path) {
-            break s;
-        }
-        assert!(Instant::now() < until, "no socket");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    use std::io::Read;
-    stream.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
-    stream.write_all(b"CONNECT 5000\n").expect("connect line");
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while !line.ends_with(b"\n") {
-        assert_eq!(stream.read(&mut byte).expect("handshake"), 1);
-        line.push(byte[0]);
-    }
-    assert!(line.starts_with(b"OK "), "{}", String::from_utf8_lossy(&line));
     let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-    stream.write_all(&payload).expect("payload");
-    stream.shutdown(std::net::Shutdown::Write).expect("half-close");
-    let mut back = Vec::new();
-    stream.read_to_end(&mut back).expect("echo");
+    let back = echo_over_vsock_uds(&path, &payload);
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
@@ -359,34 +338,40 @@ fn a_forked_long_running_vm_gets_its_own_vsock_socket() {
     }
     assert_ne!(forks[0].1, forks[1].1, "two forks, two paths");
     for (i, (_, path)) in forks.iter().enumerate() {
-        let until = Instant::now() + Duration::from_secs(30);
-        let mut stream = loop {
-            if let Ok(s) = std::os::unix::net::UnixStream::connect(path) {
-                break s;
-            }
-            assert!(Instant::now() < until, "no socket at {}", path.display());
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        use std::io::Read;
-        stream.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
-        stream.write_all(b"CONNECT 5000\n").expect("connect line");
-        let mut line = Vec::new();
-        let mut byte = [0u8; 1];
-        while !line.ends_with(b"\n") {
-            assert_eq!(stream.read(&mut byte).expect("handshake"), 1);
-            line.push(byte[0]);
-        }
-        assert!(line.starts_with(b"OK "), "{}", String::from_utf8_lossy(&line));
         let payload = format!("fork {i}");
-        stream.write_all(payload.as_bytes()).expect("payload");
-        stream.shutdown(std::net::Shutdown::Write).expect("half-close");
-        let mut back = Vec::new();
-        stream.read_to_end(&mut back).expect("echo");
-        assert_eq!(back, payload.as_bytes());
+        assert_eq!(echo_over_vsock_uds(path, payload.as_bytes()), payload.as_bytes());
     }
     for (mut child, _) in forks {
         let _ = child.kill();
         let _ = child.wait();
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Connects to a VM's vsock-over-UDS socket (waiting for it to appear), opens guest port 5000
+/// with `CONNECT`, sends `payload`, half-closes, and returns everything the guest sent back.
+fn echo_over_vsock_uds(path: &std::path::Path, payload: &[u8]) -> Vec<u8> {
+    use std::io::Read;
+    let until = Instant::now() + Duration::from_secs(30);
+    let mut stream = loop {
+        if let Ok(s) = std::os::unix::net::UnixStream::connect(path) {
+            break s;
+        }
+        assert!(Instant::now() < until, "no socket at {}", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    stream.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    stream.write_all(b"CONNECT 5000\n").expect("connect line");
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while !line.ends_with(b"\n") {
+        assert_eq!(stream.read(&mut byte).expect("handshake"), 1);
+        line.push(byte[0]);
+    }
+    assert!(line.starts_with(b"OK "), "{}", String::from_utf8_lossy(&line));
+    stream.write_all(payload).expect("payload");
+    stream.shutdown(std::net::Shutdown::Write).expect("half-close");
+    let mut back = Vec::new();
+    stream.read_to_end(&mut back).expect("echo");
+    back
 }
