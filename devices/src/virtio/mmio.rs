@@ -20,64 +20,9 @@ use crate::GuestMemoryMmap;
 
 mod persist;
 
-/// "virt" little-endian.
-pub const MAGIC_VALUE: u32 = 0x7472_6976;
-/// The MMIO transport version this implements (virtio 1.x; 1 is the legacy interface).
-pub const VERSION: u32 = 2;
+pub use mu2_abi::virtio_mmio::{regs, MAGIC_VALUE, VERSION};
 /// The vendor ID the transport reports: "mu2v" little-endian. Drivers do not interpret it.
 pub const VENDOR_ID: u32 = 0x7632_756d;
-
-/// Register offsets (virtio 1.2 §4.2.2).
-pub mod regs {
-    /// Magic value "virt" (R).
-    pub const MAGIC_VALUE: u64 = 0x000;
-    /// Transport version, 2 (R).
-    pub const VERSION: u64 = 0x004;
-    /// Device type (R).
-    pub const DEVICE_ID: u64 = 0x008;
-    /// Vendor ID (R).
-    pub const VENDOR_ID: u64 = 0x00c;
-    /// 32 feature bits selected by DEVICE_FEATURES_SEL (R).
-    pub const DEVICE_FEATURES: u64 = 0x010;
-    /// Selects the word DEVICE_FEATURES shows (W).
-    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
-    /// 32 accepted feature bits selected by DRIVER_FEATURES_SEL (W).
-    pub const DRIVER_FEATURES: u64 = 0x020;
-    /// Selects the word DRIVER_FEATURES writes (W).
-    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
-    /// Selects the queue the QUEUE_* registers refer to (W).
-    pub const QUEUE_SEL: u64 = 0x030;
-    /// Maximum size of the selected queue, 0 if it does not exist (R).
-    pub const QUEUE_NUM_MAX: u64 = 0x034;
-    /// Size of the selected queue (W).
-    pub const QUEUE_NUM: u64 = 0x038;
-    /// Ready bit of the selected queue (RW).
-    pub const QUEUE_READY: u64 = 0x044;
-    /// Queue notification (W).
-    pub const QUEUE_NOTIFY: u64 = 0x050;
-    /// Interrupt status: bit 0 used buffers, bit 1 configuration change (R).
-    pub const INTERRUPT_STATUS: u64 = 0x060;
-    /// Acknowledges interrupt status bits (W).
-    pub const INTERRUPT_ACK: u64 = 0x064;
-    /// Device status (RW).
-    pub const STATUS: u64 = 0x070;
-    /// Descriptor table address, low half (W).
-    pub const QUEUE_DESC_LOW: u64 = 0x080;
-    /// Descriptor table address, high half (W).
-    pub const QUEUE_DESC_HIGH: u64 = 0x084;
-    /// Available (driver) ring address, low half (W).
-    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
-    /// Available (driver) ring address, high half (W).
-    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
-    /// Used (device) ring address, low half (W).
-    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
-    /// Used (device) ring address, high half (W).
-    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-    /// Configuration generation (R).
-    pub const CONFIG_GENERATION: u64 = 0x0fc;
-    /// Start of the device configuration space.
-    pub const CONFIG: u64 = 0x100;
-}
 
 /// Size of the register window.
 pub const WINDOW_SIZE: u64 = 0x1000;

@@ -84,6 +84,83 @@ pub mod sysdev {
     pub const MAGIC_VALUE: u32 = 0x7332_756d;
 }
 
+/// The virtio-mmio transport's register map (virtio 1.2 §4.2.2), which the VMM's device and
+/// the guest's driver must agree on.
+pub mod virtio_mmio {
+    /// "virt" little-endian.
+    pub const MAGIC_VALUE: u32 = 0x7472_6976;
+    /// The MMIO transport version (virtio 1.x; 1 is the legacy interface).
+    pub const VERSION: u32 = 2;
+
+    /// Register offsets (virtio 1.2 §4.2.2).
+    pub mod regs {
+        /// Magic value "virt" (R).
+        pub const MAGIC_VALUE: u64 = 0x000;
+        /// Transport version, 2 (R).
+        pub const VERSION: u64 = 0x004;
+        /// Device type (R).
+        pub const DEVICE_ID: u64 = 0x008;
+        /// Vendor ID (R).
+        pub const VENDOR_ID: u64 = 0x00c;
+        /// 32 feature bits selected by DEVICE_FEATURES_SEL (R).
+        pub const DEVICE_FEATURES: u64 = 0x010;
+        /// Selects the word DEVICE_FEATURES shows (W).
+        pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+        /// 32 accepted feature bits selected by DRIVER_FEATURES_SEL (W).
+        pub const DRIVER_FEATURES: u64 = 0x020;
+        /// Selects the word DRIVER_FEATURES writes (W).
+        pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+        /// Selects the queue the QUEUE_* registers refer to (W).
+        pub const QUEUE_SEL: u64 = 0x030;
+        /// Maximum size of the selected queue, 0 if it does not exist (R).
+        pub const QUEUE_NUM_MAX: u64 = 0x034;
+        /// Size of the selected queue (W).
+        pub const QUEUE_NUM: u64 = 0x038;
+        /// Ready bit of the selected queue (RW).
+        pub const QUEUE_READY: u64 = 0x044;
+        /// Queue notification (W).
+        pub const QUEUE_NOTIFY: u64 = 0x050;
+        /// Interrupt status: bit 0 used buffers, bit 1 configuration change (R).
+        pub const INTERRUPT_STATUS: u64 = 0x060;
+        /// Acknowledges interrupt status bits (W).
+        pub const INTERRUPT_ACK: u64 = 0x064;
+        /// Device status (RW).
+        pub const STATUS: u64 = 0x070;
+        /// Descriptor table address, low half (W).
+        pub const QUEUE_DESC_LOW: u64 = 0x080;
+        /// Descriptor table address, high half (W).
+        pub const QUEUE_DESC_HIGH: u64 = 0x084;
+        /// Available (driver) ring address, low half (W).
+        pub const QUEUE_DRIVER_LOW: u64 = 0x090;
+        /// Available (driver) ring address, high half (W).
+        pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
+        /// Used (device) ring address, low half (W).
+        pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+        /// Used (device) ring address, high half (W).
+        pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+        /// Configuration generation (R).
+        pub const CONFIG_GENERATION: u64 = 0x0fc;
+        /// Start of the device configuration space.
+        pub const CONFIG: u64 = 0x100;
+    }
+
+    /// Device status bits (virtio 1.2 §2.1).
+    pub mod status {
+        /// The driver found the device.
+        pub const ACKNOWLEDGE: u32 = 1;
+        /// The driver knows how to drive it.
+        pub const DRIVER: u32 = 2;
+        /// The driver is ready.
+        pub const DRIVER_OK: u32 = 4;
+        /// Feature negotiation is complete.
+        pub const FEATURES_OK: u32 = 8;
+        /// The device hit an error it cannot recover from without a reset.
+        pub const DEVICE_NEEDS_RESET: u32 = 64;
+        /// The driver gave up on the device.
+        pub const FAILED: u32 = 128;
+    }
+}
+
 /// Bits of the value a WAIT read returns.
 pub mod wait {
     /// Virtio device `i` (bit `i`, i < 16) has added buffers to a used ring.

@@ -12,7 +12,7 @@
 
 use alloc::vec::Vec;
 
-use crate::virtio::mmio::{reg, status, Transport, MAGIC_VALUE};
+use crate::virtio::mmio::{reg, status, Transport, MAGIC_VALUE, VERSION};
 use crate::virtio::queue::{Desc, Queue, RingLayout, F_NEXT, F_WRITE};
 use crate::virtio::{Dma, Page};
 
@@ -242,7 +242,7 @@ pub enum InitError {
 
 /// Whether the window at `base` is a virtio-mmio v2 vsock device (three exits).
 pub(crate) fn probe(transport: Transport) -> Result<(), InitError> {
-    if transport.read(reg::MAGIC) != MAGIC_VALUE || transport.read(reg::VERSION) != 2 {
+    if transport.read(reg::MAGIC_VALUE) != MAGIC_VALUE || transport.read(reg::VERSION) != VERSION {
         return Err(InitError::NotVirtioMmio);
     }
     if transport.read(reg::DEVICE_ID) != DEVICE_ID {

@@ -1,38 +1,8 @@
 //! The virtio-mmio version 2 register window. Every access is a VM exit: the driver touches
 //! these at boot and, for queue notifications, only when the device asks for them.
 
-/// Register offsets (virtio 1.2 §4.2.2).
-pub mod reg {
-    pub const MAGIC: u64 = 0x000;
-    pub const VERSION: u64 = 0x004;
-    pub const DEVICE_ID: u64 = 0x008;
-    pub const DEVICE_FEATURES: u64 = 0x010;
-    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
-    pub const DRIVER_FEATURES: u64 = 0x020;
-    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
-    pub const QUEUE_SEL: u64 = 0x030;
-    pub const QUEUE_NUM_MAX: u64 = 0x034;
-    pub const QUEUE_NUM: u64 = 0x038;
-    pub const QUEUE_READY: u64 = 0x044;
-    pub const QUEUE_NOTIFY: u64 = 0x050;
-    pub const STATUS: u64 = 0x070;
-    pub const QUEUE_DESC_LOW: u64 = 0x080;
-    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
-    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
-    pub const CONFIG: u64 = 0x100;
-}
-
-/// "virt" little-endian.
-pub const MAGIC_VALUE: u32 = 0x7472_6976;
-
-/// Device status bits.
-pub mod status {
-    pub const ACKNOWLEDGE: u32 = 1;
-    pub const DRIVER: u32 = 2;
-    pub const DRIVER_OK: u32 = 4;
-    pub const FEATURES_OK: u32 = 8;
-    pub const FAILED: u32 = 128;
-}
+// The register map, magic value and status bits are the ABI's, shared with the VMM's device.
+pub use mu2_abi::virtio_mmio::{regs as reg, status, MAGIC_VALUE, VERSION};
 
 /// One device's register window.
 #[derive(Debug, Clone, Copy)]
