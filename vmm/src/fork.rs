@@ -490,3 +490,13 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     }
     text
 }
+
+impl crate::error::Classify for ForkError {
+    fn kind(&self) -> crate::error::FailureKind {
+        match self {
+            ForkError::Restore(e) => e.kind(),
+            ForkError::PoolClosed => crate::error::FailureKind::Internal,
+            ForkError::Invoke(e) => e.kind(),
+        }
+    }
+}

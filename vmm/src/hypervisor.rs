@@ -87,3 +87,15 @@ impl Hypervisor {
         arch::vcpu_cpuid(&self.cpuid, index, count)
     }
 }
+
+impl crate::error::Classify for HypervisorError {
+    fn kind(&self) -> crate::error::FailureKind {
+        use crate::error::FailureKind;
+        match self {
+            HypervisorError::Missing | HypervisorError::PermissionDenied => FailureKind::KvmUnavailable,
+            HypervisorError::ApiVersion(_) => FailureKind::KvmUnavailable,
+            HypervisorError::Open(e) => crate::error::kvm_kind(e),
+            HypervisorError::Arch(e) => e.kind(),
+        }
+    }
+}

@@ -201,3 +201,40 @@ impl Image {
         self.restores.iter().map(|r| 1 + r.plan.ioctls()).sum()
     }
 }
+
+impl crate::error::Classify for ImageError {
+    fn kind(&self) -> crate::error::FailureKind {
+        use crate::error::FailureKind;
+        match self {
+            ImageError::Build(e) => e.kind(),
+            ImageError::Boot(e) => e.kind(),
+            ImageError::NotIdle(_) => FailureKind::GuestProtocol,
+            ImageError::Freeze(e) => e.kind(),
+            ImageError::Snapshot { source, .. } => snapshot_kind(source),
+            ImageError::Invalid { .. } => FailureKind::BadInput,
+            ImageError::Arch(e) => e.kind(),
+        }
+    }
+}
+
+/// A frozen image that cannot be read or is not valid is the caller's input; failing to write
+/// one is the VMM's own failure (or a full disk).
+fn snapshot_kind(e: &mu2_snapshot::SnapshotError) -> crate::error::FailureKind {
+    use crate::error::FailureKind;
+    use mu2_snapshot::SnapshotError;
+    match e {
+        SnapshotError::Io { op: "read" | "open" | "stat", .. } => FailureKind::BadInput,
+        // The destination given is unusable.
+        SnapshotError::Io { source, .. }
+            if matches!(
+                source.raw_os_error(),
+                Some(libc::ENOENT | libc::EACCES | libc::EPERM | libc::EROFS | libc::ENOTDIR | libc::EEXIST)
+            ) =>
+        {
+            FailureKind::BadInput
+        }
+        SnapshotError::Io { source, .. } => crate::error::io_kind(source),
+        SnapshotError::Encode { .. } | SnapshotError::EncodedTooLarge { .. } => FailureKind::Internal,
+        _ => FailureKind::BadInput,
+    }
+}

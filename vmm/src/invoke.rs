@@ -150,3 +150,19 @@ pub fn invoke(
     vm.vsock().remove(conn);
     result.map(|()| response)
 }
+
+impl crate::error::Classify for InvokeError {
+    fn kind(&self) -> crate::error::FailureKind {
+        use crate::error::FailureKind;
+        match self {
+            InvokeError::Guest(e) => e.kind(),
+            InvokeError::ExitedBeforeReady(_) | InvokeError::ExitedDuringRequest(_) => FailureKind::GuestCrash,
+            InvokeError::NeverReady
+            | InvokeError::Device(_)
+            | InvokeError::Refused { .. }
+            | InvokeError::Reset { .. }
+            | InvokeError::ResponseTooLarge { .. }
+            | InvokeError::Stalled { .. } => FailureKind::GuestProtocol,
+        }
+    }
+}

@@ -145,3 +145,9 @@ pub fn arm_deadline(deadline: Option<Instant>) -> Result<(), KickError> {
     let after = deadline.map(|d| d.saturating_duration_since(Instant::now()));
     TIMER.with(|t| t.set(after))
 }
+
+impl crate::error::Classify for KickError {
+    fn kind(&self) -> crate::error::FailureKind {
+        crate::error::FailureKind::Internal
+    }
+}

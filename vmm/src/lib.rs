@@ -15,6 +15,7 @@ pub mod image;
 pub mod invoke;
 pub mod kick;
 pub mod memory;
+pub mod source;
 pub mod uds;
 pub mod vm;
 

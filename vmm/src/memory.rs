@@ -346,3 +346,12 @@ impl GuestRam {
         self.mapping.host.as_ptr() as u64
     }
 }
+
+impl crate::error::Classify for MemoryError {
+    fn kind(&self) -> crate::error::FailureKind {
+        match self {
+            MemoryError::Map { source, .. } => crate::error::io_kind(source),
+            MemoryError::Region(_) | MemoryError::Layout(_) => crate::error::FailureKind::Internal,
+        }
+    }
+}

@@ -494,3 +494,14 @@ mod tests {
         assert_eq!(port_path(Path::new("/tmp/v.sock"), 52), PathBuf::from("/tmp/v.sock_52"));
     }
 }
+
+impl crate::error::Classify for UdsError {
+    fn kind(&self) -> crate::error::FailureKind {
+        use crate::error::FailureKind;
+        match self {
+            UdsError::Io { source, .. } => crate::error::io_kind(source),
+            UdsError::Events(_) => FailureKind::Internal,
+            UdsError::Guest(e) => e.kind(),
+        }
+    }
+}

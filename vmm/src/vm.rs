@@ -1004,3 +1004,48 @@ enum Exit {
 }
 
 const _: () = assert!(sysdev::WAIT < layout::MMIO_DEVICE_SIZE);
+
+impl crate::error::Classify for BuildError {
+    fn kind(&self) -> crate::error::FailureKind {
+        use crate::error::FailureKind;
+        match self {
+            BuildError::Config(_) | BuildError::Cmdline(_) => FailureKind::BadInput,
+            BuildError::Kvm { source, .. } => crate::error::kvm_kind(source),
+            BuildError::Memory(e) => e.kind(),
+            BuildError::Arch(e) => e.kind(),
+            BuildError::Device(_) => FailureKind::Internal,
+        }
+    }
+}
+
+impl crate::error::Classify for GuestError {
+    fn kind(&self) -> crate::error::FailureKind {
+        use crate::error::FailureKind;
+        match self {
+            GuestError::Fault(_)
+            | GuestError::Panic(_)
+            | GuestError::TripleFault { .. }
+            | GuestError::Halted { .. }
+            | GuestError::FailEntry { .. }
+            | GuestError::Internal { .. }
+            | GuestError::SystemEvent(_) => FailureKind::GuestCrash,
+            GuestError::Protocol(_) => FailureKind::GuestProtocol,
+            GuestError::Timeout => FailureKind::Timeout,
+            GuestError::Stopped => FailureKind::Internal,
+            GuestError::Kvm { source, .. } => crate::error::kvm_kind(source),
+            GuestError::Kick(e) => e.kind(),
+        }
+    }
+}
+
+impl crate::error::Classify for FreezeError {
+    fn kind(&self) -> crate::error::FailureKind {
+        use crate::error::FailureKind;
+        match self {
+            FreezeError::NotReady | FreezeError::NotIdle => FailureKind::GuestProtocol,
+            FreezeError::Kvm { source, .. } => crate::error::kvm_kind(source),
+            FreezeError::Arch(e) => e.kind(),
+            FreezeError::Unexpected(_) => FailureKind::Internal,
+        }
+    }
+}

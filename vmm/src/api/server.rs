@@ -870,3 +870,13 @@ pub fn run_until_signal(config: ServeConfig) -> Result<(), ServeError> {
     let _ = watcher.join();
     Ok(())
 }
+
+impl crate::error::Classify for ServeError {
+    fn kind(&self) -> crate::error::FailureKind {
+        match self {
+            ServeError::Config(_) => crate::error::FailureKind::BadInput,
+            ServeError::Hypervisor(e) => e.kind(),
+            ServeError::Io { source, .. } => crate::error::io_kind(source),
+        }
+    }
+}

@@ -385,3 +385,15 @@ pub const VM_STATE_SCHEMA: &str = "VmState {
     }";
 /// [`VM_STATE_SCHEMA`]'s recorded fingerprint.
 pub const VM_STATE_FINGERPRINT: u64 = 0xb906_360f_0e95_05c1;
+
+impl crate::error::Classify for ArchError {
+    fn kind(&self) -> crate::error::FailureKind {
+        use crate::error::FailureKind;
+        match self {
+            ArchError::Kvm { source, .. } => crate::error::kvm_kind(source),
+            ArchError::Register { .. } | ArchError::Devicetree(_) => FailureKind::Internal,
+            ArchError::Memory { .. } | ArchError::Load(_) | ArchError::ImagePlacement { .. } => FailureKind::BadInput,
+            ArchError::Unsupported(_) | ArchError::BadState(_) => FailureKind::BadInput,
+        }
+    }
+}

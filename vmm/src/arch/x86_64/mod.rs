@@ -338,3 +338,15 @@ pub const VM_STATE_SCHEMA: &str = "VmState {
     }";
 /// [`VM_STATE_SCHEMA`]'s recorded fingerprint.
 pub const VM_STATE_FINGERPRINT: u64 = 0xe2d0_bae9_2f7e_d58d;
+
+impl crate::error::Classify for ArchError {
+    fn kind(&self) -> crate::error::FailureKind {
+        use crate::error::FailureKind;
+        match self {
+            ArchError::Kvm { source, .. } => crate::error::kvm_kind(source),
+            ArchError::Memory { .. } | ArchError::Load(_) | ArchError::ImagePlacement { .. } => FailureKind::BadInput,
+            ArchError::BadState(_) => FailureKind::BadInput,
+            ArchError::TooManyMsrs(_) | ArchError::MsrRefused(_) => FailureKind::Internal,
+        }
+    }
+}
