@@ -484,17 +484,6 @@ pub fn run(vm: &mut Vm, base: &Path, deadline: Option<Instant>) -> Result<u32, U
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn paths() {
-        assert_eq!(fork_path(Path::new("/tmp/v.sock"), 7), PathBuf::from("/tmp/v.sock.7"));
-        assert_eq!(port_path(Path::new("/tmp/v.sock"), 52), PathBuf::from("/tmp/v.sock_52"));
-    }
-}
-
 impl crate::error::Classify for UdsError {
     fn kind(&self) -> crate::error::FailureKind {
         use crate::error::FailureKind;
@@ -503,5 +492,16 @@ impl crate::error::Classify for UdsError {
             UdsError::Events(_) => FailureKind::Internal,
             UdsError::Guest(e) => e.kind(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths() {
+        assert_eq!(fork_path(Path::new("/tmp/v.sock"), 7), PathBuf::from("/tmp/v.sock.7"));
+        assert_eq!(port_path(Path::new("/tmp/v.sock"), 52), PathBuf::from("/tmp/v.sock_52"));
     }
 }
