@@ -162,7 +162,7 @@ pub fn bad_images_are_refused(hv: &Hypervisor) {
     let state = std::fs::read(path.join("state")).expect("state file");
     let load_error = |what: &str| -> String {
         match Image::load(hv, path) {
-            Err(e) => mu2_vmm::fork::error_chain(&e),
+            Err(e) => mu2_vmm::error::error_chain(&e),
             Ok(_) => panic!("{what}: a bad image loaded"),
         }
     };

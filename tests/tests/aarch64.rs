@@ -123,7 +123,7 @@ fn bad_configurations_are_refused() {
     let hv = kvm_or_skip!();
     let mut config = VmConfig::new(guest("echo"));
     config.mem_size = 3 << 20;
-    assert!(matches!(Vm::boot(&hv, &config, Box::new(std::io::sink())), Err(mu2_vmm::BuildError::Config(_))));
+    assert!(matches!(Vm::boot(&hv, &config, Box::new(std::io::sink())), Err(mu2_vmm::BuildError::MemorySize { .. })));
     let not_elf = VmConfig::new(&b"definitely not an ELF file"[..]);
     assert!(matches!(Vm::boot(&hv, &not_elf, Box::new(std::io::sink())), Err(mu2_vmm::BuildError::Arch(_))));
     let mut linux = VmConfig::new(guest("echo"));

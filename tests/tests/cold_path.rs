@@ -194,11 +194,19 @@ fn cold_booted_guests_draw_different_random_values() {
 fn bad_configurations_are_refused() {
     let hv = kvm_or_skip!();
     let mut config = mu2_vmm::VmConfig::new(mu2_tests::guest("echo"));
+    use mu2_vmm::error::{Classify, FailureKind};
+    let boot = |config: &mu2_vmm::VmConfig| mu2_vmm::Vm::boot(&hv, config, Box::new(std::io::sink())).map(|_| ());
     config.mem_size = 3 << 20;
-    assert!(matches!(mu2_vmm::Vm::boot(&hv, &config, Box::new(std::io::sink())), Err(mu2_vmm::BuildError::Config(_))));
+    let e = boot(&config).unwrap_err();
+    assert!(matches!(e, mu2_vmm::BuildError::MemorySize { bytes } if bytes == 3 << 20), "{e}");
+    assert_eq!(e.kind(), FailureKind::BadInput);
     config.mem_size = 64 << 20;
     config.vcpus = 0;
-    assert!(matches!(mu2_vmm::Vm::boot(&hv, &config, Box::new(std::io::sink())), Err(mu2_vmm::BuildError::Config(_))));
+    let e = boot(&config).unwrap_err();
+    assert!(matches!(e, mu2_vmm::BuildError::VcpuCount { asked: 0, .. }), "{e}");
+    assert_eq!(e.kind(), FailureKind::BadInput);
     let not_elf = mu2_vmm::VmConfig::new(&b"definitely not an ELF file"[..]);
-    assert!(matches!(mu2_vmm::Vm::boot(&hv, &not_elf, Box::new(std::io::sink())), Err(mu2_vmm::BuildError::Arch(_))));
+    let e = boot(&not_elf).unwrap_err();
+    assert!(matches!(e, mu2_vmm::BuildError::Arch(_)), "{e}");
+    assert_eq!(e.kind(), FailureKind::BadInput);
 }

@@ -29,6 +29,9 @@ pub enum BenchError {
     /// A VM could not be built.
     #[error("building a VM")]
     Build(#[from] BuildError),
+    /// A floor measurement failed.
+    #[error("measuring the floor")]
+    Floor(#[from] crate::floor::FloorError),
     /// A request failed.
     #[error("request {index} failed")]
     Request {

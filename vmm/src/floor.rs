@@ -13,7 +13,51 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::arch::{self, EntryMode};
 use crate::hypervisor::Hypervisor;
 use crate::memory::GuestRam;
-use crate::vm::BuildError;
+
+/// Why a floor measurement failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FloorError {
+    /// A KVM call failed.
+    #[error("KVM could not {what}")]
+    Kvm {
+        /// The operation.
+        what: &'static str,
+        /// KVM's error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory could not be mapped.
+    #[error("mapping the floor guest's memory")]
+    Memory(#[source] crate::memory::MemoryError),
+    /// Boot tables or registers could not be set.
+    #[error("setting up the floor guest")]
+    Arch(#[source] arch::ArchError),
+    /// The floor guest's memory file could not be written.
+    #[error("writing the floor image")]
+    Image(#[source] std::io::Error),
+    /// The floor guest's code could not be written into its memory.
+    #[error("writing the floor guest")]
+    Code(#[source] vm_memory::GuestMemoryError),
+    /// The floor guest stopped at something other than its exiting instruction.
+    #[error("floor guest stopped unexpectedly: {exit}")]
+    UnexpectedExit {
+        /// KVM's description of the exit.
+        exit: String,
+    },
+}
+
+impl crate::error::Classify for FloorError {
+    fn kind(&self) -> crate::error::FailureKind {
+        use crate::error::FailureKind;
+        match self {
+            FloorError::Kvm { source, .. } => crate::error::kvm_kind(source),
+            FloorError::Memory(e) => e.kind(),
+            FloorError::Arch(e) => e.kind(),
+            FloorError::Image(e) => crate::error::io_kind(e),
+            FloorError::Code(_) | FloorError::UnexpectedExit { .. } => FailureKind::Internal,
+        }
+    }
+}
 
 /// Durations of one floor cycle.
 #[derive(Debug, Clone, Copy)]
@@ -34,14 +78,13 @@ pub struct FloorImage {
 
 impl FloorImage {
     /// Builds the floor guest's memory file for VMs of `mem_size` bytes.
-    pub fn new(mem_size: u64) -> Result<FloorImage, BuildError> {
+    pub fn new(mem_size: u64) -> Result<FloorImage, FloorError> {
         use std::io::{Seek, SeekFrom, Write};
-        let io = |e: std::io::Error| BuildError::Config(format!("writing the floor image: {e}"));
-        let ram = GuestRam::anonymous(mem_size as usize).map_err(BuildError::Memory)?;
+        let io = FloorError::Image;
+        let ram = GuestRam::anonymous(mem_size as usize).map_err(FloorError::Memory)?;
         let mem = ram.memory();
-        arch::write_boot_data(mem, mem_size, b"\0", EntryMode::Native).map_err(BuildError::Arch)?;
-        mem.write_slice(&arch::floor_code(), GuestAddress(layout::IMAGE_BASE))
-            .map_err(|e| BuildError::Config(format!("writing the floor guest: {e}")))?;
+        arch::write_boot_data(mem, mem_size, b"\0", EntryMode::Native).map_err(FloorError::Arch)?;
+        mem.write_slice(&arch::floor_code(), GuestAddress(layout::IMAGE_BASE)).map_err(FloorError::Code)?;
         // SAFETY: memfd_create with a static NUL-terminated name; the result is checked.
         let fd = unsafe { libc::memfd_create(c"mu2-floor".as_ptr(), libc::MFD_CLOEXEC) };
         if fd < 0 {
@@ -60,7 +103,7 @@ impl FloorImage {
     }
 
     /// Creates a minimal VM on this image, runs it to its first exit and destroys it.
-    pub fn fresh_cycle(&self, hv: &Hypervisor) -> Result<FloorSample, BuildError> {
+    pub fn fresh_cycle(&self, hv: &Hypervisor) -> Result<FloorSample, FloorError> {
         let start = Instant::now();
         let vm = FloorVm::new(hv, self)?;
         let mut vm = vm;
@@ -83,43 +126,37 @@ pub struct FloorVm {
 
 impl FloorVm {
     /// A new VM on `image`, set up to run its exiting instruction.
-    pub fn new(hv: &Hypervisor, image: &FloorImage) -> Result<FloorVm, BuildError> {
-        let kvm_err = |what| move |source| BuildError::Kvm { what, source };
+    pub fn new(hv: &Hypervisor, image: &FloorImage) -> Result<FloorVm, FloorError> {
+        let kvm_err = |what| move |source| FloorError::Kvm { what, source };
         let vm = hv.kvm().create_vm().map_err(kvm_err("create a VM"))?;
-        let ram = GuestRam::from_file(&image.file, image.mem_size as usize).map_err(BuildError::Memory)?;
-        let region = kvm_bindings::kvm_userspace_memory_region {
-            slot: 0,
-            flags: 0,
-            guest_phys_addr: 0,
-            memory_size: image.mem_size,
-            userspace_addr: ram.host_address(),
-        };
-        // SAFETY: `ram` maps the region for as long as the VM exists (dropped after `_vm`).
-        unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("register guest memory"))?;
+        let ram = GuestRam::from_file(&image.file, image.mem_size as usize).map_err(FloorError::Memory)?;
+        // SAFETY: `ram` goes into the returned `FloorVm`, whose field order drops the vCPU and
+        // the VM before it.
+        unsafe { ram.register(&vm) }.map_err(kvm_err("register guest memory"))?;
         let vcpu = vm.create_vcpu(0).map_err(kvm_err("create a vCPU"))?;
         arch::setup_vcpu(&vcpu, &hv.vcpu_cpuid(0, 1), layout::IMAGE_BASE, EntryMode::Native)
-            .map_err(BuildError::Arch)?;
-        let regs = arch::EntryRegs::read(&vcpu).map_err(BuildError::Arch)?;
+            .map_err(FloorError::Arch)?;
+        let regs = arch::EntryRegs::read(&vcpu).map_err(FloorError::Arch)?;
         Ok(FloorVm { vcpu, _vm: vm, ram, regs })
     }
 
-    fn run_to_exit(&mut self) -> Result<(), BuildError> {
+    fn run_to_exit(&mut self) -> Result<(), FloorError> {
         loop {
             match self.vcpu.run() {
                 Ok(exit) if arch::is_floor_exit(&exit) => return Ok(()),
-                Ok(other) => return Err(BuildError::Config(format!("floor guest stopped unexpectedly: {other:?}"))),
+                Ok(other) => return Err(FloorError::UnexpectedExit { exit: format!("{other:?}") }),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
-                Err(source) => return Err(BuildError::Kvm { what: "run the floor guest", source }),
+                Err(source) => return Err(FloorError::Kvm { what: "run the floor guest", source }),
             }
         }
     }
 
     /// The reuse floor: remap the memory file in place, reset the registers, run to the
     /// first exit. Returns the time that took.
-    pub fn reuse_cycle(&mut self, image: &FloorImage) -> Result<Duration, BuildError> {
+    pub fn reuse_cycle(&mut self, image: &FloorImage) -> Result<Duration, FloorError> {
         let start = Instant::now();
-        self.ram.remap_file(&image.file).map_err(BuildError::Memory)?;
-        self.regs.write(&mut self.vcpu).map_err(BuildError::Arch)?;
+        self.ram.remap_file(&image.file).map_err(FloorError::Memory)?;
+        self.regs.write(&mut self.vcpu).map_err(FloorError::Arch)?;
         self.run_to_exit()?;
         Ok(start.elapsed())
     }
@@ -127,7 +164,7 @@ impl FloorVm {
 
 /// Creates a minimal VM with `mem_size` bytes of anonymous memory, runs it to its first
 /// exit and destroys it.
-pub fn fresh_cycle(hv: &Hypervisor, mem_size: u64) -> Result<FloorSample, BuildError> {
+pub fn fresh_cycle(hv: &Hypervisor, mem_size: u64) -> Result<FloorSample, FloorError> {
     FloorImage::new(mem_size)?.fresh_cycle(hv)
 }
 

@@ -16,10 +16,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::error::error_chain;
 use crate::hypervisor::Hypervisor;
 use crate::image::Image;
 use crate::invoke::{self, InvokeError};
-use crate::vm::{BuildError, ResetKind, Vm};
+use crate::restore::{ResetKind, RestoreError};
+use crate::vm::Vm;
 
 /// How a request gets its VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,7 +70,7 @@ impl Default for EngineConfig {
 pub enum ForkError {
     /// No VM could be made for it.
     #[error("restoring a VM from the image")]
-    Restore(#[source] BuildError),
+    Restore(#[source] RestoreError),
     /// The pool's builders stopped.
     #[error("the VM pool is shut down")]
     PoolClosed,
@@ -136,7 +138,7 @@ impl Drop for Reaper {
 /// pages a request writes are copied in advance (`written`), then the guest runs until it
 /// waits for work, mapping the pages that path reads (see `Vm::warm_up`). A VM whose warm-up
 /// fails is replaced by a cold restore, which serves all the same.
-fn warmed(hv: &Hypervisor, mut vm: Vm, image: &Image, written: &[u64]) -> Result<Vm, BuildError> {
+fn warmed(hv: &Hypervisor, mut vm: Vm, image: &Image, written: &[u64]) -> Result<Vm, RestoreError> {
     vm.copy_in_advance(written);
     if vm.hand_out(image).is_ok() && vm.warm_up(Some(Instant::now() + WARM_UP_DEADLINE)).is_ok() {
         return Ok(vm);
@@ -151,7 +153,7 @@ const WARM_UP_DEADLINE: Duration = Duration::from_millis(500);
 /// VMs restored ahead of time.
 #[derive(Debug)]
 struct Pool {
-    ready: Mutex<Receiver<Result<Vm, BuildError>>>,
+    ready: Mutex<Receiver<Result<Vm, RestoreError>>>,
     stop: Arc<AtomicBool>,
     builders: Vec<JoinHandle<()>>,
     depth: Arc<AtomicUsize>,
@@ -162,7 +164,7 @@ impl Pool {
         // The channel holds `size` VMs; each builder also holds one while it waits to hand
         // it over, so the channel is that much smaller.
         let capacity = size.saturating_sub(builders).max(1);
-        let (tx, rx): (SyncSender<Result<Vm, BuildError>>, _) = mpsc::sync_channel(capacity);
+        let (tx, rx): (SyncSender<Result<Vm, RestoreError>>, _) = mpsc::sync_channel(capacity);
         let stop = Arc::new(AtomicBool::new(false));
         let depth = Arc::new(AtomicUsize::new(0));
         let filling = Arc::new(AtomicBool::new(true));
@@ -312,7 +314,7 @@ fn probe_written_pages(hv: &Hypervisor, image: &Image) -> Vec<u64> {
         vm.hand_out(image).ok()?;
         let deadline = Some(Instant::now() + WARM_UP_DEADLINE);
         invoke::invoke(&mut vm, image.state().port, b"", 1 << 20, deadline).ok()?;
-        vm.private_pages().ok()
+        vm.written_pages().ok()
     };
     probe().unwrap_or_default()
 }
@@ -478,19 +480,6 @@ impl Engine {
 fn micros(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
-
-/// An error and its causes on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
 impl crate::error::Classify for ForkError {
     fn kind(&self) -> crate::error::FailureKind {
         match self {

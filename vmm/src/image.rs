@@ -9,7 +9,7 @@ use std::time::Instant;
 use crate::arch::{self, CpuId, RestorePlan, VcpuState};
 use crate::hypervisor::Hypervisor;
 use crate::invoke::{self, InvokeError};
-use crate::vm::{BuildError, FreezeError, RunStop, Vm, VmConfig, VmState};
+use crate::vm::{BuildError, FreezeError, GuestError, RunStop, Vm, VmConfig, VmState};
 use mu2_abi::ReadyInfo;
 
 /// Errors making or loading an image.
@@ -22,8 +22,14 @@ pub enum ImageError {
     #[error("the guest did not become ready")]
     Boot(#[source] InvokeError),
     /// The guest did something other than wait after becoming ready.
-    #[error("the guest did not settle into waiting after becoming ready: {0}")]
-    NotIdle(String),
+    #[error("the guest did not settle into waiting after becoming ready (it stopped with {stop:?})")]
+    NotIdle {
+        /// How it stopped instead.
+        stop: RunStop,
+    },
+    /// The guest failed after becoming ready.
+    #[error("the guest failed after becoming ready")]
+    Settle(#[source] GuestError),
     /// Freezing failed.
     #[error("freezing the guest")]
     Freeze(#[from] FreezeError),
@@ -62,11 +68,11 @@ pub fn create(
     let ready = invoke::run_until_ready(&mut vm, deadline).map_err(ImageError::Boot)?;
     match vm.run(deadline) {
         Ok(RunStop::Idle) => {}
-        Ok(other) => return Err(ImageError::NotIdle(format!("{other:?}"))),
-        Err(e) => return Err(ImageError::NotIdle(e.to_string())),
+        Ok(stop) => return Err(ImageError::NotIdle { stop }),
+        Err(e) => return Err(ImageError::Settle(e)),
     }
     let state = vm.freeze()?;
-    mu2_snapshot::write_image(dir, mu2_snapshot::Arch::host(), &state, vm.memory_bytes())
+    mu2_snapshot::write_image(dir, mu2_snapshot::Arch::host(), &state, vm.frozen_memory())
         .map_err(|source| ImageError::Snapshot { path: dir.to_path_buf(), source })?;
     Ok(ready)
 }
@@ -208,7 +214,8 @@ impl crate::error::Classify for ImageError {
         match self {
             ImageError::Build(e) => e.kind(),
             ImageError::Boot(e) => e.kind(),
-            ImageError::NotIdle(_) => FailureKind::GuestProtocol,
+            ImageError::NotIdle { .. } => FailureKind::GuestProtocol,
+            ImageError::Settle(e) => e.kind(),
             ImageError::Freeze(e) => e.kind(),
             ImageError::Snapshot { source, .. } => snapshot_kind(source),
             ImageError::Invalid { .. } => FailureKind::BadInput,

@@ -15,9 +15,11 @@ pub mod image;
 pub mod invoke;
 pub mod kick;
 pub mod memory;
+pub mod restore;
 pub mod source;
 pub mod uds;
 pub mod vm;
 
 pub use hypervisor::{Hypervisor, HypervisorError};
-pub use vm::{BuildError, ExitStats, GuestError, ResetKind, RunStop, Vm, VmConfig};
+pub use restore::{ResetKind, RestoreError};
+pub use vm::{BuildError, ExitStats, GuestError, RunStop, Vm, VmConfig};

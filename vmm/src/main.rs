@@ -321,7 +321,9 @@ fn console(path: &Option<PathBuf>, default_stdout: bool) -> Result<ConsoleOutput
 fn boot(hv: &Hypervisor, config: &VmConfig, console: ConsoleOutput) -> Result<Vm, Failure> {
     Vm::boot(hv, config, console).map_err(|e| {
         let code = match e {
-            BuildError::Config(_) | BuildError::Arch(mu2_vmm::arch::ArchError::Load(_)) => code::BAD_INPUT,
+            BuildError::MemorySize { .. }
+            | BuildError::VcpuCount { .. }
+            | BuildError::Arch(mu2_vmm::arch::ArchError::Load(_)) => code::BAD_INPUT,
             BuildError::Arch(mu2_vmm::arch::ArchError::ImagePlacement { .. }) | BuildError::Cmdline(_) => {
                 code::BAD_INPUT
             }
@@ -436,7 +438,9 @@ fn snapshot_cmd(args: &SnapshotArgs) -> Result<(), Failure> {
     let start = Instant::now();
     mu2_vmm::image::create(&hv, &config, &args.out, Some(start + args.timeout)).map_err(|e| {
         let code = match &e {
-            mu2_vmm::image::ImageError::Build(BuildError::Config(_)) => code::BAD_INPUT,
+            mu2_vmm::image::ImageError::Build(BuildError::MemorySize { .. } | BuildError::VcpuCount { .. }) => {
+                code::BAD_INPUT
+            }
             mu2_vmm::image::ImageError::Boot(InvokeError::Guest(GuestError::Timeout)) => code::TIMEOUT,
             _ => code::FAILURE,
         };

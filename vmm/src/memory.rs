@@ -137,7 +137,27 @@ impl GuestRam {
         Ok(GuestRam { mem, mapping })
     }
 
-    /// The vm-memory view of guest RAM.
+    /// Registers this RAM as memory slot 0 of `vm`, at guest-physical address 0. The one place
+    /// a memory slot is made.
+    ///
+    /// # Safety
+    /// KVM keeps the host address and writes guest memory through it until the VM is gone, and
+    /// the VM lives as long as any of its file descriptors: the caller must keep this mapping
+    /// alive until `vm` and every vCPU made from it are closed.
+    pub unsafe fn register(&self, vm: &kvm_ioctls::VmFd) -> Result<(), kvm_ioctls::Error> {
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: self.mapping.size as u64,
+            userspace_addr: self.host_address(),
+        };
+        // SAFETY: the region is this mapping, whole, and the caller keeps it alive for as long
+        // as the VM can use it (this function's contract).
+        unsafe { vm.set_user_memory_region(region) }
+    }
+
+    /// Guest memory, as vm-memory sees it.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.mem
     }

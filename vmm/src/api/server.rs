@@ -22,7 +22,8 @@ use super::http::{self, Request};
 use super::metrics::{self, Gauges, Metrics, Outcome};
 use super::model::{self, ApiRequest, ApiResponse, ImageSpec};
 use crate::dispatch::{self, Routes};
-use crate::fork::{error_chain, Engine, EngineConfig, ForkError, Mode, Served};
+use crate::error::{error_chain, Classify, FailureKind};
+use crate::fork::{Engine, EngineConfig, ForkError, Mode, Served};
 use crate::hypervisor::{Hypervisor, HypervisorError};
 use crate::image::{Image, ImageError};
 use crate::vm::VmConfig;
@@ -247,13 +248,9 @@ fn freeze_guest(hv: &Hypervisor, config: &VmConfig, dir: &Path) -> Result<bool, 
 }
 
 fn image_failure(e: &ImageError) -> Failure {
-    let status = match e {
-        ImageError::Build(crate::vm::BuildError::Config(_) | crate::vm::BuildError::Arch(_))
-        | ImageError::Boot(_)
-        | ImageError::NotIdle(_)
-        | ImageError::Snapshot { .. }
-        | ImageError::Invalid { .. } => 400,
-        _ => 500,
+    let status = match e.kind() {
+        FailureKind::Internal | FailureKind::ResourceExhausted | FailureKind::KvmUnavailable => 500,
+        _ => 400,
     };
     Failure::new(status, error_chain(e))
 }
