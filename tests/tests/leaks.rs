@@ -11,17 +11,26 @@ use mu2_vmm::VmConfig;
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Open file descriptors of this process. Panics where /proc cannot be read: counting zero
+/// before and after would pass without measuring anything.
 fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
+    let count = std::fs::read_dir("/proc/self/fd").expect("reading /proc/self/fd").count();
+    // At least stdin, stdout, stderr and the directory being read.
+    assert!(count >= 3, "/proc/self/fd lists only {count} descriptors");
+    count
 }
 
+/// Resident memory of this process in KiB; panics where it cannot be read, for the same
+/// reason.
 fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
+    let status = std::fs::read_to_string("/proc/self/status").expect("reading /proc/self/status");
+    let rss = status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+        .expect("VmRSS in /proc/self/status");
+    assert!(rss > 0, "VmRSS of 0 kB");
+    rss
 }
 
 // One test function: two running in parallel in this process would disturb each other's counts.

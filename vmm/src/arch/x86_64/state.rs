@@ -150,8 +150,12 @@ impl VcpuState {
                 return Err(ArchError::BadState(format!("XSAVE region of {} words", self.xsave.len())));
             }
             xsave.region.copy_from_slice(&self.xsave);
-            // SAFETY: the XSAVE area was read from a vCPU of this host with the same CPUID,
-            // so its size and layout match what KVM expects of this vCPU.
+            // SAFETY: KVM_SET_XSAVE reads as many bytes as this vCPU's XSAVE buffer holds in
+            // KVM (the size KVM_CAP_XSAVE2 reports), which exceeds the 4 KiB `kvm_xsave` only
+            // when the process granted the guest dynamically enabled features (AMX) with
+            // ARCH_REQ_XCOMP_GUEST_PERM; mu2 never does, so a whole `kvm_xsave` is as large as
+            // KVM reads. Its contents may come from an image made on another host: KVM checks
+            // them (unknown features, reserved bits) and refuses what this vCPU cannot take.
             unsafe { vcpu.set_xsave(&xsave) }.map_err(kvm_err("setting the XSAVE area"))?;
         }
         if plan.xcrs {
