@@ -85,13 +85,7 @@ impl FloorImage {
         let mem = ram.memory();
         arch::write_boot_data(mem, mem_size, b"\0", EntryMode::Native).map_err(FloorError::Arch)?;
         mem.write_slice(&arch::floor_code(), GuestAddress(layout::IMAGE_BASE)).map_err(FloorError::Code)?;
-        // SAFETY: memfd_create with a static NUL-terminated name; the result is checked.
-        let fd = unsafe { libc::memfd_create(c"mu2-floor".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io(std::io::Error::last_os_error()));
-        }
-        // SAFETY: `fd` is a new descriptor owned by nothing else.
-        let mut file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let mut file = crate::sys::memfd(c"mu2-floor").map_err(io)?;
         file.set_len(mem_size).map_err(io)?;
         let bytes = ram.as_slice();
         // Only the low pages and the code page hold anything.

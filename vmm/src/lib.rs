@@ -17,6 +17,7 @@ pub mod kick;
 pub mod memory;
 pub mod restore;
 pub mod source;
+mod sys;
 pub mod uds;
 pub mod vm;
 

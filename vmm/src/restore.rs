@@ -111,25 +111,6 @@ fn devices_of(state: &VmState) -> Result<(SerialConsole, MmioTransport<Vsock>), 
     Ok((serial, vsock))
 }
 
-/// Fills `buf` from the kernel's random source.
-fn fill_entropy(buf: &mut [u8]) -> std::io::Result<()> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        let rest = &mut buf[filled..];
-        // SAFETY: writes at most `rest.len()` bytes into `rest`; the result is checked.
-        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        filled += n as usize;
-    }
-    Ok(())
-}
-
 impl Vm {
     /// Creates a VM restored from a frozen image: a new KVM VM whose memory is the image's
     /// memory file mapped copy-on-write, its vCPUs set with the image's restore plans.
@@ -180,7 +161,7 @@ impl Vm {
     /// current time, and its generation number (see `mu2_abi::HostInfo`).
     pub fn hand_out(&mut self, image: &Image) -> Result<(), RestoreError> {
         let mut info = mu2_abi::HostInfo { generation: image.next_generation(), ..Default::default() };
-        fill_entropy(&mut info.entropy).map_err(RestoreError::Entropy)?;
+        crate::sys::fill_random(&mut info.entropy).map_err(RestoreError::Entropy)?;
         info.unix_time_ns =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
         self.ram()

@@ -659,12 +659,8 @@ fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
         }
         std::fs::remove_file(path)?;
     }
-    // SAFETY: umask only changes this process's file-creation mask; it is restored right
-    // after the bind. The daemon has no other thread creating files at this point.
-    let old = unsafe { libc::umask(0o177) };
-    let result = UnixListener::bind(path);
-    // SAFETY: as above.
-    unsafe { libc::umask(old) };
+    // The daemon has no other thread creating files while it binds.
+    let result = crate::sys::with_umask(0o177, || UnixListener::bind(path));
     let listener = result?;
     // Belt and braces: a umask cannot widen, but say the mode explicitly.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
