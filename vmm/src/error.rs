@@ -10,6 +10,16 @@
 use std::fmt;
 
 /// The kinds of failure a caller can act on differently.
+///
+/// ```
+/// use mu2_vmm::error::{error_chain, Classify, FailureKind};
+/// use mu2_vmm::source::{GuestSettings, ImageSource};
+///
+/// let unknown = ImageSource::Builtin("no-such-guest".into());
+/// let error = unknown.vm_config(&GuestSettings::default()).unwrap_err();
+/// assert_eq!(error.kind(), FailureKind::BadInput);
+/// assert!(error_chain(&error).starts_with("no built-in guest `no-such-guest`"));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FailureKind {
     /// The caller's input is unusable: a setting out of range, an unreadable or invalid guest

@@ -79,7 +79,9 @@ pub enum ForkError {
     Invoke(#[from] InvokeError),
 }
 
-/// What one request took.
+/// A request's result: the response and what it took. Failures are [`ForkError`]s, whose
+/// [`Classify::kind`](crate::error::Classify::kind) says whether the guest crashed, broke the
+/// protocol, ran out of time, or the VMM failed.
 #[derive(Debug, Clone)]
 pub struct Served {
     /// The response bytes.
@@ -319,7 +321,26 @@ fn probe_written_pages(hv: &Hypervisor, image: &Image) -> Vec<u64> {
     probe().unwrap_or_default()
 }
 
-/// The fork engine for one image.
+/// The fork engine for one image: every [`Engine::serve`] runs its request in a VM of its own,
+/// restored from the image, and destroys or resets that VM afterwards.
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use mu2_vmm::fork::{Engine, EngineConfig, Mode};
+/// use mu2_vmm::image::Image;
+/// use mu2_vmm::Hypervisor;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let hv = Arc::new(Hypervisor::open()?);
+/// let image = Arc::new(Image::load(&hv, std::path::Path::new("/tmp/echo.img"))?);
+/// let engine = Engine::new(hv, image, EngineConfig { mode: Mode::Pool, ..EngineConfig::default() });
+/// let served = engine.serve(b"hello", Duration::from_secs(1))?;
+/// assert_eq!(served.response, b"hello");
+/// println!("VM {} forked in {:.0} us, answered in {:.0} us", served.vm_id, served.fork_us, served.run_us);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct Engine {
     hv: Arc<Hypervisor>,

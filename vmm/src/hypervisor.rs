@@ -24,7 +24,19 @@ pub enum HypervisorError {
     Arch(#[source] arch::ArchError),
 }
 
-/// The host's KVM and what it supports.
+/// The host's KVM and what it supports. Open it once per process and share it (it is `Sync`);
+/// every VM, image and engine takes it by reference or `Arc`.
+///
+/// ```no_run
+/// use mu2_vmm::error::{Classify, FailureKind};
+/// use mu2_vmm::Hypervisor;
+///
+/// match Hypervisor::open() {
+///     Ok(hv) => println!("KVM allows {} vCPUs per VM", hv.max_vcpus()),
+///     Err(e) if e.kind() == FailureKind::KvmUnavailable => eprintln!("no KVM here: {e}"),
+///     Err(e) => eprintln!("KVM setup failed: {e}"),
+/// }
+/// ```
 #[derive(Debug)]
 pub struct Hypervisor {
     kvm: Kvm,

@@ -56,6 +56,8 @@ pub enum ImageError {
 }
 
 /// Boots `config`, waits until the guest is ready and idle, freezes it and writes the image
+/// to `dir` (see [`Image`] for an example).
+///
 /// to `dir`. Returns what the guest reported when it became ready (its port, receive buffer
 /// and capability flags).
 pub fn create(
@@ -89,6 +91,24 @@ pub struct VcpuRestore {
 }
 
 /// A loaded image, ready to restore VMs from.
+///
+/// ```no_run
+/// use std::time::{Duration, Instant};
+/// use mu2_vmm::image::{self, Image};
+/// use mu2_vmm::{guests, Hypervisor, VmConfig};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let hv = Hypervisor::open()?;
+/// let dir = std::path::Path::new("/tmp/echo.img");
+/// // Boot the built-in echo guest once and freeze it when it is ready...
+/// let elf = guests::find("echo").ok_or("no echo guest")?;
+/// image::create(&hv, &VmConfig::new(elf), dir, Some(Instant::now() + Duration::from_secs(30)))?;
+/// // ...then load the image, once, to serve many forks (see `fork::Engine`).
+/// let image = Image::load(&hv, dir)?;
+/// println!("{} MiB of guest memory", image.state().mem_size >> 20);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct Image {
     dir: PathBuf,
