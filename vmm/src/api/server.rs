@@ -180,6 +180,12 @@ struct Reply {
     body: Vec<u8>,
 }
 
+impl From<Reply> for http::Response {
+    fn from(r: Reply) -> Self {
+        http::Response { status: r.status, headers: r.headers, body: r.body }
+    }
+}
+
 impl From<ApiResponse> for Reply {
     fn from(r: ApiResponse) -> Self {
         let mut headers = vec![("content-type".to_string(), r.content_type.into_bytes())];
@@ -555,7 +561,7 @@ impl State {
         };
         let timing = timed(ApiResponse::bytes(200, "", Vec::new()), &served, start).headers;
         let mut reply = if http {
-            match dispatch::decode_response(&served.response) {
+            match dispatch::decode_response(&served.response, self.config.max_response) {
                 Ok(r) => Reply { status: r.status, headers: r.headers, body: r.body },
                 Err(e) => return ApiResponse::error(502, format!("image `{image}`: {e}")).into(),
             }
@@ -604,8 +610,8 @@ fn serve_connection<S: Read + Write>(state: &State, mut stream: S, listener: Lis
             Ok(req) => req,
             Err(e) => {
                 if let Some(status) = e.status() {
-                    let r: Reply = ApiResponse::error(status, &e).into();
-                    let _ = http::write_response(&mut stream, status, &r.headers, &r.body, false, false);
+                    let r: Reply = ApiResponse::error(status, crate::error::error_chain(&e)).into();
+                    let _ = http::write_response(&mut stream, &r.into(), false, false);
                     state.metrics.response(label, status);
                 }
                 return;
@@ -623,9 +629,7 @@ fn serve_connection<S: Read + Write>(state: &State, mut stream: S, listener: Lis
         let keep_alive = req.keep_alive && !state.stopping();
         let head_only = req.method == "HEAD";
         state.metrics.response(label, reply.status);
-        if http::write_response(&mut stream, reply.status, &reply.headers, &reply.body, keep_alive, head_only).is_err()
-            || !keep_alive
-        {
+        if http::write_response(&mut stream, &reply.into(), keep_alive, head_only).is_err() || !keep_alive {
             return;
         }
     }
