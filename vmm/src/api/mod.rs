@@ -4,10 +4,12 @@
 //! - [`model`]: requests and responses as plain values (unit-tested apart from sockets);
 //! - [`http`]: HTTP/1.1 framing with `httparse`;
 //! - [`metrics`]: Prometheus counters, histograms and gauges;
+//! - [`dispatch`]: the HTTP dispatcher's routes and its HTTP framing towards guests;
 //! - [`server`]: the daemon;
 //! - [`client`]: a small blocking client for programs that embed mu2.
 
 pub mod client;
+pub mod dispatch;
 pub mod http;
 pub mod metrics;
 pub mod model;

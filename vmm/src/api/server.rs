@@ -21,7 +21,7 @@ use serde_json::json;
 use super::http::{self, Request};
 use super::metrics::{self, Gauges, Metrics, Outcome};
 use super::model::{self, ApiRequest, ApiResponse, ImageSpec};
-use crate::dispatch::{self, Routes};
+use super::dispatch::{self, Routes};
 use crate::fork::{error_chain, Engine, EngineConfig, ForkError, Mode, Served};
 use crate::hypervisor::{Hypervisor, HypervisorError};
 use crate::image::{Image, ImageError};

@@ -5,7 +5,7 @@
 //! message and answers with one. Any other guest gets the request body as its input and its
 //! output becomes a `200 application/octet-stream` response.
 
-use crate::api::http::{self, Response, ResponseError, ResponseLimits};
+use super::http::{self, Response, ResponseError, ResponseLimits};
 use crate::error::{Classify, FailureKind};
 
 /// Headers that describe one connection, not the request: never forwarded either way.
