@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use super::http;
+
 /// Longest image name.
 pub const MAX_NAME: usize = 64;
 
@@ -210,6 +212,15 @@ impl ApiResponse {
     pub fn with_header(mut self, name: &str, value: impl ToString) -> Self {
         self.headers.push((name.into(), value.to_string()));
         self
+    }
+}
+
+impl From<ApiResponse> for http::Response {
+    fn from(r: ApiResponse) -> Self {
+        let mut headers = Vec::with_capacity(1 + r.headers.len());
+        headers.push(("content-type".to_string(), r.content_type.into_bytes()));
+        headers.extend(r.headers.into_iter().map(|(name, value)| (name, value.into_bytes())));
+        http::Response { status: r.status, headers, body: r.body }
     }
 }
 
