@@ -10,15 +10,15 @@ use serde_json::json;
 
 use super::config::ServeConfig;
 use super::dispatch::{self, DispatchError, Routes};
+use super::failure;
 use super::http::{Request, Response};
 use super::listen::Lifecycle;
 use super::metrics::{self, Gauges, Metrics, Outcome};
 use super::model::{self, ApiRequest, ApiResponse, ModelError};
 use super::registry::{AdmissionError, Entry, Registry, RegistryError};
-use crate::error::error_chain;
+use crate::error::{error_chain, Classify};
 use crate::fork::{ForkError, Served};
 use crate::guests;
-use crate::source::SourceError;
 
 /// Why a request was refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -59,49 +59,28 @@ impl Failure {
     fn status(&self) -> u16 {
         match self {
             Failure::Request(e) => e.status(),
-            Failure::Registry(RegistryError::NotFound(_)) | Failure::NoRoute(_) => 404,
-            Failure::Registry(RegistryError::Exists(_) | RegistryError::InUse { .. }) => 409,
-            Failure::Registry(RegistryError::Stopping) => 503,
-            Failure::Registry(RegistryError::Build { source, .. }) => build_status(source),
+            Failure::Registry(e) => e.status(),
             Failure::Admission(e) => e.status(),
-            Failure::Serve { source, .. } => match source {
-                ForkError::Invoke(i) if i.is_timeout() => 504,
-                ForkError::Invoke(_) => 502,
-                ForkError::PoolClosed => 503,
-                ForkError::Restore(_) => 500,
-            },
-            Failure::Answer { .. } => 502,
+            Failure::NoRoute(_) => 404,
+            Failure::Serve { source, .. } => failure::status(source.kind()),
+            Failure::Answer { source, .. } => failure::status(source.kind()),
         }
     }
 
     /// How `mu2_requests_total` counts a request that ran into this.
     fn outcome(&self) -> Outcome {
         match self {
-            Failure::Admission(_) => Outcome::Rejected,
-            Failure::Serve { source: ForkError::Invoke(i), .. } if i.is_timeout() => Outcome::Timeout,
-            Failure::Serve { source: ForkError::Invoke(_), .. } | Failure::Answer { .. } => Outcome::GuestError,
-            _ => Outcome::Error,
+            Failure::Serve { source, .. } => failure::outcome(source.kind()),
+            Failure::Answer { source, .. } => failure::outcome(source.kind()),
+            Failure::Registry(RegistryError::Build { source, .. }) => failure::outcome(source.kind()),
+            Failure::Request(_) | Failure::Registry(_) | Failure::Admission(_) | Failure::NoRoute(_) => {
+                Outcome::Rejected
+            }
         }
     }
 
     fn response(&self) -> ApiResponse {
         ApiResponse::error(self.status(), error_chain(self))
-    }
-}
-
-fn build_status(e: &SourceError) -> u16 {
-    use crate::image::ImageError;
-    use crate::vm::BuildError;
-    match e {
-        SourceError::Image(
-            ImageError::Build(BuildError::Config(_) | BuildError::Arch(_))
-            | ImageError::Boot(_)
-            | ImageError::NotIdle(_)
-            | ImageError::Snapshot { .. }
-            | ImageError::Invalid { .. },
-        ) => 400,
-        SourceError::Image(_) => 500,
-        _ => 400,
     }
 }
 

@@ -8,6 +8,7 @@
 //! - [`client`]: a small blocking client for programs that embed mu2;
 //! - `config`: [`ServeConfig`] and [`ServeError`];
 //! - `registry`: the images, their engines, admission against `--max-vms`;
+//! - `failure`: the HTTP status and metrics outcome of each kind of library failure;
 //! - `handlers`: a request to its response, through the registry and an engine;
 //! - `listen`: the accept loop, a thread per connection, the stop flag;
 //! - here: [`Daemon`] (start, stop, wait) and [`run_until_signal`].
@@ -15,6 +16,7 @@
 pub mod client;
 mod config;
 pub mod dispatch;
+mod failure;
 mod handlers;
 pub mod http;
 mod listen;

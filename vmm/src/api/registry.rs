@@ -15,8 +15,10 @@ use std::time::{Duration, Instant, SystemTime};
 use serde_json::json;
 
 use super::config::ServeConfig;
+use super::failure;
 use super::listen::{lock, Lifecycle};
 use super::model::{self, ImageSpec};
+use crate::error::Classify;
 use crate::fork::{Engine, EngineConfig};
 use crate::guests;
 use crate::hypervisor::Hypervisor;
@@ -128,6 +130,18 @@ pub(super) enum RegistryError {
         #[source]
         source: SourceError,
     },
+}
+
+impl RegistryError {
+    /// The status the daemon answers with.
+    pub(super) fn status(&self) -> u16 {
+        match self {
+            RegistryError::NotFound(_) => 404,
+            RegistryError::Exists(_) | RegistryError::InUse { .. } => 409,
+            RegistryError::Stopping => 503,
+            RegistryError::Build { source, .. } => failure::status(source.kind()),
+        }
+    }
 }
 
 /// Why a request was not given a VM.
