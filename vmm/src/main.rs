@@ -57,7 +57,7 @@ struct ServeArgs {
     #[arg(long, value_name = "ADDR")]
     http: Option<std::net::SocketAddr>,
     /// Route a path prefix to an image: /PATH=IMAGE (repeatable).
-    #[arg(long = "route", value_name = "/PATH=IMAGE", value_parser = mu2_vmm::dispatch::Routes::parse_arg)]
+    #[arg(long = "route", value_name = "/PATH=IMAGE", value_parser = mu2_vmm::api::dispatch::Routes::parse_arg)]
     routes: Vec<(String, String)>,
     /// Where images made by the daemon go (default: a temporary directory, removed on exit).
     #[arg(long, value_name = "DIR")]

@@ -169,6 +169,26 @@ fn images_are_created_invoked_listed_and_deleted_and_metrics_move() {
     assert_eq!(status_of(c.request("DELETE", "/images/e2", b"")), 404);
 }
 
+/// A failure gives the same status and message whichever way the request came in.
+#[test]
+fn a_guest_crash_is_502_through_invoke_and_through_a_route() {
+    kvm_or_skip!();
+    let d = Daemon::start("crash", &["--route", "/crash=crash", "--mode", "fresh", "--timeout", "5s"]);
+    let c = d.client();
+    let invoked = c.request("POST", "/images/crash/invoke", b"pf").expect("invoke");
+    let routed = d.http("POST", "/crash", &[], b"pf");
+    let message = |r: &client::Response| {
+        let body = r.json().unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&r.body)));
+        body["error"].as_str().map(str::to_string).unwrap_or_else(|| panic!("no error field: {body}"))
+    };
+    let (invoked_message, routed_message) = (message(&invoked), message(&routed));
+    assert_eq!((invoked.status, routed.status), (502, 502), "{invoked_message} / {routed_message}");
+    assert!(invoked_message.starts_with("image `crash`: ") && invoked_message.contains("fault"), "{invoked_message}");
+    assert_eq!(invoked_message, routed_message);
+    let m = c.metrics().expect("metrics");
+    assert_eq!(metric_value(&m, "mu2_requests_total", "image=\"crash\",outcome=\"guest_error\""), 2.0, "{m}");
+}
+
 #[test]
 fn max_vms_answers_429_while_full() {
     kvm_or_skip!();

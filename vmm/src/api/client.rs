@@ -15,6 +15,13 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::http::{self, ResponseError, ResponseLimits};
+
+/// What the client accepts from a daemon: the dispatcher relays up to [`http::MAX_HEADERS`]
+/// guest headers and adds its own; the body is bounded by the daemon's own limits.
+const LIMITS: ResponseLimits =
+    ResponseLimits { max_head: http::MAX_HEAD, max_headers: 2 * http::MAX_HEADERS, max_body: usize::MAX };
+
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -28,8 +35,11 @@ pub enum ClientError {
         source: std::io::Error,
     },
     /// The answer is not an HTTP response.
-    #[error("malformed response: {0}")]
-    Malformed(String),
+    #[error("malformed response")]
+    Malformed(#[source] ResponseError),
+    /// The body is not the JSON the call expects.
+    #[error("the response body is not JSON")]
+    Json(#[source] serde_json::Error),
     /// The daemon answered with an error status.
     #[error("HTTP {status}: {message}")]
     Status {
@@ -59,7 +69,7 @@ impl Response {
 
     /// The body as JSON.
     pub fn json(&self) -> Result<serde_json::Value, ClientError> {
-        serde_json::from_slice(&self.body).map_err(|e| ClientError::Malformed(format!("body is not JSON: {e}")))
+        serde_json::from_slice(&self.body).map_err(ClientError::Json)
     }
 
     fn ok(self) -> Result<Response, ClientError> {
@@ -82,7 +92,7 @@ pub fn roundtrip<S: Read + Write>(
     target: &str,
     headers: &[(&str, &str)],
     body: &[u8],
-) -> std::io::Result<Result<Response, String>> {
+) -> std::io::Result<Result<Response, ResponseError>> {
     let mut out = format!("{method} {target} HTTP/1.1\r\nhost: mu2\r\nconnection: close\r\n");
     for (n, v) in headers {
         out.push_str(&format!("{n}: {v}\r\n"));
@@ -97,30 +107,16 @@ pub fn roundtrip<S: Read + Write>(
     Ok(parse_response(&raw, method == "HEAD"))
 }
 
-/// Parses a complete response (the connection closed after it).
-pub fn parse_response(raw: &[u8], head_only: bool) -> Result<Response, String> {
-    let mut headers = [httparse::EMPTY_HEADER; 64];
-    let mut resp = httparse::Response::new(&mut headers);
-    let head = match resp.parse(raw) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Err("incomplete response head".into()),
-        Err(e) => return Err(e.to_string()),
-    };
-    let status = resp.code.ok_or("no status")?;
-    let headers: Vec<(String, String)> = resp
+/// Parses a complete response (the connection closed after it). Header names are
+/// lower-cased.
+pub fn parse_response(raw: &[u8], head_only: bool) -> Result<Response, ResponseError> {
+    let parsed = http::parse_response(raw, &LIMITS, head_only)?;
+    let headers = parsed
         .headers
-        .iter()
-        .map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).into_owned()))
+        .into_iter()
+        .map(|(name, value)| (name.to_ascii_lowercase(), String::from_utf8_lossy(&value).into_owned()))
         .collect();
-    let rest = &raw[head..];
-    let length = headers.iter().find(|(n, _)| n == "content-length").and_then(|(_, v)| v.trim().parse::<usize>().ok());
-    let body = match length {
-        _ if head_only => Vec::new(),
-        Some(n) if n > rest.len() => return Err(format!("body cut short: {} of {n} bytes", rest.len())),
-        Some(n) => rest[..n].to_vec(),
-        None => rest.to_vec(),
-    };
-    Ok(Response { status, headers, body })
+    Ok(Response { status: parsed.status, headers, body: parsed.body })
 }
 
 /// A control-API client. Each call uses a connection of its own.

@@ -1,5 +1,6 @@
-//! HTTP/1.1 framing for the control API and the dispatcher: read one request from a
-//! connection (head parsed by `httparse`, body by `content-length`), write one response.
+//! HTTP/1.1 framing for the control API, the dispatcher and the client: read one request from
+//! a connection (head parsed by `httparse`, body by `content-length`), write one response, and
+//! parse one response (the daemon's, for the client; a guest's, for the dispatcher).
 //! Keep-alive and pipelining work; chunked request bodies are refused (411).
 
 use std::io::{ErrorKind, Read, Write};
@@ -7,7 +8,7 @@ use std::time::{Duration, Instant};
 
 /// Most headers in a request.
 pub const MAX_HEADERS: usize = 64;
-/// Largest request head.
+/// Largest request or response head.
 pub const MAX_HEAD: usize = 64 << 10;
 
 /// A parsed request.
@@ -43,8 +44,17 @@ pub enum ReadError {
     #[error("reading the request")]
     Io(#[source] std::io::Error),
     /// Not HTTP/1.x.
-    #[error("malformed HTTP request: {0}")]
-    Malformed(String),
+    #[error("malformed HTTP request")]
+    Malformed(#[source] httparse::Error),
+    /// The request line lacks a part.
+    #[error("malformed HTTP request: incomplete request line")]
+    IncompleteLine,
+    /// The content-length is not a number.
+    #[error("malformed HTTP request: bad content-length")]
+    BadContentLength,
+    /// The client closed the connection in the middle of a request.
+    #[error("malformed HTTP request: connection closed inside the request {0}")]
+    Cut(&'static str),
     /// The head exceeds [`MAX_HEAD`].
     #[error("request head larger than {MAX_HEAD} bytes")]
     HeadTooLarge,
@@ -66,7 +76,9 @@ impl ReadError {
     pub fn status(&self) -> Option<u16> {
         match self {
             ReadError::Closed | ReadError::Io(_) => None,
-            ReadError::Malformed(_) => Some(400),
+            ReadError::Malformed(_) | ReadError::IncompleteLine | ReadError::BadContentLength | ReadError::Cut(_) => {
+                Some(400)
+            }
             ReadError::HeadTooLarge => Some(431),
             ReadError::BodyTooLarge { .. } => Some(413),
             ReadError::LengthRequired => Some(411),
@@ -99,7 +111,7 @@ pub fn read_request(
         }
         match stream.read(&mut chunk) {
             Ok(0) if buf.is_empty() => return Err(ReadError::Closed),
-            Ok(0) => return Err(ReadError::Malformed("connection closed inside the request head".into())),
+            Ok(0) => return Err(ReadError::Cut("head")),
             Ok(n) => {
                 buf.extend_from_slice(&chunk[..n]);
                 idle_since = Instant::now();
@@ -122,7 +134,7 @@ pub fn read_request(
     buf.drain(..head_len);
     while buf.len() < length {
         match stream.read(&mut chunk) {
-            Ok(0) => return Err(ReadError::Malformed("connection closed inside the request body".into())),
+            Ok(0) => return Err(ReadError::Cut("body")),
             Ok(n) => {
                 buf.extend_from_slice(&chunk[..n]);
                 idle_since = Instant::now();
@@ -148,10 +160,10 @@ fn parse_head(buf: &[u8], max_body: usize) -> Result<Option<(usize, Request, usi
     let head_len = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
-        Err(e) => return Err(ReadError::Malformed(e.to_string())),
+        Err(e) => return Err(ReadError::Malformed(e)),
     };
     let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
-        return Err(ReadError::Malformed("incomplete request line".into()));
+        return Err(ReadError::IncompleteLine);
     };
     let headers: Vec<(String, Vec<u8>)> = req.headers.iter().map(|h| (h.name.to_string(), h.value.to_vec())).collect();
     let find = |name: &str| headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_slice());
@@ -160,10 +172,7 @@ fn parse_head(buf: &[u8], max_body: usize) -> Result<Option<(usize, Request, usi
     }
     let length = match find("content-length") {
         None => 0,
-        Some(v) => std::str::from_utf8(v)
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .ok_or_else(|| ReadError::Malformed("bad content-length".into()))?,
+        Some(v) => content_length(v).ok_or(ReadError::BadContentLength)?,
     };
     if length > max_body as u64 {
         return Err(ReadError::BodyTooLarge { length, limit: max_body });
@@ -205,18 +214,45 @@ pub fn reason(status: u16) -> &'static str {
     }
 }
 
+/// A content-length value: digits only (a sign or a second value is not a length).
+fn content_length(value: &[u8]) -> Option<u64> {
+    let text = std::str::from_utf8(value).ok()?.trim();
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
+/// One HTTP response: written by the daemon, parsed by the client and the dispatcher.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    /// The status.
+    pub status: u16,
+    /// Headers in order. The parser keeps every header; the writer adds content-length and
+    /// connection itself, so they are not given to it.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// The first header called `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_slice())
+    }
+}
+
 /// Writes one response in a single write (so a small response is one TCP segment).
 /// `head_only` leaves the body out (HEAD requests).
 pub fn write_response(
     stream: &mut impl Write,
-    status: u16,
-    headers: &[(String, Vec<u8>)],
-    body: &[u8],
+    response: &Response,
     keep_alive: bool,
     head_only: bool,
 ) -> std::io::Result<()> {
+    let Response { status, headers, body } = response;
     let mut out = Vec::with_capacity(256 + if head_only { 0 } else { body.len() });
-    out.extend_from_slice(format!("HTTP/1.1 {status} {}\r\n", reason(status)).as_bytes());
+    out.extend_from_slice(format!("HTTP/1.1 {status} {}\r\n", reason(*status)).as_bytes());
     for (name, value) in headers {
         out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(b": ");
@@ -233,6 +269,112 @@ pub fn write_response(
     }
     stream.write_all(&out)?;
     stream.flush()
+}
+
+/// What a parsed response may hold. The client and the dispatcher differ: a daemon's
+/// response relays up to [`MAX_HEADERS`] guest headers and adds its own; a guest's response
+/// is bounded by the engine's response limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResponseLimits {
+    /// Largest head, bytes.
+    pub max_head: usize,
+    /// Most headers.
+    pub max_headers: usize,
+    /// Largest body, bytes.
+    pub max_body: usize,
+}
+
+/// Why bytes are not an acceptable HTTP response.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ResponseError {
+    /// The bytes end inside the head.
+    #[error("incomplete response head")]
+    IncompleteHead,
+    /// Not an HTTP/1.x response head.
+    #[error("malformed response head")]
+    Malformed(#[source] httparse::Error),
+    /// The head is over the limit.
+    #[error("response head larger than {limit} bytes")]
+    HeadTooLarge {
+        /// The limit.
+        limit: usize,
+    },
+    /// More headers than the limit.
+    #[error("more than {limit} response headers")]
+    TooManyHeaders {
+        /// The limit.
+        limit: usize,
+    },
+    /// A content-length that is not one number.
+    #[error("bad content-length")]
+    BadContentLength,
+    /// The body is over the limit.
+    #[error("response body of {length} bytes exceeds the {limit}-byte limit")]
+    BodyTooLarge {
+        /// The announced or present length.
+        length: u64,
+        /// The limit.
+        limit: usize,
+    },
+    /// The body is shorter than its content-length.
+    #[error("response body has {got} bytes, its content-length says {want}")]
+    Truncated {
+        /// Bytes present.
+        got: usize,
+        /// Bytes announced.
+        want: u64,
+    },
+}
+
+/// Parses a complete response: the bytes up to the end of the stream. The body runs to its
+/// content-length (bytes past it are ignored) or, without one, to the end; `head_only` (the
+/// answer to a HEAD request) has no body whatever its content-length says.
+pub fn parse_response(bytes: &[u8], limits: &ResponseLimits, head_only: bool) -> Result<Response, ResponseError> {
+    let mut raw = vec![httparse::EMPTY_HEADER; limits.max_headers];
+    let mut parsed = httparse::Response::new(&mut raw);
+    let head_len = match parsed.parse(bytes) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if bytes.len() > limits.max_head => {
+            return Err(ResponseError::HeadTooLarge { limit: limits.max_head })
+        }
+        Ok(httparse::Status::Partial) => return Err(ResponseError::IncompleteHead),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(ResponseError::TooManyHeaders { limit: limits.max_headers })
+        }
+        Err(e) => return Err(ResponseError::Malformed(e)),
+    };
+    if head_len > limits.max_head {
+        return Err(ResponseError::HeadTooLarge { limit: limits.max_head });
+    }
+    let status = parsed.code.ok_or(ResponseError::IncompleteHead)?;
+    let mut length = None;
+    let mut headers = Vec::with_capacity(parsed.headers.len());
+    for h in parsed.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let n = content_length(h.value).ok_or(ResponseError::BadContentLength)?;
+            // Two different lengths leave the body's end undecidable.
+            if length.is_some_and(|m| m != n) {
+                return Err(ResponseError::BadContentLength);
+            }
+            length = Some(n);
+        }
+        headers.push((h.name.to_string(), h.value.to_vec()));
+    }
+    let rest = bytes.get(head_len..).unwrap_or_default();
+    let body = match length {
+        _ if head_only => Vec::new(),
+        Some(n) if n > limits.max_body as u64 => {
+            return Err(ResponseError::BodyTooLarge { length: n, limit: limits.max_body })
+        }
+        Some(n) if n > rest.len() as u64 => return Err(ResponseError::Truncated { got: rest.len(), want: n }),
+        // `n` <= rest.len(), a usize.
+        Some(n) => rest[..n as usize].to_vec(),
+        None if rest.len() > limits.max_body => {
+            return Err(ResponseError::BodyTooLarge { length: rest.len() as u64, limit: limits.max_body })
+        }
+        None => rest.to_vec(),
+    };
+    Ok(Response { status, headers, body })
 }
 
 #[cfg(test)]
@@ -274,7 +416,53 @@ mod tests {
     #[test]
     fn writes_a_response() {
         let mut out = Vec::new();
-        write_response(&mut out, 404, &[("x-a".into(), b"1".to_vec())], b"{}", false, false).expect("write");
+        let response = Response { status: 404, headers: vec![("x-a".into(), b"1".to_vec())], body: b"{}".to_vec() };
+        write_response(&mut out, &response, false, false).expect("write");
         assert_eq!(out, b"HTTP/1.1 404 Not Found\r\nx-a: 1\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}");
+        // What the writer writes, the parser reads back.
+        let limits = ResponseLimits { max_head: MAX_HEAD, max_headers: 8, max_body: 16 };
+        assert_eq!(parse_response(&out, &limits, false).map(|r| (r.status, r.body)), Ok((404, b"{}".to_vec())));
+    }
+
+    const LIMITS: ResponseLimits = ResponseLimits { max_head: 128, max_headers: 4, max_body: 8 };
+
+    #[test]
+    fn parses_a_response_to_its_content_length_or_the_end() {
+        let r = parse_response(b"HTTP/1.1 201 Created\r\nx-a: 1\r\nContent-Length: 2\r\n\r\nokEXTRA", &LIMITS, false)
+            .expect("parses");
+        let headers = vec![("x-a".into(), b"1".to_vec()), ("Content-Length".into(), b"2".to_vec())];
+        assert_eq!(r, Response { status: 201, headers, body: b"ok".to_vec() });
+        assert_eq!(r.header("X-A"), Some(&b"1"[..]));
+        let r = parse_response(b"HTTP/1.1 200 OK\r\n\r\nto the end", &LIMITS, false);
+        assert_eq!(r.map(|r| r.body), Err(ResponseError::BodyTooLarge { length: 10, limit: 8 }));
+        let r = parse_response(b"HTTP/1.1 200 OK\r\n\r\nthe end", &LIMITS, false);
+        assert_eq!(r.map(|r| r.body), Ok(b"the end".to_vec()));
+        let r = parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", &LIMITS, true);
+        assert_eq!(r.map(|r| r.body), Ok(Vec::new()));
+    }
+
+    #[test]
+    fn refuses_responses_over_its_limits_or_malformed() {
+        let parse = |bytes: &[u8]| parse_response(bytes, &LIMITS, false).map(|r| r.status);
+        assert!(matches!(parse(b"garbage\r\n\r\n"), Err(ResponseError::Malformed(_))));
+        assert_eq!(parse(b"HTTP/1.1 200 OK\r\n"), Err(ResponseError::IncompleteHead));
+        assert_eq!(parse(&[b'x'; 200]), Err(ResponseError::Malformed(httparse::Error::Version)));
+        let long = format!("HTTP/1.1 200 OK\r\nx: {}", "a".repeat(200));
+        assert_eq!(parse(long.as_bytes()), Err(ResponseError::HeadTooLarge { limit: 128 }));
+        let many = "HTTP/1.1 200 OK\r\na: 1\r\nb: 1\r\nc: 1\r\nd: 1\r\ne: 1\r\n\r\n";
+        assert_eq!(parse(many.as_bytes()), Err(ResponseError::TooManyHeaders { limit: 4 }));
+        assert_eq!(parse(b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n"), Err(ResponseError::BadContentLength));
+        assert_eq!(
+            parse(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab"),
+            Err(ResponseError::BadContentLength)
+        );
+        assert_eq!(
+            parse(b"HTTP/1.1 200 OK\r\ncontent-length: 99\r\n\r\n"),
+            Err(ResponseError::BodyTooLarge { length: 99, limit: 8 })
+        );
+        assert_eq!(
+            parse(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nab"),
+            Err(ResponseError::Truncated { got: 2, want: 4 })
+        );
     }
 }

@@ -20,7 +20,7 @@ pub enum Outcome {
     GuestError,
     /// Refused by `--max-vms` (429) or because the daemon stops (503).
     Rejected,
-    /// No VM could be made (500).
+    /// Any other failure: no VM could be made, a resource limit, a bad image.
     Error,
 }
 

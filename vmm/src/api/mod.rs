@@ -2,15 +2,186 @@
 //! dispatcher (TCP), on top of the fork engine. See docs/api.md.
 //!
 //! - [`model`]: requests and responses as plain values (unit-tested apart from sockets);
-//! - [`http`]: HTTP/1.1 framing with `httparse`;
+//! - [`http`]: HTTP/1.1 framing with `httparse`: requests, responses, one response parser;
+//! - [`dispatch`]: the HTTP dispatcher's routes and its HTTP framing towards guests;
 //! - [`metrics`]: Prometheus counters, histograms and gauges;
-//! - [`server`]: the daemon;
-//! - [`client`]: a small blocking client for programs that embed mu2.
+//! - [`client`]: a small blocking client for programs that embed mu2;
+//! - `config`: [`ServeConfig`] and [`ServeError`];
+//! - `registry`: the images, their engines, admission against `--max-vms`;
+//! - `failure`: the HTTP status and metrics outcome of each kind of library failure;
+//! - `handlers`: a request to its response, through the registry and an engine;
+//! - `listen`: the accept loop, a thread per connection, the stop flag;
+//! - here: [`Daemon`] (start, stop, wait) and [`run_until_signal`].
 
 pub mod client;
+mod config;
+pub mod dispatch;
+mod failure;
+mod handlers;
 pub mod http;
+mod listen;
 pub mod metrics;
 pub mod model;
-pub mod server;
+mod registry;
 
-pub use server::{run_until_signal, Daemon, ServeConfig, ServeError, Stopper};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+pub use config::{ServeConfig, ServeError};
+pub use registry::SIDECAR;
+
+use crate::hypervisor::Hypervisor;
+use dispatch::Routes;
+use handlers::Handlers;
+use listen::{lock, Endpoint, Lifecycle};
+use metrics::Metrics;
+use registry::Registry;
+
+/// How long the shutdown waits for connections beyond the request timeout.
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
+/// A running daemon.
+#[derive(Debug)]
+pub struct Daemon {
+    handlers: Arc<Handlers>,
+    lifecycle: Arc<Lifecycle>,
+    stop_request: Arc<StopRequest>,
+    acceptors: Vec<JoinHandle<()>>,
+    api_sock: PathBuf,
+    http_addr: Option<SocketAddr>,
+    timeout: Duration,
+}
+
+/// Set once by a [`Stopper`]; [`Daemon::wait`] waits for it.
+#[derive(Debug, Default)]
+struct StopRequest {
+    requested: Mutex<bool>,
+    changed: Condvar,
+}
+
+/// Asks a daemon to stop; cheap to clone, usable from any thread.
+#[derive(Debug, Clone)]
+pub struct Stopper(Arc<StopRequest>);
+
+impl Stopper {
+    /// Starts the shutdown: the daemon's `wait` returns once it is done.
+    pub fn stop(&self) {
+        *lock(&self.0.requested) = true;
+        self.0.changed.notify_all();
+    }
+}
+
+impl Daemon {
+    /// Opens KVM, binds the listeners, builds the routes' built-in images, and starts
+    /// accepting.
+    pub fn start(config: ServeConfig) -> Result<Daemon, ServeError> {
+        config.validate()?;
+        let routes = Routes::new(config.routes.iter().cloned());
+        let hv = Arc::new(Hypervisor::open().map_err(ServeError::Hypervisor)?);
+        let (images_dir, owns_images_dir) = match &config.images_dir {
+            Some(dir) => (dir.clone(), false),
+            None => (std::env::temp_dir().join(format!("mu2-serve-{}", std::process::id())), true),
+        };
+        std::fs::create_dir_all(&images_dir).map_err(ServeError::io("creating", images_dir.display()))?;
+        let api =
+            listen::bind_private(&config.api_sock).map_err(ServeError::io("binding", config.api_sock.display()))?;
+        let tcp = match config.http {
+            Some(addr) => Some(TcpListener::bind(addr).map_err(ServeError::io("binding", addr))?),
+            None => None,
+        };
+        let http_addr = tcp.as_ref().and_then(|t| t.local_addr().ok());
+        let lifecycle = Arc::new(Lifecycle::default());
+        let metrics = Arc::new(Metrics::new());
+        let registry = Registry::new(hv, &config, images_dir, owns_images_dir, lifecycle.clone());
+        let (api_sock, timeout, max_body) = (config.api_sock.clone(), config.timeout, config.max_body);
+        let handlers = Arc::new(Handlers::new(config, routes, registry, metrics.clone(), lifecycle.clone()));
+        handlers.prepare_routes();
+        let endpoint = |label, handler: Arc<listen::Handler>| Endpoint {
+            label,
+            handler,
+            max_body,
+            lifecycle: lifecycle.clone(),
+            metrics: metrics.clone(),
+        };
+        let mut acceptors = Vec::new();
+        let h = handlers.clone();
+        acceptors.push(
+            listen::spawn_acceptor(api, endpoint("api", Arc::new(move |r| h.api(r))))
+                .map_err(ServeError::io("spawning", "the API acceptor"))?,
+        );
+        if let Some(tcp) = tcp {
+            let h = handlers.clone();
+            acceptors.push(
+                listen::spawn_acceptor(tcp, endpoint("http", Arc::new(move |r| h.dispatch(r))))
+                    .map_err(ServeError::io("spawning", "the HTTP acceptor"))?,
+            );
+        }
+        Ok(Daemon { handlers, lifecycle, stop_request: Arc::default(), acceptors, api_sock, http_addr, timeout })
+    }
+
+    /// The dispatcher's bound address (useful with port 0).
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
+    }
+
+    /// A handle that stops the daemon.
+    pub fn stopper(&self) -> Stopper {
+        Stopper(self.stop_request.clone())
+    }
+
+    /// Blocks until stopped, then shuts down: stops accepting, lets requests in flight finish
+    /// (new ones get 503), destroys every VM, removes the socket and the daemon's own images.
+    pub fn wait(self) {
+        {
+            let mut requested = lock(&self.stop_request.requested);
+            while !*requested {
+                requested = self.stop_request.changed.wait(requested).unwrap_or_else(|p| p.into_inner());
+            }
+        }
+        log::info!("shutting down");
+        self.lifecycle.stop();
+        // Wake the acceptors, blocked in accept, with one connection each.
+        let _ = UnixStream::connect(&self.api_sock);
+        if let Some(addr) = self.http_addr {
+            let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
+        }
+        for acceptor in self.acceptors {
+            let _ = acceptor.join();
+        }
+        // Requests in flight end within their timeout; idle connections notice the flag
+        // within a read timeout.
+        let open = self.lifecycle.drain(Instant::now() + self.timeout + DRAIN_GRACE);
+        if open > 0 {
+            log::warn!("{open} connections still open after the drain deadline");
+        }
+        self.handlers.registry().clear();
+        let _ = std::fs::remove_file(&self.api_sock);
+    }
+}
+
+/// Runs the daemon until SIGINT or SIGTERM.
+pub fn run_until_signal(config: ServeConfig) -> Result<(), ServeError> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    // Registered first, so that a signal during startup is not lost.
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .map_err(ServeError::io("installing", "signal handlers"))?;
+    let handle = signals.handle();
+    let daemon = Daemon::start(config)?;
+    let stopper = daemon.stopper();
+    let watcher = std::thread::Builder::new()
+        .name("mu2-signals".into())
+        .spawn(move || {
+            if signals.forever().next().is_some() {
+                stopper.stop();
+            }
+        })
+        .map_err(ServeError::io("spawning", "the signal thread"))?;
+    daemon.wait();
+    handle.close();
+    let _ = watcher.join();
+    Ok(())
+}

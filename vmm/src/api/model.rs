@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use super::http;
+
 /// Longest image name.
 pub const MAX_NAME: usize = 64;
 
@@ -73,7 +75,7 @@ pub enum ImageSpec {
 pub const DEFAULT_MEM_MIB: u64 = 64;
 
 /// Why a request was refused before it reached the daemon's state.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     /// No such endpoint.
     #[error("no endpoint {0}")]
@@ -92,8 +94,11 @@ pub enum ModelError {
     #[error("invalid image name `{0}`: use 1 to 64 of A-Z a-z 0-9 . _ - (not starting with .)")]
     BadName(String),
     /// The body is not the JSON the endpoint takes.
-    #[error("bad JSON body: {0}")]
-    BadJson(String),
+    #[error("bad JSON body")]
+    BadJson(#[source] serde_json::Error),
+    /// The JSON names no image source, several, or a setting that does not apply.
+    #[error("bad image spec: {0}")]
+    BadSpec(&'static str),
 }
 
 impl ModelError {
@@ -102,7 +107,7 @@ impl ModelError {
         match self {
             ModelError::NotFound(_) => 404,
             ModelError::MethodNotAllowed { .. } => 405,
-            ModelError::BadName(_) | ModelError::BadJson(_) => 400,
+            ModelError::BadName(_) | ModelError::BadJson(_) | ModelError::BadSpec(_) => 400,
         }
     }
 }
@@ -126,15 +131,14 @@ struct PutBody {
 }
 
 fn parse_spec(body: &[u8]) -> Result<ImageSpec, ModelError> {
-    let put: PutBody = serde_json::from_slice(body).map_err(|e| ModelError::BadJson(e.to_string()))?;
+    let put: PutBody = serde_json::from_slice(body).map_err(ModelError::BadJson)?;
     let mem_mib = put.mem_mib.unwrap_or(DEFAULT_MEM_MIB);
-    let one_of = "give exactly one of `function`, `kernel` or `path`";
     match (put.function, put.kernel, put.path) {
         (Some(function), None, None) => Ok(ImageSpec::Function { function, mem_mib }),
         (None, Some(kernel), None) => Ok(ImageSpec::Kernel { kernel, mem_mib }),
         (None, None, Some(path)) if put.mem_mib.is_none() => Ok(ImageSpec::Path { path, http: put.http }),
-        (None, None, Some(_)) => Err(ModelError::BadJson("`mem_mib` does not apply to an existing image".into())),
-        _ => Err(ModelError::BadJson(one_of.into())),
+        (None, None, Some(_)) => Err(ModelError::BadSpec("`mem_mib` does not apply to an existing image")),
+        _ => Err(ModelError::BadSpec("give exactly one of `function`, `kernel` or `path`")),
     }
 }
 
@@ -213,41 +217,48 @@ impl ApiResponse {
     }
 }
 
+impl From<ApiResponse> for http::Response {
+    fn from(r: ApiResponse) -> Self {
+        let mut headers = Vec::with_capacity(1 + r.headers.len());
+        headers.push(("content-type".to_string(), r.content_type.into_bytes()));
+        headers.extend(r.headers.into_iter().map(|(name, value)| (name, value.into_bytes())));
+        http::Response { status: r.status, headers, body: r.body }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn parsed(method: &str, target: &str, body: Vec<u8>) -> ApiRequest {
+        parse(method, target, body).unwrap_or_else(|e| panic!("{method} {target}: {e}"))
+    }
+
     #[test]
     fn routes_every_endpoint() {
-        assert_eq!(parse("GET", "/health", vec![]), Ok(ApiRequest::Health));
-        assert_eq!(parse("GET", "/metrics?x=1", vec![]), Ok(ApiRequest::Metrics));
-        assert_eq!(parse("GET", "/images/", vec![]), Ok(ApiRequest::ListImages));
-        assert_eq!(parse("GET", "/images/echo", vec![]), Ok(ApiRequest::GetImage { name: "echo".into() }));
-        assert_eq!(parse("DELETE", "/images/a.b-c_d", vec![]), Ok(ApiRequest::DeleteImage { name: "a.b-c_d".into() }));
+        assert_eq!(parsed("GET", "/health", vec![]), ApiRequest::Health);
+        assert_eq!(parsed("GET", "/metrics?x=1", vec![]), ApiRequest::Metrics);
+        assert_eq!(parsed("GET", "/images/", vec![]), ApiRequest::ListImages);
+        assert_eq!(parsed("GET", "/images/echo", vec![]), ApiRequest::GetImage { name: "echo".into() });
+        assert_eq!(parsed("DELETE", "/images/a.b-c_d", vec![]), ApiRequest::DeleteImage { name: "a.b-c_d".into() });
         assert_eq!(
-            parse("POST", "/images/echo/invoke", b"hi".to_vec()),
-            Ok(ApiRequest::Invoke { name: "echo".into(), body: b"hi".to_vec() })
+            parsed("POST", "/images/echo/invoke", b"hi".to_vec()),
+            ApiRequest::Invoke { name: "echo".into(), body: b"hi".to_vec() }
         );
         assert_eq!(
-            parse("PUT", "/images/e", br#"{"function":"echo"}"#.to_vec()),
-            Ok(ApiRequest::PutImage {
+            parsed("PUT", "/images/e", br#"{"function":"echo"}"#.to_vec()),
+            ApiRequest::PutImage {
                 name: "e".into(),
                 spec: ImageSpec::Function { function: "echo".into(), mem_mib: DEFAULT_MEM_MIB }
-            })
+            }
         );
         assert_eq!(
-            parse("PUT", "/images/k", br#"{"kernel":"/g.elf","mem_mib":32}"#.to_vec()),
-            Ok(ApiRequest::PutImage {
-                name: "k".into(),
-                spec: ImageSpec::Kernel { kernel: "/g.elf".into(), mem_mib: 32 }
-            })
+            parsed("PUT", "/images/k", br#"{"kernel":"/g.elf","mem_mib":32}"#.to_vec()),
+            ApiRequest::PutImage { name: "k".into(), spec: ImageSpec::Kernel { kernel: "/g.elf".into(), mem_mib: 32 } }
         );
         assert_eq!(
-            parse("PUT", "/images/p", br#"{"path":"/img","http":true}"#.to_vec()),
-            Ok(ApiRequest::PutImage {
-                name: "p".into(),
-                spec: ImageSpec::Path { path: "/img".into(), http: Some(true) }
-            })
+            parsed("PUT", "/images/p", br#"{"path":"/img","http":true}"#.to_vec()),
+            ApiRequest::PutImage { name: "p".into(), spec: ImageSpec::Path { path: "/img".into(), http: Some(true) } }
         );
     }
 
@@ -258,7 +269,14 @@ mod tests {
         assert_eq!(parse("GET", "/images/e/invoke", vec![]).map_err(|e| e.status()), Err(405));
         assert_eq!(parse("GET", "/images/..", vec![]).map_err(|e| e.status()), Err(400));
         assert_eq!(parse("GET", "/images/a%2Fb", vec![]).map_err(|e| e.status()), Err(400));
-        for bad in [&b"{"[..], b"[]", br#"{"function":"echo","kernel":"/x"}"#, br#"{"nope":1}"#, b"{}"] {
+        for bad in [
+            &b"{"[..],
+            b"[]",
+            br#"{"function":"echo","kernel":"/x"}"#,
+            br#"{"nope":1}"#,
+            b"{}",
+            br#"{"path":"/i","mem_mib":2}"#,
+        ] {
             assert_eq!(parse("PUT", "/images/e", bad.to_vec()).map_err(|e| e.status()), Err(400), "{bad:?}");
         }
         assert!(!valid_name(&"x".repeat(MAX_NAME + 1)));

@@ -5,6 +5,9 @@
 //! message and answers with one. Any other guest gets the request body as its input and its
 //! output becomes a `200 application/octet-stream` response.
 
+use super::http::{self, Response, ResponseError, ResponseLimits};
+use crate::error::{Classify, FailureKind};
+
 /// Headers that describe one connection, not the request: never forwarded either way.
 const HOP_BY_HOP: &[&str] = &[
     "connection",
@@ -19,23 +22,21 @@ const HOP_BY_HOP: &[&str] = &[
     "content-length",
 ];
 
-/// Most headers accepted in a guest's response.
-const MAX_HEADERS: usize = 64;
-
-/// Why a guest's answer is not an HTTP response.
+/// Why a guest's answer is not an HTTP response the dispatcher can relay.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DispatchError {
-    /// Not an HTTP/1.x response head.
-    #[error("the guest's response is not an HTTP response: {0}")]
-    Malformed(String),
-    /// The body is shorter than the guest's content-length.
-    #[error("the guest's response body has {got} bytes, its content-length says {want}")]
-    Truncated {
-        /// Bytes present.
-        got: usize,
-        /// Bytes announced.
-        want: usize,
-    },
+    /// Not an HTTP/1.x response, or over the limits.
+    #[error("the guest's response is not an HTTP response")]
+    Response(#[source] ResponseError),
+    /// An interim (1xx) or out-of-range status: a dispatcher answer is final.
+    #[error("the guest answered with status {0}, not a final status (200-599)")]
+    Status(u16),
+}
+
+impl Classify for DispatchError {
+    fn kind(&self) -> FailureKind {
+        FailureKind::GuestProtocol
+    }
 }
 
 /// Path-prefix routes to image names.
@@ -115,51 +116,16 @@ pub fn encode_request(method: &str, target: &str, headers: &[(String, Vec<u8>)],
     out
 }
 
-/// A guest's HTTP response.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GuestResponse {
-    /// The status.
-    pub status: u16,
-    /// End-to-end headers.
-    pub headers: Vec<(String, Vec<u8>)>,
-    /// The body.
-    pub body: Vec<u8>,
-}
-
-/// Parses an HTTP guest's answer. The body runs to its content-length, or to the end.
-pub fn decode_response(bytes: &[u8]) -> Result<GuestResponse, DispatchError> {
-    let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut raw);
-    let head = match resp.parse(bytes) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Err(DispatchError::Malformed("incomplete head".into())),
-        Err(e) => return Err(DispatchError::Malformed(e.to_string())),
-    };
-    let status = resp.code.ok_or_else(|| DispatchError::Malformed("no status".into()))?;
-    if !(200..=599).contains(&status) {
-        // 1xx would need another response to follow; a dispatcher answer is final.
-        return Err(DispatchError::Malformed(format!("status {status}")));
+/// Parses an HTTP guest's answer, of at most `max_body` body bytes, keeping its end-to-end
+/// headers. The body runs to its content-length, or to the end.
+pub fn decode_response(bytes: &[u8], max_body: usize) -> Result<Response, DispatchError> {
+    let limits = ResponseLimits { max_head: http::MAX_HEAD, max_headers: http::MAX_HEADERS, max_body };
+    let mut response = http::parse_response(bytes, &limits, false).map_err(DispatchError::Response)?;
+    if !(200..=599).contains(&response.status) {
+        return Err(DispatchError::Status(response.status));
     }
-    let rest = &bytes[head..];
-    let mut length = None;
-    let mut headers = Vec::with_capacity(resp.headers.len());
-    for h in resp.headers.iter() {
-        if h.name.eq_ignore_ascii_case("content-length") {
-            let n = std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|s| s.trim().parse::<usize>().ok())
-                .ok_or_else(|| DispatchError::Malformed("bad content-length".into()))?;
-            length = Some(n);
-        } else if !is_hop_by_hop(h.name) {
-            headers.push((h.name.to_string(), h.value.to_vec()));
-        }
-    }
-    let body = match length {
-        Some(want) if want > rest.len() => return Err(DispatchError::Truncated { got: rest.len(), want }),
-        Some(want) => rest[..want].to_vec(),
-        None => rest.to_vec(),
-    };
-    Ok(GuestResponse { status, headers, body })
+    response.headers.retain(|(name, _)| !is_hop_by_hop(name));
+    Ok(response)
 }
 
 #[cfg(test)]
@@ -189,19 +155,17 @@ mod tests {
         let headers = vec![("Host".to_string(), b"x".to_vec()), ("Connection".to_string(), b"keep-alive".to_vec())];
         let req = encode_request("POST", "/h/a?b=1", &headers, "/h", b"body");
         assert_eq!(req, b"POST /h/a?b=1 HTTP/1.1\r\nHost: x\r\nx-mu2-route: /h\r\ncontent-length: 4\r\n\r\nbody");
-        let resp =
-            decode_response(b"HTTP/1.1 201 Created\r\nx-a: 1\r\nconnection: close\r\ncontent-length: 2\r\n\r\nokEXTRA")
-                .expect("parses");
-        assert_eq!(
-            resp,
-            GuestResponse { status: 201, headers: vec![("x-a".into(), b"1".to_vec())], body: b"ok".to_vec() }
-        );
-        assert_eq!(decode_response(b"HTTP/1.1 200 OK\r\n\r\nto the end").map(|r| r.body), Ok(b"to the end".to_vec()));
-        assert!(matches!(decode_response(b"garbage"), Err(DispatchError::Malformed(_))));
+        let decode = |bytes: &[u8]| decode_response(bytes, 64);
+        let resp = decode(b"HTTP/1.1 201 Created\r\nx-a: 1\r\nconnection: close\r\ncontent-length: 2\r\n\r\nokEXTRA")
+            .expect("parses");
+        assert_eq!(resp, Response { status: 201, headers: vec![("x-a".into(), b"1".to_vec())], body: b"ok".to_vec() });
+        assert_eq!(decode(b"HTTP/1.1 200 OK\r\n\r\nto the end").map(|r| r.body), Ok(b"to the end".to_vec()));
+        assert!(matches!(decode(b"garbage"), Err(DispatchError::Response(ResponseError::Malformed(_)))));
         assert!(matches!(
-            decode_response(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nab"),
-            Err(DispatchError::Truncated { .. })
+            decode(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nab"),
+            Err(DispatchError::Response(ResponseError::Truncated { .. }))
         ));
-        assert!(decode_response(b"HTTP/1.1 101 Switching\r\n\r\n").is_err());
+        assert_eq!(decode(b"HTTP/1.1 101 Switching\r\n\r\n"), Err(DispatchError::Status(101)));
+        assert_eq!(decode(b"garbage").map_err(|e| e.kind()).err(), Some(FailureKind::GuestProtocol));
     }
 }

@@ -1,0 +1,116 @@
+//! The daemon's settings (`mu2 serve` flags) and why it could not start.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::model;
+use crate::error::{Classify, FailureKind};
+use crate::fork::{EngineConfig, Mode};
+use crate::hypervisor::HypervisorError;
+use crate::invoke;
+
+/// Daemon settings (`mu2 serve` flags).
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// The control API's Unix socket.
+    pub api_sock: PathBuf,
+    /// The dispatcher's TCP address, if any.
+    pub http: Option<SocketAddr>,
+    /// `(path prefix, image)` routes of the dispatcher.
+    pub routes: Vec<(String, String)>,
+    /// Where images made by the daemon go (default: a temporary directory it removes).
+    pub images_dir: Option<PathBuf>,
+    /// How requests get their VM.
+    pub mode: Mode,
+    /// VMs kept ready per image in pool mode.
+    pub pool_size: usize,
+    /// Most VMs in use at once: requests in flight plus VMs waiting in pools.
+    pub max_vms: usize,
+    /// Deadline of one request's run in its VM.
+    pub timeout: Duration,
+    /// Largest request body.
+    pub max_body: usize,
+    /// Largest response from a guest.
+    pub max_response: usize,
+}
+
+impl ServeConfig {
+    /// Defaults for a socket path.
+    pub fn new(api_sock: PathBuf) -> Self {
+        ServeConfig {
+            api_sock,
+            http: None,
+            routes: Vec::new(),
+            images_dir: None,
+            mode: Mode::Pool,
+            pool_size: 8,
+            max_vms: 256,
+            timeout: Duration::from_secs(10),
+            max_body: 8 << 20,
+            max_response: invoke::DEFAULT_MAX_RESPONSE,
+        }
+    }
+
+    /// Refuses settings the daemon cannot run with.
+    pub(super) fn validate(&self) -> Result<(), ServeError> {
+        if self.pool_size == 0 || self.max_vms == 0 {
+            return Err(ServeError::Config("--pool-size and --max-vms must be at least 1".into()));
+        }
+        if self.mode == Mode::Pool && self.pool_size >= self.max_vms {
+            return Err(ServeError::Config(format!(
+                "--pool-size {} leaves no room under --max-vms {}: pooled VMs count against it",
+                self.pool_size, self.max_vms
+            )));
+        }
+        if let Some((_, image)) = self.routes.iter().find(|(_, image)| !model::valid_name(image)) {
+            return Err(ServeError::Config(format!("route to invalid image name `{image}`")));
+        }
+        Ok(())
+    }
+
+    /// The engine settings every image gets.
+    pub(super) fn engine_config(&self) -> EngineConfig {
+        EngineConfig { mode: self.mode, pool_size: self.pool_size, pool_builders: 2, max_response: self.max_response }
+    }
+}
+
+/// Why the daemon could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A setting is unusable.
+    #[error("{0}")]
+    Config(String),
+    /// /dev/kvm could not be opened.
+    #[error("opening KVM")]
+    Hypervisor(#[source] HypervisorError),
+    /// A socket or directory could not be set up.
+    #[error("{what} {path}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// On what.
+        path: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl ServeError {
+    /// A mapper from an I/O error to [`ServeError::Io`] doing `what` on `path`.
+    pub(super) fn io(what: &'static str, path: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> ServeError {
+        let path = path.to_string();
+        move |source| ServeError::Io { what, path, source }
+    }
+}
+
+impl Classify for ServeError {
+    fn kind(&self) -> FailureKind {
+        match self {
+            ServeError::Config(_) => FailureKind::BadInput,
+            ServeError::Hypervisor(e) => e.kind(),
+            ServeError::Io { source, .. } => crate::error::io_kind(source),
+        }
+    }
+}

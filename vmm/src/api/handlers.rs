@@ -1,0 +1,286 @@
+//! The handlers: a control-API request ([`ApiRequest`]) to its [`ApiResponse`], and a
+//! dispatcher request to the guest's answer. Both run a request in a VM the same way
+//! ([`Handlers::run`]: admission, [`Engine::serve`](crate::fork::Engine::serve), metrics) and
+//! answer a failure the same way.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::json;
+
+use super::config::ServeConfig;
+use super::dispatch::{self, DispatchError, Routes};
+use super::failure;
+use super::http::{Request, Response};
+use super::listen::Lifecycle;
+use super::metrics::{self, Gauges, Metrics, Outcome};
+use super::model::{self, ApiRequest, ApiResponse, ModelError};
+use super::registry::{AdmissionError, Entry, Registry, RegistryError};
+use crate::error::{error_chain, Classify};
+use crate::fork::{ForkError, Served};
+use crate::guests;
+
+/// Why a request was refused or failed.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    /// Not a control-API request.
+    #[error(transparent)]
+    Request(#[from] ModelError),
+    /// The registry refused or could not make the image.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// No VM for it under `--max-vms`.
+    #[error(transparent)]
+    Admission(#[from] AdmissionError),
+    /// No dispatcher route matches the path.
+    #[error("no route for {0}")]
+    NoRoute(String),
+    /// The engine could not serve it.
+    #[error("image `{image}`")]
+    Serve {
+        /// The image.
+        image: String,
+        /// Why.
+        #[source]
+        source: ForkError,
+    },
+    /// The guest's answer is not an HTTP response.
+    #[error("image `{image}`")]
+    Answer {
+        /// The image.
+        image: String,
+        /// Why.
+        #[source]
+        source: DispatchError,
+    },
+}
+
+impl Failure {
+    fn status(&self) -> u16 {
+        match self {
+            Failure::Request(e) => e.status(),
+            Failure::Registry(e) => e.status(),
+            Failure::Admission(e) => e.status(),
+            Failure::NoRoute(_) => 404,
+            Failure::Serve { source, .. } => failure::status(source.kind()),
+            Failure::Answer { source, .. } => failure::status(source.kind()),
+        }
+    }
+
+    /// How `mu2_requests_total` counts a request that ran into this.
+    fn outcome(&self) -> Outcome {
+        match self {
+            Failure::Serve { source, .. } => failure::outcome(source.kind()),
+            Failure::Answer { source, .. } => failure::outcome(source.kind()),
+            Failure::Registry(RegistryError::Build { source, .. }) => failure::outcome(source.kind()),
+            Failure::Request(_) | Failure::Registry(_) | Failure::Admission(_) | Failure::NoRoute(_) => {
+                Outcome::Rejected
+            }
+        }
+    }
+
+    fn response(&self) -> ApiResponse {
+        ApiResponse::error(self.status(), error_chain(self))
+    }
+}
+
+/// What the engine reports of a request's VM, sent back as `x-mu2-*` headers.
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    vm_id: u64,
+    fork_us: f64,
+    run_us: f64,
+}
+
+impl Timing {
+    /// The timing headers of a request that began at `start`.
+    fn headers(&self, start: Instant) -> [(&'static str, String); 4] {
+        [
+            ("x-mu2-vm-id", self.vm_id.to_string()),
+            ("x-mu2-fork-us", format!("{:.1}", self.fork_us)),
+            ("x-mu2-run-us", format!("{:.1}", self.run_us)),
+            ("x-mu2-total-us", format!("{:.1}", start.elapsed().as_secs_f64() * 1e6)),
+        ]
+    }
+}
+
+/// What the handlers share: the settings, the routes, the images, the metrics.
+#[derive(Debug)]
+pub(super) struct Handlers {
+    config: ServeConfig,
+    routes: Routes,
+    registry: Registry,
+    metrics: Arc<Metrics>,
+    lifecycle: Arc<Lifecycle>,
+}
+
+impl Handlers {
+    /// Handlers over `registry`.
+    pub(super) fn new(
+        config: ServeConfig,
+        routes: Routes,
+        registry: Registry,
+        metrics: Arc<Metrics>,
+        lifecycle: Arc<Lifecycle>,
+    ) -> Self {
+        Handlers { config, routes, registry, metrics, lifecycle }
+    }
+
+    /// The images.
+    pub(super) fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Builds the built-in images behind routes, so that the first requests find them (and
+    /// their pools) ready. A failure leaves the route to fail per request.
+    pub(super) fn prepare_routes(&self) {
+        for (_, image) in self.routes.iter() {
+            if let Err(e) = self.registry.entry(image) {
+                log::warn!("route image `{image}`: {}", error_chain(&e));
+            }
+        }
+    }
+
+    /// Answers a request on the control API's socket.
+    pub(super) fn api(&self, request: Request) -> Response {
+        match model::parse(&request.method, &request.target, request.body) {
+            Ok(request) => self.handle(request),
+            Err(e) => Failure::from(e).response(),
+        }
+        .into()
+    }
+
+    /// Answers a control-API request.
+    pub(super) fn handle(&self, request: ApiRequest) -> ApiResponse {
+        self.try_handle(request).unwrap_or_else(|f| f.response())
+    }
+
+    fn try_handle(&self, request: ApiRequest) -> Result<ApiResponse, Failure> {
+        match request {
+            ApiRequest::Health => Ok(ApiResponse::json(200, &self.health())),
+            ApiRequest::Metrics => Ok(ApiResponse::bytes(
+                200,
+                "text/plain; version=0.0.4",
+                self.metrics.render(&self.gauges()).into_bytes(),
+            )),
+            ApiRequest::ListImages => {
+                let (images, available) = self.registry.list();
+                Ok(ApiResponse::json(200, &json!({ "images": images, "builtin_available": available })))
+            }
+            ApiRequest::GetImage { name } => match self.registry.get(&name) {
+                Some(e) => Ok(ApiResponse::json(200, &e.describe())),
+                None if guests::find(&name).is_some() => Ok(ApiResponse::json(
+                    200,
+                    &json!({ "name": name, "ready": false, "source": { "function": name },
+                             "note": "built-in: built on first use" }),
+                )),
+                None => Err(RegistryError::NotFound(name).into()),
+            },
+            ApiRequest::DeleteImage { name } => {
+                self.registry.delete(&name)?;
+                Ok(ApiResponse::json(200, &json!({ "deleted": name })))
+            }
+            ApiRequest::PutImage { name, spec } => {
+                let entry = self.registry.create(&name, &spec)?;
+                Ok(ApiResponse::json(201, &entry.describe()))
+            }
+            ApiRequest::Invoke { name, body } => {
+                let start = Instant::now();
+                let entry = self.registry.entry(&name)?;
+                let (response, timing) = self.run(&entry, &body, Ok)?;
+                let mut reply = ApiResponse::bytes(200, "application/octet-stream", response);
+                for (name, value) in timing.headers(start) {
+                    reply = reply.with_header(name, value);
+                }
+                Ok(reply)
+            }
+        }
+    }
+
+    /// Answers a request on the dispatcher's port: the route's image serves it in a new VM.
+    pub(super) fn dispatch(&self, request: Request) -> Response {
+        self.try_dispatch(request).unwrap_or_else(|f| f.response().into())
+    }
+
+    fn try_dispatch(&self, request: Request) -> Result<Response, Failure> {
+        let start = Instant::now();
+        let Some((prefix, image)) = self.routes.find(&request.target) else {
+            let path = request.target.split('?').next().unwrap_or_default();
+            return Err(Failure::NoRoute(path.to_string()));
+        };
+        let entry = self.registry.entry(image)?;
+        let (mut response, timing) = if entry.http() {
+            let input =
+                dispatch::encode_request(&request.method, &request.target, &request.headers, prefix, &request.body);
+            self.run(&entry, &input, |answer| {
+                dispatch::decode_response(&answer, self.config.max_response)
+                    .map_err(|source| Failure::Answer { image: image.to_string(), source })
+            })?
+        } else {
+            self.run(&entry, &request.body, |answer| {
+                let headers = vec![("content-type".to_string(), b"application/octet-stream".to_vec())];
+                Ok(Response { status: 200, headers, body: answer })
+            })?
+        };
+        response.headers.extend(timing.headers(start).into_iter().map(|(n, v)| (n.to_string(), v.into_bytes())));
+        Ok(response)
+    }
+
+    /// Runs `input` in a new VM of `entry` under `--max-vms`; `answer` turns the guest's
+    /// response into the reply. The request is counted with the outcome of both.
+    fn run<T>(
+        &self,
+        entry: &Entry,
+        input: &[u8],
+        answer: impl FnOnce(Vec<u8>) -> Result<T, Failure>,
+    ) -> Result<(T, Timing), Failure> {
+        let start = Instant::now();
+        let lease = match self.registry.admit(entry) {
+            Ok(lease) => lease,
+            Err(e) => {
+                let failure = Failure::from(e);
+                self.metrics.request(entry.name(), failure.outcome(), start.elapsed(), None);
+                return Err(failure);
+            }
+        };
+        let served = entry.engine().serve(input, self.config.timeout);
+        drop(lease);
+        entry.count_request();
+        let (result, fork_run) = match served {
+            Ok(Served { response, fork_us, run_us, vm_id }) => {
+                let timing = Timing { vm_id, fork_us, run_us };
+                (answer(response).map(|reply| (reply, timing)), Some((fork_us, run_us)))
+            }
+            Err(source) => (Err(Failure::Serve { image: entry.name().to_string(), source }), None),
+        };
+        let outcome = result.as_ref().map_or_else(Failure::outcome, |_| Outcome::Ok);
+        self.metrics.request(entry.name(), outcome, start.elapsed(), fork_run);
+        result
+    }
+
+    fn gauges(&self) -> Gauges {
+        let pool_depth = self.registry.pool_depths();
+        Gauges {
+            in_flight: self.registry.in_flight(),
+            images: pool_depth.len(),
+            pool_depth,
+            kvm_vms: metrics::live_kvm_vms(),
+            threads: metrics::threads(),
+            connections: self.lifecycle.connections(),
+        }
+    }
+
+    fn health(&self) -> serde_json::Value {
+        let g = self.gauges();
+        json!({
+            "status": if self.lifecycle.stopping() { "stopping" } else { "ok" },
+            "mode": format!("{:?}", self.config.mode).to_lowercase(),
+            "images": g.images,
+            "in_flight": g.in_flight,
+            "live_vms": g.kvm_vms,
+            "threads": g.threads,
+            "connections": g.connections,
+            "max_vms": self.config.max_vms,
+        })
+    }
+}

@@ -1,0 +1,228 @@
+//! The listeners: one accept loop for the control API's Unix socket and the dispatcher's TCP
+//! socket, a thread per connection reading requests and writing responses, and the stop flag
+//! they and the handlers look at.
+//!
+//! I/O is blocking, one thread per connection: a request runs its VM on its connection's
+//! thread, so the response leaves as soon as the guest's last byte arrives, with no hand-off
+//! between threads; `--max-vms` bounds the connections that hold a VM. An idle connection costs
+//! a parked thread, and notices the stop flag within [`POLL`].
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::http::{self, Request, Response};
+use super::metrics::Metrics;
+use super::model::ApiResponse;
+use crate::error::error_chain;
+
+/// Read timeout of client sockets: how often an idle connection looks at the stop flag.
+const POLL: Duration = Duration::from_millis(200);
+/// Pause after a failed accept, so that running out of descriptors does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+
+/// Locks, ignoring poisoning: the guarded data are counters and maps that stay consistent.
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Whether the daemon is stopping, and how many client connections are open.
+#[derive(Debug, Default)]
+pub(super) struct Lifecycle {
+    stopping: AtomicBool,
+    open: Mutex<usize>,
+    closed: Condvar,
+}
+
+impl Lifecycle {
+    /// Whether the shutdown has begun: no new request is served.
+    pub(super) fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Begins the shutdown.
+    pub(super) fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    /// Open client connections.
+    pub(super) fn connections(&self) -> usize {
+        *lock(&self.open)
+    }
+
+    /// Waits until every connection has closed, or until `until`. Returns how many are still
+    /// open.
+    pub(super) fn drain(&self, until: Instant) -> usize {
+        let mut open = lock(&self.open);
+        while *open > 0 && Instant::now() < until {
+            open = self.closed.wait_timeout(open, POLL).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+        }
+        *open
+    }
+}
+
+/// Counts one open connection for as long as it lives.
+struct OpenConnection(Arc<Lifecycle>);
+
+impl OpenConnection {
+    fn new(lifecycle: &Arc<Lifecycle>) -> Self {
+        *lock(&lifecycle.open) += 1;
+        OpenConnection(lifecycle.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        *lock(&self.0.open) -= 1;
+        self.0.closed.notify_all();
+    }
+}
+
+/// A listening socket: the Unix socket or the TCP socket.
+pub(super) trait Listen: Send + 'static {
+    /// A connection.
+    type Stream: Read + Write + Send + 'static;
+    /// Waits for the next connection.
+    fn accept_next(&self) -> std::io::Result<Self::Stream>;
+    /// Sets the socket options a connection is served with.
+    fn configure(stream: &Self::Stream) -> std::io::Result<()>;
+}
+
+impl Listen for UnixListener {
+    type Stream = UnixStream;
+
+    fn accept_next(&self) -> std::io::Result<UnixStream> {
+        self.accept().map(|(stream, _)| stream)
+    }
+
+    fn configure(stream: &UnixStream) -> std::io::Result<()> {
+        stream.set_read_timeout(Some(POLL))
+    }
+}
+
+impl Listen for TcpListener {
+    type Stream = TcpStream;
+
+    fn accept_next(&self) -> std::io::Result<TcpStream> {
+        self.accept().map(|(stream, _)| stream)
+    }
+
+    fn configure(stream: &TcpStream) -> std::io::Result<()> {
+        // Responses leave in one write; do not hold them back.
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(POLL))
+    }
+}
+
+/// Answers one request.
+pub(super) type Handler = dyn Fn(Request) -> Response + Send + Sync;
+
+/// What the connections of one listener share.
+pub(super) struct Endpoint {
+    /// The `listener` label of `mu2_http_responses_total`: `api` or `http`.
+    pub label: &'static str,
+    /// Answers its requests.
+    pub handler: Arc<Handler>,
+    /// Largest request body.
+    pub max_body: usize,
+    /// The stop flag and the connection count.
+    pub lifecycle: Arc<Lifecycle>,
+    /// Where responses are counted.
+    pub metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint").field("label", &self.label).field("max_body", &self.max_body).finish_non_exhaustive()
+    }
+}
+
+/// Starts the accept loop of `listener` on a thread of its own. It ends at the first
+/// connection accepted once the daemon stops (the daemon makes one to wake it).
+pub(super) fn spawn_acceptor<L: Listen>(listener: L, endpoint: Endpoint) -> std::io::Result<JoinHandle<()>> {
+    let endpoint = Arc::new(endpoint);
+    std::thread::Builder::new().name(format!("mu2-{}-accept", endpoint.label)).spawn(move || loop {
+        let accepted = listener.accept_next();
+        if endpoint.lifecycle.stopping() {
+            break;
+        }
+        match accepted.and_then(|stream| L::configure(&stream).map(|()| stream)) {
+            Ok(stream) => spawn_connection(&endpoint, stream),
+            Err(e) => {
+                log::warn!("accepting on the {} listener: {e}", endpoint.label);
+                std::thread::sleep(ACCEPT_BACKOFF);
+            }
+        }
+    })
+}
+
+fn spawn_connection<S: Read + Write + Send + 'static>(endpoint: &Arc<Endpoint>, stream: S) {
+    let open = OpenConnection::new(&endpoint.lifecycle);
+    let endpoint = endpoint.clone();
+    let spawned = std::thread::Builder::new().name("mu2-conn".into()).spawn(move || {
+        serve_connection(&endpoint, stream);
+        drop(open);
+    });
+    if let Err(e) = spawned {
+        log::warn!("no thread for a new connection: {e}");
+    }
+}
+
+/// Serves requests on one connection until the client or the daemon closes it.
+fn serve_connection<S: Read + Write>(endpoint: &Endpoint, mut stream: S) {
+    let mut buf = Vec::new();
+    let lifecycle = &endpoint.lifecycle;
+    loop {
+        let request = match http::read_request(&mut stream, &mut buf, endpoint.max_body, &|| lifecycle.stopping()) {
+            Ok(request) => request,
+            Err(e) => {
+                if let Some(status) = e.status() {
+                    let _ = http::write_response(
+                        &mut stream,
+                        &ApiResponse::error(status, error_chain(&e)).into(),
+                        false,
+                        false,
+                    );
+                    endpoint.metrics.response(endpoint.label, status);
+                }
+                return;
+            }
+        };
+        let head_only = request.method == "HEAD";
+        let client_keeps_alive = request.keep_alive;
+        let response = if lifecycle.stopping() {
+            ApiResponse::error(503, "the daemon is shutting down").into()
+        } else {
+            (endpoint.handler)(request)
+        };
+        let keep_alive = client_keeps_alive && !lifecycle.stopping();
+        endpoint.metrics.response(endpoint.label, response.status);
+        if http::write_response(&mut stream, &response, keep_alive, head_only).is_err() || !keep_alive {
+            return;
+        }
+    }
+}
+
+/// Binds the Unix socket with mode 0600 from the start: the umask covers the bind, so the
+/// socket never exists with wider permissions.
+pub(super) fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
+    if path.exists() {
+        // A socket left by a daemon that died can go; one that answers cannot.
+        if UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(std::io::ErrorKind::AddrInUse, "another daemon listens there"));
+        }
+        std::fs::remove_file(path)?;
+    }
+    // The daemon has no other thread creating files while it binds.
+    let result = crate::sys::with_umask(0o177, || UnixListener::bind(path));
+    let listener = result?;
+    // Belt and braces: a umask cannot widen, but say the mode explicitly.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}

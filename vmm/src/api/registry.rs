@@ -1,0 +1,405 @@
+//! The image registry: the images the daemon serves, each with its fork engine; making,
+//! registering and deleting them; and admission of requests against `--max-vms`.
+//!
+//! Turning a built-in name, a guest ELF or an image directory into an image is
+//! [`ImageSource::prepare`]'s job; what is the daemon's own is here: where the images it makes
+//! go, the sidecar file that records what their guests announced, and removing what a failed
+//! build left.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::json;
+
+use super::config::ServeConfig;
+use super::failure;
+use super::listen::{lock, Lifecycle};
+use super::model::{self, ImageSpec};
+use crate::error::Classify;
+use crate::fork::{Engine, EngineConfig};
+use crate::guests;
+use crate::hypervisor::Hypervisor;
+use crate::source::{GuestSettings, ImageSource, SourceError};
+
+/// The file in an image directory made by the daemon that records what the image's guest
+/// announced (`{"http": true}`), since the frozen state keeps no readiness flags.
+pub const SIDECAR: &str = "mu2-api.json";
+/// How long an image build may take.
+const BUILD_TIMEOUT: Duration = Duration::from_secs(30);
+/// The kernel command line of the guests the daemon boots.
+const GUEST_CMDLINE: &str = "quiet";
+
+/// A registered image and its engine.
+#[derive(Debug)]
+pub(super) struct Entry {
+    name: String,
+    source: ImageSource,
+    dir: PathBuf,
+    /// The daemon made the directory: it removes it with the image.
+    owned: bool,
+    http: bool,
+    mem_mib: u64,
+    engine: Engine,
+    in_flight: AtomicUsize,
+    requests: AtomicU64,
+    created_unix: u64,
+}
+
+impl Entry {
+    /// The image's name.
+    pub(super) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether its guest speaks the HTTP framing.
+    pub(super) fn http(&self) -> bool {
+        self.http
+    }
+
+    /// Its fork engine.
+    pub(super) fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Counts one request that reached the engine.
+    pub(super) fn count_request(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// What `GET /images/{name}` shows.
+    pub(super) fn describe(&self) -> serde_json::Value {
+        let source = match &self.source {
+            ImageSource::Builtin(f) => json!({ "function": f }),
+            ImageSource::Kernel(k) => json!({ "kernel": k }),
+            ImageSource::Dir(p) => json!({ "path": p }),
+        };
+        json!({
+            "name": self.name,
+            "ready": true,
+            "source": source,
+            "dir": self.dir,
+            "http": self.http,
+            "mem_mib": self.mem_mib,
+            "mode": format!("{:?}", self.engine.mode()).to_lowercase(),
+            "pool_depth": self.engine.pool_depth(),
+            "in_flight": self.in_flight.load(Ordering::Relaxed),
+            "requests": self.requests.load(Ordering::Relaxed),
+            "created_unix": self.created_unix,
+        })
+    }
+
+    /// Drops the engine (its pool and VMs), then the directory if the daemon made it.
+    fn destroy(self: Arc<Self>) {
+        let (dir, owned) = (self.dir.clone(), self.owned);
+        drop(self);
+        if owned {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}
+
+/// Why the registry refused or failed a request.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum RegistryError {
+    /// No such image (and no built-in guest of that name).
+    #[error("no image `{0}`")]
+    NotFound(String),
+    /// `PUT` of a name in use.
+    #[error("image `{0}` exists; DELETE it first")]
+    Exists(String),
+    /// `DELETE` of an image requests are using.
+    #[error("image `{name}` serves {in_flight} requests now; retry")]
+    InUse {
+        /// The image.
+        name: String,
+        /// Its requests in flight.
+        in_flight: usize,
+    },
+    /// The daemon is shutting down.
+    #[error("the daemon is shutting down")]
+    Stopping,
+    /// The image could not be made or loaded.
+    #[error("image `{name}`")]
+    Build {
+        /// The image.
+        name: String,
+        /// Why.
+        #[source]
+        source: SourceError,
+    },
+}
+
+impl RegistryError {
+    /// The status the daemon answers with.
+    pub(super) fn status(&self) -> u16 {
+        match self {
+            RegistryError::NotFound(_) => 404,
+            RegistryError::Exists(_) | RegistryError::InUse { .. } => 409,
+            RegistryError::Stopping => 503,
+            RegistryError::Build { source, .. } => failure::status(source.kind()),
+        }
+    }
+}
+
+/// Why a request was not given a VM.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum AdmissionError {
+    /// `--max-vms` VMs are in use.
+    #[error("--max-vms {max_vms} reached ({in_flight} requests in flight, {pooled} VMs in pools)")]
+    Full {
+        /// The limit.
+        max_vms: usize,
+        /// Requests holding a VM, not counting this one.
+        in_flight: usize,
+        /// VMs waiting in pools.
+        pooled: usize,
+    },
+    /// The daemon is shutting down.
+    #[error("the daemon is shutting down")]
+    Stopping,
+}
+
+impl AdmissionError {
+    /// The status the daemon answers with.
+    pub(super) fn status(&self) -> u16 {
+        match self {
+            AdmissionError::Full { .. } => 429,
+            AdmissionError::Stopping => 503,
+        }
+    }
+}
+
+/// Holds one VM's worth of `--max-vms` for a request.
+#[derive(Debug)]
+pub(super) struct Lease<'a> {
+    registry: &'a Registry,
+    entry: &'a Entry,
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        self.entry.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.registry.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The images and what they hold against `--max-vms`.
+#[derive(Debug)]
+pub(super) struct Registry {
+    hv: Arc<Hypervisor>,
+    engine_config: EngineConfig,
+    max_vms: usize,
+    images_dir: PathBuf,
+    /// The daemon made `images_dir`: it removes it at shutdown.
+    owns_images_dir: bool,
+    images: Mutex<BTreeMap<String, Arc<Entry>>>,
+    /// Serializes image builds, so that 200 first requests to a built-in build it once.
+    building: Mutex<()>,
+    /// Requests holding a VM.
+    in_flight: AtomicUsize,
+    next_dir: AtomicU64,
+    lifecycle: Arc<Lifecycle>,
+}
+
+impl Registry {
+    /// An empty registry making its images in `images_dir`.
+    pub(super) fn new(
+        hv: Arc<Hypervisor>,
+        config: &ServeConfig,
+        images_dir: PathBuf,
+        owns_images_dir: bool,
+        lifecycle: Arc<Lifecycle>,
+    ) -> Self {
+        Registry {
+            hv,
+            engine_config: config.engine_config(),
+            max_vms: config.max_vms,
+            images_dir,
+            owns_images_dir,
+            images: Mutex::new(BTreeMap::new()),
+            building: Mutex::new(()),
+            in_flight: AtomicUsize::new(0),
+            next_dir: AtomicU64::new(1),
+            lifecycle,
+        }
+    }
+
+    /// Requests holding a VM now.
+    pub(super) fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Each image's name and VMs ready in its pool.
+    pub(super) fn pool_depths(&self) -> Vec<(String, usize)> {
+        lock(&self.images).values().map(|e| (e.name.clone(), e.engine.pool_depth())).collect()
+    }
+
+    /// The registered image `name`, if any.
+    pub(super) fn get(&self, name: &str) -> Option<Arc<Entry>> {
+        lock(&self.images).get(name).cloned()
+    }
+
+    /// What every registered image shows, and the built-in guests not built yet.
+    pub(super) fn list(&self) -> (Vec<serde_json::Value>, Vec<&'static str>) {
+        let images = lock(&self.images);
+        let listed = images.values().map(|e| e.describe()).collect();
+        let available =
+            guests::EXAMPLES.iter().copied().chain(["hello-http"]).filter(|n| !images.contains_key(*n)).collect();
+        (listed, available)
+    }
+
+    /// The image `name` for a request; a built-in guest not yet built is built now.
+    pub(super) fn entry(&self, name: &str) -> Result<Arc<Entry>, RegistryError> {
+        if let Some(e) = self.get(name) {
+            return Ok(e);
+        }
+        if guests::find(name).is_none() || !model::valid_name(name) {
+            return Err(RegistryError::NotFound(name.to_string()));
+        }
+        let _building = lock(&self.building);
+        if let Some(e) = self.get(name) {
+            return Ok(e);
+        }
+        if self.lifecycle.stopping() {
+            return Err(RegistryError::Stopping);
+        }
+        let spec = ImageSpec::Function { function: name.to_string(), mem_mib: model::DEFAULT_MEM_MIB };
+        let entry = self.build(name, &spec)?;
+        lock(&self.images).insert(name.to_string(), entry.clone());
+        Ok(entry)
+    }
+
+    /// `PUT /images/{name}`: makes the image from `spec` and registers it.
+    pub(super) fn create(&self, name: &str, spec: &ImageSpec) -> Result<Arc<Entry>, RegistryError> {
+        let _building = lock(&self.building);
+        if lock(&self.images).contains_key(name) {
+            return Err(RegistryError::Exists(name.to_string()));
+        }
+        if self.lifecycle.stopping() {
+            return Err(RegistryError::Stopping);
+        }
+        let entry = self.build(name, spec)?;
+        lock(&self.images).insert(name.to_string(), entry.clone());
+        Ok(entry)
+    }
+
+    /// `DELETE /images/{name}`: refused while requests use it.
+    pub(super) fn delete(&self, name: &str) -> Result<(), RegistryError> {
+        let removed = {
+            let mut images = lock(&self.images);
+            match images.get(name) {
+                None => return Err(RegistryError::NotFound(name.to_string())),
+                Some(e) if e.in_flight.load(Ordering::Relaxed) > 0 => {
+                    return Err(RegistryError::InUse {
+                        name: name.to_string(),
+                        in_flight: e.in_flight.load(Ordering::Relaxed),
+                    })
+                }
+                Some(_) => images.remove(name),
+            }
+        };
+        // The engine (its pool and VMs) goes here, outside the lock.
+        if let Some(entry) = removed {
+            entry.destroy();
+        }
+        Ok(())
+    }
+
+    /// Counts a request against `--max-vms` until the lease is dropped, or refuses it.
+    pub(super) fn admit<'a>(&'a self, entry: &'a Entry) -> Result<Lease<'a>, AdmissionError> {
+        if self.lifecycle.stopping() {
+            return Err(AdmissionError::Stopping);
+        }
+        let pooled: usize = lock(&self.images).values().map(|e| e.engine.pool_depth()).sum();
+        let before = self.in_flight.fetch_add(1, Ordering::Relaxed);
+        entry.in_flight.fetch_add(1, Ordering::Relaxed);
+        let lease = Lease { registry: self, entry };
+        if before + 1 + pooled > self.max_vms {
+            return Err(AdmissionError::Full { max_vms: self.max_vms, in_flight: before, pooled });
+        }
+        Ok(lease)
+    }
+
+    /// Drops every image (pools drained, VMs destroyed) and the directories the daemon made.
+    pub(super) fn clear(&self) {
+        let images = std::mem::take(&mut *lock(&self.images));
+        for entry in images.into_values() {
+            entry.destroy();
+        }
+        if self.owns_images_dir {
+            let _ = std::fs::remove_dir_all(&self.images_dir);
+        }
+    }
+
+    /// Makes (or, for an image directory, loads) the image `name` and starts its engine. The
+    /// caller holds `building`.
+    fn build(&self, name: &str, spec: &ImageSpec) -> Result<Arc<Entry>, RegistryError> {
+        let build_error = |source| RegistryError::Build { name: name.to_string(), source };
+        let (source, mem_mib) = match spec {
+            ImageSpec::Function { function, mem_mib } => (ImageSource::Builtin(function.clone()), *mem_mib),
+            ImageSpec::Kernel { kernel, mem_mib } => (ImageSource::Kernel(kernel.clone()), *mem_mib),
+            ImageSpec::Path { path, .. } => (ImageSource::Dir(path.clone()), model::DEFAULT_MEM_MIB),
+        };
+        let (dir, owned) = match &source {
+            ImageSource::Dir(path) => (path.clone(), false),
+            ImageSource::Builtin(_) | ImageSource::Kernel(_) => {
+                let n = self.next_dir.fetch_add(1, Ordering::Relaxed);
+                (self.images_dir.join(format!("{name}.{n}")), true)
+            }
+        };
+        let settings = GuestSettings { mem_mib, cmdline: GUEST_CMDLINE.into(), ..GuestSettings::default() };
+        let (image, ready) = match source.prepare(&self.hv, &settings, &dir, Some(Instant::now() + BUILD_TIMEOUT)) {
+            Ok(prepared) => prepared,
+            Err(e) => {
+                if owned {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+                return Err(build_error(e));
+            }
+        };
+        let http = match (ready, spec) {
+            (Some(ready), _) => {
+                let http = ready.flags & mu2_abi::ready_flags::HTTP != 0;
+                write_sidecar(&dir, http);
+                http
+            }
+            (None, ImageSpec::Path { http, .. }) => http.or_else(|| read_sidecar(&dir)).unwrap_or(false),
+            (None, _) => false,
+        };
+        let mem_mib = image.state().mem_size >> 20;
+        let engine = Engine::new(self.hv.clone(), Arc::new(image), self.engine_config);
+        Ok(Arc::new(Entry {
+            name: name.to_string(),
+            source,
+            dir,
+            owned,
+            http,
+            mem_mib,
+            engine,
+            in_flight: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
+            created_unix: unix_now(),
+        }))
+    }
+}
+
+/// Records in an image the daemon made whether its guest speaks the HTTP framing, so that
+/// registering the directory later (`{"path": …}`) knows.
+fn write_sidecar(dir: &Path, http: bool) {
+    if let Err(e) = std::fs::write(dir.join(SIDECAR), json!({ "http": http }).to_string()) {
+        log::warn!("writing {}: {e}", dir.join(SIDECAR).display());
+    }
+}
+
+/// What an image directory's sidecar records, if it has a readable one.
+fn read_sidecar(dir: &Path) -> Option<bool> {
+    let bytes = std::fs::read(dir.join(SIDECAR)).ok()?;
+    serde_json::from_slice::<serde_json::Value>(&bytes).ok()?["http"].as_bool()
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
