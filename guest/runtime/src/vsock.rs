@@ -11,6 +11,7 @@
 //! never a panic.
 
 use alloc::vec::Vec;
+use mu2_abi::vsock::{op, shutdown, TYPE_STREAM};
 
 use crate::virtio::mmio::{reg, status, Transport, MAGIC_VALUE, VERSION};
 use crate::virtio::queue::{Desc, Queue, RingLayout, F_NEXT, F_WRITE};
@@ -59,22 +60,6 @@ static RX_BUFFERS: Dma<[Page; RX_PAGES]> = Dma::new([Page::ZERO; RX_PAGES]);
 /// TX packet headers (one per slot), then the event buffers.
 static TX_HEADERS: Dma<Page> = Dma::new(Page::ZERO);
 const HDR_STRIDE: usize = 48;
-
-/// Packet types and operations.
-pub mod op {
-    pub const TYPE_STREAM: u16 = 1;
-    pub const REQUEST: u16 = 1;
-    pub const RESPONSE: u16 = 2;
-    pub const RST: u16 = 3;
-    pub const SHUTDOWN: u16 = 4;
-    pub const RW: u16 = 5;
-    pub const CREDIT_UPDATE: u16 = 6;
-    pub const CREDIT_REQUEST: u16 = 7;
-    /// SHUTDOWN flag: the sender will receive no more.
-    pub const SHUTDOWN_RCV: u32 = 1;
-    /// SHUTDOWN flag: the sender will send no more.
-    pub const SHUTDOWN_SEND: u32 = 2;
-}
 
 /// The 44-byte little-endian packet header.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -138,7 +123,7 @@ impl Header {
             dst_cid: self.src_cid,
             src_port: self.dst_port,
             dst_port: self.src_port,
-            kind: op::TYPE_STREAM,
+            kind: TYPE_STREAM,
             op: op::RST,
             ..Self::default()
         }
@@ -420,7 +405,7 @@ impl Vsock {
         if hdr.dst_cid != self.cid {
             return;
         }
-        if hdr.kind != op::TYPE_STREAM || hdr.dst_port != self.port {
+        if hdr.kind != TYPE_STREAM || hdr.dst_port != self.port {
             self.reset(&hdr);
             return;
         }
@@ -469,11 +454,11 @@ impl Vsock {
                 }
             }
             op::SHUTDOWN => {
-                if hdr.flags & op::SHUTDOWN_SEND != 0 && conn.phase == Phase::Receiving {
+                if hdr.flags & shutdown::SEND != 0 && conn.phase == Phase::Receiving {
                     conn.phase = Phase::Complete;
                 }
                 let unanswered = conn.phase != Phase::Responding || conn.sent < conn.response.len();
-                if hdr.flags & op::SHUTDOWN_RCV != 0 && unanswered {
+                if hdr.flags & shutdown::RCV != 0 && unanswered {
                     // The peer will not read the response.
                     self.reset(&hdr);
                     self.drop_conn();
@@ -532,7 +517,7 @@ impl Vsock {
             src_port: self.port,
             dst_port: conn.peer_port,
             len,
-            kind: op::TYPE_STREAM,
+            kind: TYPE_STREAM,
             op,
             flags,
             buf_alloc: BUF_ALLOC,
@@ -590,8 +575,7 @@ impl Vsock {
         while let Some(conn) = self.conn.as_ref().filter(|c| c.phase == Phase::Responding && !c.need_response) {
             let remaining = conn.response.len() - conn.sent;
             if remaining == 0 {
-                if !conn.shutdown_sent && self.send_conn(op::SHUTDOWN, op::SHUTDOWN_RCV | op::SHUTDOWN_SEND, None, true)
-                {
+                if !conn.shutdown_sent && self.send_conn(op::SHUTDOWN, shutdown::RCV | shutdown::SEND, None, true) {
                     if let Some(conn) = self.conn.as_mut() {
                         conn.shutdown_sent = true;
                     }
@@ -689,7 +673,7 @@ mod tests {
             src_port: 1234,
             dst_port: 5000,
             len: 7,
-            kind: op::TYPE_STREAM,
+            kind: TYPE_STREAM,
             op: op::RW,
             flags: 0,
             buf_alloc: 65536,

@@ -19,6 +19,7 @@ mod tests;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ops::Bound;
 
+use mu2_abi::vsock::{op, shutdown, TYPE_STREAM};
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
@@ -44,31 +45,6 @@ pub const RX_QUEUE: usize = 0;
 pub const TX_QUEUE: usize = 1;
 /// Index of the event queue (unused: mu2 never sends transport events).
 pub const EVENT_QUEUE: usize = 2;
-
-/// Packet header constants (virtio 1.2 §5.10.6).
-pub mod proto {
-    /// Stream socket type.
-    pub const TYPE_STREAM: u16 = 1;
-    /// Connection request.
-    pub const OP_REQUEST: u16 = 1;
-    /// Connection accepted.
-    pub const OP_RESPONSE: u16 = 2;
-    /// Connection reset / refused.
-    pub const OP_RST: u16 = 3;
-    /// Half or full shutdown; flags say which.
-    pub const OP_SHUTDOWN: u16 = 4;
-    /// Data.
-    pub const OP_RW: u16 = 5;
-    /// Unsolicited credit information.
-    pub const OP_CREDIT_UPDATE: u16 = 6;
-    /// Asks the peer for a CREDIT_UPDATE.
-    pub const OP_CREDIT_REQUEST: u16 = 7;
-    /// SHUTDOWN flag: the sender will receive no more.
-    pub const SHUTDOWN_RCV: u32 = 1;
-    /// SHUTDOWN flag: the sender will send no more.
-    pub const SHUTDOWN_SEND: u32 = 2;
-}
-use proto::*;
 
 /// Most errors kept for [`Vsock::take_errors`]; later ones are counted in
 /// [`VsockStats::errors_dropped`].
@@ -533,16 +509,16 @@ impl Vsock {
         if hdr.type_ != TYPE_STREAM {
             return self.record(VsockError::UnsupportedType(hdr.type_));
         }
-        if !(OP_REQUEST..=OP_CREDIT_REQUEST).contains(&hdr.op) {
+        if !(op::REQUEST..=op::CREDIT_REQUEST).contains(&hdr.op) {
             return self.record(VsockError::UnknownOp(hdr.op));
         }
         self.stats.tx_packets += 1;
         let (host_port, guest_port) = (hdr.dst_port, hdr.src_port);
         let Some(&id) = self.by_ports.get(&(host_port, guest_port)) else {
             match hdr.op {
-                OP_REQUEST => self.guest_connect(hdr),
+                op::REQUEST => self.guest_connect(hdr),
                 // Never answer an RST, or two sides could bounce RSTs forever.
-                OP_RST => {}
+                op::RST => {}
                 // The spec's answer to anything for a connection that does not exist.
                 _ => self.queue_rst(host_port, guest_port),
             }
@@ -554,22 +530,22 @@ impl Vsock {
             return self.queue_rst(host_port, guest_port);
         };
         conn.update_peer_credit(hdr.buf_alloc, hdr.fwd_cnt);
-        if hdr.op != OP_CREDIT_UPDATE && hdr.op != OP_CREDIT_REQUEST {
+        if hdr.op != op::CREDIT_UPDATE && hdr.op != op::CREDIT_REQUEST {
             self.host_news = true;
         }
         let unexpected = VsockError::UnexpectedOp { guest_port, host_port, op: hdr.op };
         match hdr.op {
-            OP_RESPONSE if conn.phase == ConnPhase::Connecting => {
+            op::RESPONSE if conn.phase == ConnPhase::Connecting => {
                 conn.phase = ConnPhase::Established;
             }
-            OP_RST => {
+            op::RST => {
                 let reason =
                     if conn.phase == ConnPhase::Connecting { CloseReason::Refused } else { CloseReason::GuestReset };
                 self.close(id, reason, false);
             }
-            OP_SHUTDOWN if conn.phase == ConnPhase::Established => {
-                conn.guest_shutdown_recv |= hdr.flags & SHUTDOWN_RCV != 0;
-                conn.guest_shutdown_send |= hdr.flags & SHUTDOWN_SEND != 0;
+            op::SHUTDOWN if conn.phase == ConnPhase::Established => {
+                conn.guest_shutdown_recv |= hdr.flags & shutdown::RCV != 0;
+                conn.guest_shutdown_send |= hdr.flags & shutdown::SEND != 0;
                 if conn.guest_shutdown_recv {
                     // Nobody will read it.
                     conn.to_guest.clear();
@@ -579,7 +555,7 @@ impl Vsock {
                     self.close(id, CloseReason::GuestClosed, true);
                 }
             }
-            OP_RW if conn.phase == ConnPhase::Established && !conn.guest_shutdown_send => {
+            op::RW if conn.phase == ConnPhase::Established && !conn.guest_shutdown_send => {
                 let Some(data) = data else {
                     return; // len 0: only credit information
                 };
@@ -597,8 +573,8 @@ impl Vsock {
                 conn.from_guest.extend(&self.scratch);
                 self.stats.tx_bytes += data.len() as u64;
             }
-            OP_CREDIT_UPDATE => {}
-            OP_CREDIT_REQUEST => conn.credit_update_pending = true,
+            op::CREDIT_UPDATE => {}
+            op::CREDIT_REQUEST => conn.credit_update_pending = true,
             _ => {
                 // REQUEST on an existing port pair, RESPONSE out of turn, data before the
                 // handshake or after SHUTDOWN.
@@ -642,7 +618,7 @@ impl Vsock {
         if let Some((host_port, guest_port)) = self.pending_rsts.pop_front() {
             self.stats.resets_sent += 1;
             let (buf_alloc, fwd_cnt) = (0, 0);
-            return Some(Outgoing { host_port, guest_port, op: OP_RST, flags: 0, buf_alloc, fwd_cnt });
+            return Some(Outgoing { host_port, guest_port, op: op::RST, flags: 0, buf_alloc, fwd_cnt });
         }
         let buf_alloc = self.config.host_buf_alloc;
         let max_data = usize::try_from(self.config.max_packet_data).unwrap_or(usize::MAX);
@@ -650,11 +626,11 @@ impl Vsock {
             self.control_cursor = Some(id);
             let conn = self.conns.get_mut(&id)?;
             let op = if std::mem::take(&mut conn.request_pending) {
-                OP_REQUEST
+                op::REQUEST
             } else if std::mem::take(&mut conn.response_pending) {
-                OP_RESPONSE
+                op::RESPONSE
             } else {
-                OP_CREDIT_UPDATE
+                op::CREDIT_UPDATE
             };
             (id, op, 0)
         } else {
@@ -667,10 +643,10 @@ impl Vsock {
                 self.scratch.extend(conn.to_guest.drain(..n));
                 // n <= max_packet_data, a u32.
                 conn.tx_cnt = conn.tx_cnt.wrapping_add(n as u32);
-                (id, OP_RW, 0)
+                (id, op::RW, 0)
             } else {
                 conn.host_shutdown_sent = true;
-                (id, OP_SHUTDOWN, SHUTDOWN_SEND)
+                (id, op::SHUTDOWN, shutdown::SEND)
             }
         };
         let conn = self.conns.get_mut(&id)?;

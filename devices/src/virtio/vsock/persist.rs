@@ -165,11 +165,11 @@ impl Persist for Vsock {
 
 #[cfg(test)]
 mod tests {
+    use mu2_abi::vsock::{op, shutdown};
     use virtio_bindings::virtio_config::{VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET};
     use virtio_bindings::virtio_ring::VRING_USED_F_NO_NOTIFY;
     use vm_memory::{Address, Bytes, GuestAddress};
 
-    use super::super::proto::*;
     use super::super::tests::{active, config, established, memory, ops, Guest, Pkt, GUEST_CID, GUEST_PORT};
     use super::super::{CloseReason, ConnPhase, VsockError};
     use super::*;
@@ -228,23 +228,23 @@ mod tests {
         g.post_rx(4, 4096);
         assert!(t.poll(&mem));
         let req = g.recv();
-        assert_eq!(ops(&req), [OP_REQUEST]);
+        assert_eq!(ops(&req), [op::REQUEST]);
         let port = req[0].src_port;
-        g.send(&g.pkt(OP_RESPONSE, port));
+        g.send(&g.pkt(op::RESPONSE, port));
         t.device_mut().send(id, b"request").unwrap();
         t.device_mut().shutdown_send(id).unwrap();
         assert!(t.poll(&mem));
         let pkts = g.recv();
-        assert_eq!(ops(&pkts), [OP_RW, OP_SHUTDOWN]);
+        assert_eq!(ops(&pkts), [op::RW, op::SHUTDOWN]);
         assert_eq!(pkts[0].data, b"request");
         g.send(&g.rw(port, b"response"));
-        g.send(&Pkt { flags: SHUTDOWN_RCV | SHUTDOWN_SEND, ..g.pkt(OP_SHUTDOWN, port) });
+        g.send(&Pkt { flags: shutdown::RCV | shutdown::SEND, ..g.pkt(op::SHUTDOWN, port) });
         assert!(t.poll(&mem));
         let mut got = Vec::new();
         t.device_mut().recv(id, &mut got).unwrap();
         assert_eq!(got, b"response");
         assert_eq!(t.device().state(id).unwrap().phase, ConnPhase::Closed(CloseReason::GuestClosed));
-        assert_eq!(ops(&g.recv()), [OP_RST]);
+        assert_eq!(ops(&g.recv()), [op::RST]);
         t.device_mut().remove(id);
         assert_eq!((used_idx(&mem, &g.rx), used_idx(&mem, &g.tx)), (4, 3));
         // Registers away from their defaults.
@@ -278,16 +278,16 @@ mod tests {
         assert!(r.poll(&mem));
         assert_eq!(used_idx(&mem, &g.rx), 5);
         let req = g.recv();
-        assert_eq!(ops(&req), [OP_REQUEST]);
+        assert_eq!(ops(&req), [op::REQUEST]);
         assert_eq!(req[0].src_port, port + 1);
         assert_eq!(req[0].dst_cid, GUEST_CID);
         let port2 = req[0].src_port;
-        g.send(&g.pkt(OP_RESPONSE, port2));
+        g.send(&g.pkt(op::RESPONSE, port2));
         r.device_mut().send(id2, b"second request").unwrap();
         assert!(r.poll(&mem));
         assert_eq!((used_idx(&mem, &g.rx), used_idx(&mem, &g.tx)), (6, 4));
         let pkts = g.recv();
-        assert_eq!(ops(&pkts), [OP_RW]);
+        assert_eq!(ops(&pkts), [op::RW]);
         assert_eq!(pkts[0].data, b"second request");
         // A guest TX packet is consumed.
         g.send(&g.rw(port2, b"second response"));
@@ -323,14 +323,14 @@ mod tests {
         g.post_rx(4, 4096);
         assert!(r.process(&mem));
         let pkts = g.recv();
-        assert_eq!(ops(&pkts), [OP_RST]);
+        assert_eq!(ops(&pkts), [op::RST]);
         assert_eq!((pkts[0].src_port, pkts[0].dst_port), (port, GUEST_PORT));
         // New connections get new ids and ports.
         let id2 = r.connect(GUEST_PORT, 0).unwrap();
         assert!(id2 > unknown);
         assert!(r.process(&mem));
         let req = g.recv();
-        assert_eq!(ops(&req), [OP_REQUEST]);
+        assert_eq!(ops(&req), [op::REQUEST]);
         assert_eq!(req[0].src_port, port + 2);
         // Saving the restored device again: only the new connection, now known to the guest.
         assert_eq!(r.save().pending_rsts, [(port + 2, GUEST_PORT)]);

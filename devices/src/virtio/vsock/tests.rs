@@ -142,7 +142,7 @@ impl<'a> Guest<'a> {
     }
 
     pub(super) fn rw(&self, host_port: u32, data: &[u8]) -> Pkt {
-        Pkt { len: data.len() as u32, data: data.to_vec(), ..self.pkt(OP_RW, host_port) }
+        Pkt { len: data.len() as u32, data: data.to_vec(), ..self.pkt(op::RW, host_port) }
     }
 
     /// Submits a packet on TX: header descriptor, then data descriptor if any.
@@ -197,9 +197,9 @@ pub(super) fn established(dev: &mut Vsock, g: &mut Guest, mem: &GuestMemoryMmap)
     dev.process(mem);
     let req = g.recv();
     assert_eq!(req.len(), 1);
-    assert_eq!(req[0].op, OP_REQUEST);
+    assert_eq!(req[0].op, op::REQUEST);
     let host_port = req[0].src_port;
-    g.send(&g.pkt(OP_RESPONSE, host_port));
+    g.send(&g.pkt(op::RESPONSE, host_port));
     dev.process(mem);
     assert_eq!(dev.state(id).unwrap().phase, ConnPhase::Established);
     (id, host_port)
@@ -251,13 +251,13 @@ fn full_exchange_host_initiated() {
     g.post_rx(8, 4096);
     assert!(dev.process(&mem));
     let req = g.recv();
-    assert_eq!(ops(&req), [OP_REQUEST]);
+    assert_eq!(ops(&req), [op::REQUEST]);
     let host_port = req[0].src_port;
     assert_eq!((req[0].src_cid, req[0].dst_cid, req[0].dst_port), (HOST_CID, GUEST_CID, GUEST_PORT));
     assert_eq!(req[0].type_, TYPE_STREAM);
     assert_eq!(req[0].buf_alloc, 256 << 10);
 
-    g.send(&g.pkt(OP_RESPONSE, host_port));
+    g.send(&g.pkt(op::RESPONSE, host_port));
     assert!(dev.process(&mem)); // the TX chain was used
     assert_eq!(g.tx.take_used().len(), 1);
     assert_eq!(dev.state(id).unwrap().phase, ConnPhase::Established);
@@ -265,7 +265,7 @@ fn full_exchange_host_initiated() {
     dev.send(id, b"hello").unwrap();
     dev.process(&mem);
     let data = g.recv();
-    assert_eq!(ops(&data), [OP_RW]);
+    assert_eq!(ops(&data), [op::RW]);
     assert_eq!(data[0].data, b"hello");
 
     g.send(&g.rw(host_port, b"world"));
@@ -278,15 +278,15 @@ fn full_exchange_host_initiated() {
     assert!(matches!(dev.send(id, b"late"), Err(VsockError::NotWritable(_))));
     dev.process(&mem);
     let shut = g.recv();
-    assert_eq!(ops(&shut), [OP_SHUTDOWN]);
-    assert_eq!(shut[0].flags, SHUTDOWN_SEND);
+    assert_eq!(ops(&shut), [op::SHUTDOWN]);
+    assert_eq!(shut[0].flags, shutdown::SEND);
 
     // The guest sends its last bytes and closes: SHUTDOWN both ways, the host answers RST.
     g.send(&g.rw(host_port, b"bye"));
-    g.send(&Pkt { flags: SHUTDOWN_RCV | SHUTDOWN_SEND, ..g.pkt(OP_SHUTDOWN, host_port) });
+    g.send(&Pkt { flags: shutdown::RCV | shutdown::SEND, ..g.pkt(op::SHUTDOWN, host_port) });
     dev.process(&mem);
     let rst = g.recv();
-    assert_eq!(ops(&rst), [OP_RST]);
+    assert_eq!(ops(&rst), [op::RST]);
     assert_eq!((rst[0].src_port, rst[0].dst_port), (host_port, GUEST_PORT));
     let state = dev.state(id).unwrap();
     assert_eq!(state.phase, ConnPhase::Closed(CloseReason::GuestClosed));
@@ -319,16 +319,16 @@ fn assumed_credit_sends_request_and_data_in_one_batch() {
     dev.process(&mem);
     let pkts = g.recv();
     // Control first (both REQUESTs), then the data the eager connection may already send.
-    assert_eq!(ops(&pkts), [OP_REQUEST, OP_REQUEST, OP_RW]);
+    assert_eq!(ops(&pkts), [op::REQUEST, op::REQUEST, op::RW]);
     assert_eq!(pkts[2].dst_port, GUEST_PORT);
     assert_eq!(pkts[2].data, [7; 100]);
     // The strict one waits for the RESPONSE.
     let strict_port = pkts[1].src_port;
     // (The helper counts fwd_cnt across connections; this one has consumed nothing.)
-    g.send(&Pkt { src_port: GUEST_PORT + 1, fwd_cnt: 0, ..g.pkt(OP_RESPONSE, strict_port) });
+    g.send(&Pkt { src_port: GUEST_PORT + 1, fwd_cnt: 0, ..g.pkt(op::RESPONSE, strict_port) });
     dev.process(&mem);
     let pkts = g.recv();
-    assert_eq!(ops(&pkts), [OP_RW]);
+    assert_eq!(ops(&pkts), [op::RW]);
     assert_eq!(pkts[0].data, [8; 100]);
 }
 
@@ -349,11 +349,11 @@ fn host_stops_at_guest_credit_and_resumes_on_credit_update() {
     dev.process(&mem);
     assert!(g.recv().is_empty());
     // The guest consumed everything: CREDIT_UPDATE carries fwd_cnt = 1000.
-    g.send(&g.pkt(OP_CREDIT_UPDATE, host_port));
+    g.send(&g.pkt(op::CREDIT_UPDATE, host_port));
     dev.process(&mem);
     got.extend(g.recv().into_iter().flat_map(|p| p.data));
     assert_eq!(got.len(), 2000);
-    g.send(&g.pkt(OP_CREDIT_UPDATE, host_port));
+    g.send(&g.pkt(op::CREDIT_UPDATE, host_port));
     dev.process(&mem);
     got.extend(g.recv().into_iter().flat_map(|p| p.data));
     assert_eq!(got, payload);
@@ -383,7 +383,7 @@ fn guest_exceeding_host_credit_is_reset() {
     g.send(&g.rw(host_port, &[1; 800]));
     g.send(&g.rw(host_port, &[2; 300]));
     dev.process(&mem);
-    assert_eq!(ops(&g.recv()), [OP_RST]);
+    assert_eq!(ops(&g.recv()), [op::RST]);
     let errors = dev.take_errors();
     assert!(matches!(errors.as_slice(), [VsockError::CreditExceeded { len: 300, credit: 224, .. }]), "{errors:?}");
     let state = dev.state(id).unwrap();
@@ -392,7 +392,7 @@ fn guest_exceeding_host_credit_is_reset() {
     // Later packets for the old port pair get RST (the connection is gone for the guest).
     g.send(&g.rw(host_port, b"x"));
     dev.process(&mem);
-    assert_eq!(ops(&g.recv()), [OP_RST]);
+    assert_eq!(ops(&g.recv()), [op::RST]);
 }
 
 #[test]
@@ -401,10 +401,10 @@ fn credit_request_and_credit_update_after_consumption() {
     let (mut dev, mut g) = active(&mem, VsockConfig { host_buf_alloc: 1024, ..config() });
     let (id, host_port) = established(&mut dev, &mut g, &mem);
     g.post_rx(4, 4096);
-    g.send(&g.pkt(OP_CREDIT_REQUEST, host_port));
+    g.send(&g.pkt(op::CREDIT_REQUEST, host_port));
     dev.process(&mem);
     let upd = g.recv();
-    assert_eq!(ops(&upd), [OP_CREDIT_UPDATE]);
+    assert_eq!(ops(&upd), [op::CREDIT_UPDATE]);
     assert_eq!((upd[0].buf_alloc, upd[0].fwd_cnt), (1024, 0));
 
     g.send(&g.rw(host_port, &[0; 600]));
@@ -413,7 +413,7 @@ fn credit_request_and_credit_update_after_consumption() {
     dev.recv(id, &mut Vec::new()).unwrap();
     dev.process(&mem);
     let upd = g.recv();
-    assert_eq!(ops(&upd), [OP_CREDIT_UPDATE]);
+    assert_eq!(ops(&upd), [op::CREDIT_UPDATE]);
     assert_eq!(upd[0].fwd_cnt, 600);
 }
 
@@ -423,11 +423,11 @@ fn unknown_connections_get_rst() {
     let (mut dev, mut g) = active(&mem, config());
     g.post_rx(4, 4096);
     g.send(&g.rw(1234, b"data"));
-    g.send(&g.pkt(OP_RST, 1235)); // never answered
-    g.send(&g.pkt(OP_SHUTDOWN, 1236));
+    g.send(&g.pkt(op::RST, 1235)); // never answered
+    g.send(&g.pkt(op::SHUTDOWN, 1236));
     dev.process(&mem);
     let rst = g.recv();
-    assert_eq!(ops(&rst), [OP_RST, OP_RST]);
+    assert_eq!(ops(&rst), [op::RST, op::RST]);
     assert_eq!((rst[0].src_port, rst[0].dst_port), (1234, GUEST_PORT));
     assert_eq!((rst[1].src_port, rst[1].dst_port), (1236, GUEST_PORT));
     assert_eq!(dev.stats().tx_bytes, 0);
@@ -439,11 +439,11 @@ fn listen_and_accept() {
     let (mut dev, mut g) = active(&mem, config());
     dev.listen(7000);
     g.post_rx(4, 4096);
-    g.send(&g.pkt(OP_REQUEST, 7000));
-    g.send(&Pkt { src_port: 4001, ..g.pkt(OP_REQUEST, 7001) });
+    g.send(&g.pkt(op::REQUEST, 7000));
+    g.send(&Pkt { src_port: 4001, ..g.pkt(op::REQUEST, 7001) });
     dev.process(&mem);
     let replies = g.recv();
-    assert_eq!(ops(&replies), [OP_RST, OP_RESPONSE]);
+    assert_eq!(ops(&replies), [op::RST, op::RESPONSE]);
     assert_eq!(replies[0].src_port, 7001);
     assert_eq!((replies[1].src_port, replies[1].dst_port), (7000, GUEST_PORT));
     let (id, port) = dev.accept().unwrap();
@@ -461,7 +461,7 @@ fn listen_and_accept() {
     assert_eq!(g.recv()[0].data, b"pong");
 
     // The guest resets; the host sees why.
-    g.send(&g.pkt(OP_RST, 7000));
+    g.send(&g.pkt(op::RST, 7000));
     dev.process(&mem);
     assert_eq!(dev.state(id).unwrap().phase, ConnPhase::Closed(CloseReason::GuestReset));
     assert!(g.recv().is_empty());
@@ -475,7 +475,7 @@ fn guest_refusal_and_host_reset() {
     g.post_rx(4, 4096);
     dev.process(&mem);
     let host_port = g.recv()[0].src_port;
-    g.send(&g.pkt(OP_RST, host_port));
+    g.send(&g.pkt(op::RST, host_port));
     dev.process(&mem);
     assert_eq!(dev.state(id).unwrap().phase, ConnPhase::Closed(CloseReason::Refused));
     assert!(matches!(dev.send(id, b"x"), Err(VsockError::NotWritable(_))));
@@ -487,7 +487,7 @@ fn guest_refusal_and_host_reset() {
     g.post_rx(1, 4096);
     dev.process(&mem);
     let rst = g.recv();
-    assert_eq!(ops(&rst), [OP_RST]);
+    assert_eq!(ops(&rst), [op::RST]);
     assert_eq!(rst[0].src_port, host_port);
 }
 
@@ -502,7 +502,7 @@ fn rx_is_fair_across_connections() {
     g.post_rx(8, 1000);
     dev.process(&mem);
     let pkts = g.recv();
-    assert_eq!(ops(&pkts), [OP_REQUEST, OP_REQUEST, OP_RW, OP_RW, OP_RW, OP_RW, OP_RW, OP_RW]);
+    assert_eq!(ops(&pkts), [op::REQUEST, op::REQUEST, op::RW, op::RW, op::RW, op::RW, op::RW, op::RW]);
     let owners: Vec<u8> = pkts[2..].iter().map(|p| p.data[0]).collect();
     assert_eq!(owners, [0xa, 0xb, 0xa, 0xb, 0xa, 0xb]);
 }
@@ -515,9 +515,9 @@ fn max_connections_and_device_reset() {
     assert!(matches!(dev.connect(GUEST_PORT, 0), Err(VsockError::TooManyConnections(1))));
     dev.listen(7000);
     g.post_rx(2, 4096);
-    g.send(&g.pkt(OP_REQUEST, 7000));
+    g.send(&g.pkt(op::REQUEST, 7000));
     dev.process(&mem);
-    assert_eq!(ops(&g.recv()), [OP_RST, OP_REQUEST], "no room for the guest's connection");
+    assert_eq!(ops(&g.recv()), [op::RST, op::REQUEST], "no room for the guest's connection");
 
     VirtioDevice::reset(&mut dev);
     assert!(dev.state(id).is_none());
@@ -542,7 +542,7 @@ fn reject_tx(hdr: &Pkt, descs: &[Desc]) -> Vec<VsockError> {
     g.post_rx(1, 4096);
     g.send(&g.rw(1, b"x"));
     dev.process(&mem);
-    assert_eq!(ops(&g.recv()), [OP_RST]);
+    assert_eq!(ops(&g.recv()), [op::RST]);
     assert!(!dev.is_failed());
     assert_eq!(dev.stats().bad_chains, 1);
     errors
@@ -559,7 +559,7 @@ fn bad_chain(errors: &[VsockError]) -> &ChainError {
 fn malformed_tx_chains() {
     let mem = memory();
     let g = Guest::new(&mem);
-    let rw = |len: u32| Pkt { len, ..g.pkt(OP_RW, 1) };
+    let rw = |len: u32| Pkt { len, ..g.pkt(op::RW, 1) };
     let outside = MEM_SIZE as u64 - 16;
 
     let e = reject_tx(&rw(0), &[(outside, HDR, false)]);
@@ -645,9 +645,9 @@ fn bad_addresses_and_types_are_dropped() {
     let (mut dev, mut g) = active(&mem, config());
     dev.listen(7000);
     g.post_rx(4, 4096);
-    g.send(&Pkt { src_cid: 99, ..g.pkt(OP_REQUEST, 7000) });
-    g.send(&Pkt { dst_cid: 42, ..g.pkt(OP_REQUEST, 7000) });
-    g.send(&Pkt { type_: 2, ..g.pkt(OP_REQUEST, 7000) });
+    g.send(&Pkt { src_cid: 99, ..g.pkt(op::REQUEST, 7000) });
+    g.send(&Pkt { dst_cid: 42, ..g.pkt(op::REQUEST, 7000) });
+    g.send(&Pkt { type_: 2, ..g.pkt(op::REQUEST, 7000) });
     g.send(&g.pkt(99, 7000));
     dev.process(&mem);
     assert!(g.recv().is_empty());
@@ -672,11 +672,11 @@ fn protocol_violations_reset_the_connection() {
     let (mut dev, mut g) = active(&mem, config());
     let (id, host_port) = established(&mut dev, &mut g, &mem);
     g.post_rx(2, 4096);
-    g.send(&Pkt { flags: SHUTDOWN_SEND, ..g.pkt(OP_SHUTDOWN, host_port) });
+    g.send(&Pkt { flags: shutdown::SEND, ..g.pkt(op::SHUTDOWN, host_port) });
     g.send(&g.rw(host_port, b"after shutdown"));
     dev.process(&mem);
-    assert_eq!(ops(&g.recv()), [OP_RST]);
-    assert!(matches!(dev.take_errors().as_slice(), [VsockError::UnexpectedOp { op: OP_RW, .. }]));
+    assert_eq!(ops(&g.recv()), [op::RST]);
+    assert!(matches!(dev.take_errors().as_slice(), [VsockError::UnexpectedOp { op: op::RW, .. }]));
     let state = dev.state(id).unwrap();
     assert_eq!(state.phase, ConnPhase::Closed(CloseReason::ProtocolError));
     assert_eq!(state.readable, 0);
@@ -709,7 +709,7 @@ fn error_list_is_bounded() {
     let mem = memory();
     let (mut dev, mut g) = active(&mem, config());
     for _ in 0..(MAX_RECORDED_ERRORS + 10) {
-        g.send(&Pkt { src_cid: 1, ..g.pkt(OP_RW, 1) });
+        g.send(&Pkt { src_cid: 1, ..g.pkt(op::RW, 1) });
         dev.process(&mem);
         g.tx.take_used();
     }
