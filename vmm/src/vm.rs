@@ -13,7 +13,7 @@ use mu2_abi::{layout, sysdev, ReadyInfo, Text};
 use mu2_devices::serial::{ConsoleOutput, SerialConsole, SERIAL_REGISTERS};
 use mu2_devices::sysdev::SysdevRequest;
 use mu2_devices::virtio::mmio::MmioTransport;
-use mu2_devices::virtio::vsock::{Vsock, VsockConfig};
+use mu2_devices::virtio::vsock::{HostEndpoint, Vsock, VsockConfig};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::arch::{self, EntryMode, GuestFault};
@@ -411,9 +411,9 @@ impl Vm {
         self.ram.memory()
     }
 
-    /// The vsock device (host endpoint included).
-    pub fn vsock(&mut self) -> &mut Vsock {
-        self.vsock.device_mut()
+    /// The host side of the vsock device's connections.
+    pub fn vsock(&mut self) -> &mut HostEndpoint {
+        self.vsock.device_mut().host_mut()
     }
 
     /// What the guest reported when it became ready.
@@ -854,7 +854,7 @@ impl Vm {
                     // News for the host side (a response, a close) goes to the caller first:
                     // the guest's own wake-up (reclaiming TX buffers) can wait, and for a
                     // forked VM that is about to be destroyed it never has to happen.
-                    let host_news = self.vsock.device_mut().take_host_news();
+                    let host_news = self.vsock.device_mut().host_mut().take_host_news();
                     if !host_news && self.vsock.take_wakeup() {
                         mu2_devices::sysdev::complete_wait(self.mmio_data(), 1);
                         return Ok(None);
