@@ -344,11 +344,6 @@ impl Vsock {
         self.cid
     }
 
-    /// Address of the TX queue's notify register (for `notify_host`).
-    pub(crate) fn tx_notify_addr(&self) -> u64 {
-        self.transport.base() + reg::QUEUE_NOTIFY
-    }
-
     /// Whether any queue has used buffers (for polling without the system device).
     pub(crate) fn has_work(&self) -> bool {
         self.rx.has_used() || self.tx.has_used() || self.event.has_used()
@@ -611,29 +606,36 @@ impl Vsock {
             self.tx.kick();
         }
     }
+}
 
-    /// Submits one malformed chain (hardening tests of the VMM, see `testing`).
-    pub(crate) fn inject(&mut self, bad: crate::testing::Malformation) -> bool {
-        use crate::testing::Malformation as M;
-        if bad == M::RxDir {
-            // Every RX buffer becomes device-readable only, then a CREDIT_REQUEST makes the
-            // device answer on RX.
-            for id in 0..self.rx.size() {
-                let (addr, len) = rx_buffer(id);
-                self.rx.set_desc(id, Desc { addr, len: len as u32, flags: 0, next: 0 });
-            }
-            let sent = self.send_conn(op::CREDIT_REQUEST, 0, None, true);
-            self.tx.notify();
-            return sent;
+/// What the test hooks (`testing`, feature `test-hooks`) do to the rings: break them on
+/// purpose, for the VMM's hardening tests. The driver itself never calls these.
+#[cfg(feature = "test-hooks")]
+impl Vsock {
+    /// Makes every RX buffer device-readable only, then sends a CREDIT_REQUEST, which the
+    /// device answers on RX. Notifies TX. False if there is no connection or no free slot.
+    pub(crate) fn make_rx_device_readable(&mut self) -> bool {
+        for id in 0..self.rx.size() {
+            let (addr, len) = rx_buffer(id);
+            self.rx.set_desc(id, Desc { addr, len: len as u32, flags: 0, next: 0 });
         }
-        if bad == M::Avail {
-            let idx = self.tx.avail_idx().wrapping_add(1000);
-            self.tx.publish(idx);
-            self.tx.notify();
-            return true;
-        }
-        let hdr_len = if bad == M::Len { 16 << 20 } else { 0 };
-        let Some(hdr) = self.conn_header(op::RW, 0, hdr_len) else { return false };
+        let sent = self.send_conn(op::CREDIT_REQUEST, 0, None, true);
+        self.tx.notify();
+        sent
+    }
+
+    /// Publishes a TX available index `ahead` entries past the real one, and notifies.
+    pub(crate) fn publish_tx_ahead(&mut self, ahead: u16) {
+        let idx = self.tx.avail_idx().wrapping_add(ahead);
+        self.tx.publish(idx);
+        self.tx.notify();
+    }
+
+    /// Submits an RW header of the connection that claims `len` payload bytes and has no data
+    /// descriptor, after `edit` changed its descriptor (given with its own index), and
+    /// notifies. False if there is no connection or no free slot.
+    pub(crate) fn submit_raw_rw(&mut self, len: u32, edit: impl FnOnce(&mut Desc, u16)) -> bool {
+        let Some(hdr) = self.conn_header(op::RW, 0, len) else { return false };
         if self.tx_free == 0 {
             return false;
         }
@@ -644,20 +646,16 @@ impl Vsock {
         unsafe { (addr as *mut [u8; Header::SIZE]).write_volatile(hdr.encode()) };
         let head = 2 * slot as u16;
         let mut desc = Desc { addr, len: Header::SIZE as u32, flags: 0, next: 0 };
-        match bad {
-            M::Addr => desc.addr = 1 << 40,
-            M::Dir => desc.flags = F_WRITE,
-            M::Short => desc.len = 8,
-            M::Cycle => {
-                desc.flags = F_NEXT;
-                desc.next = head;
-            }
-            M::Len | M::Avail | M::RxDir => {}
-        }
+        edit(&mut desc, head);
         self.tx.set_desc(head, desc);
         self.tx.push(head);
         self.tx.notify();
         true
+    }
+
+    /// Notifies the TX queue now, whatever the device asked.
+    pub(crate) fn notify_tx(&self) {
+        self.tx.notify();
     }
 }
 
