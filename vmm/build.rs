@@ -1,40 +1,81 @@
 //! Builds the guest runtime's binaries and embeds them in the VMM.
 //!
 //! The guests are bare-metal programs with their own target flags and profile, so they are a
-//! workspace of their own (`guest/runtime`) built by a nested cargo into OUT_DIR. The result
-//! is `guests.rs`: one `(name, bytes)` entry per binary, used by `mu2_vmm::guests`.
+//! workspace of their own (`guest/runtime`) built by nested cargo invocations into OUT_DIR:
+//! one for the runtime's example functions (`guest/runtime/src/bin`), one for the VMM's test
+//! guests (`guest/test-guests/src/bin`). Separate invocations keep the test guests' feature
+//! (`test-hooks`) out of the examples: cargo unifies features within one build. The result is
+//! `guests.rs`: one `(name, bytes)` entry per binary of either package, used by
+//! `mu2_vmm::guests`.
 
 use std::env;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// The guest packages, by cargo name and directory below `guest/`, each built by its own
+/// cargo invocation.
+const PACKAGES: [(&str, &str); 2] = [("mu2-guest", "runtime"), ("mu2-test-guests", "test-guests")];
+
 fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("set by cargo"));
     let arch = env::var("CARGO_CFG_TARGET_ARCH").expect("set by cargo");
-    let guest_dir = manifest_dir.join("../guest/runtime");
-    let abi_dir = manifest_dir.join("../guest/abi");
-    for path in [
-        guest_dir.join("src"),
-        guest_dir.join("Cargo.toml"),
-        guest_dir.join("Cargo.lock"),
-        guest_dir.join("build.rs"),
-        abi_dir.join("src"),
-        abi_dir.join("Cargo.toml"),
-    ] {
+    let guests_dir = manifest_dir.join("../guest");
+    let workspace_dir = guests_dir.join("runtime");
+    let abi_dir = guests_dir.join("abi");
+    for (_, dir) in PACKAGES {
+        for file in ["src", "Cargo.toml", "build.rs"] {
+            println!("cargo:rerun-if-changed={}", guests_dir.join(dir).join(file).display());
+        }
+    }
+    for path in [workspace_dir.join("Cargo.lock"), abi_dir.join("src"), abi_dir.join("Cargo.toml")] {
         println!("cargo:rerun-if-changed={}", path.display());
     }
     println!("cargo:rerun-if-env-changed=MU2_GUEST_CARGO_ARGS");
 
     let triple = format!("{arch}-unknown-linux-gnu");
     let target_dir = out_dir.join("guest-target");
+    for (package, _) in PACKAGES {
+        build_guests(&workspace_dir, package, &triple, &arch, &target_dir);
+    }
+
+    let bin_dir = target_dir.join(&triple).join("release");
+    let mut names: Vec<String> = PACKAGES
+        .iter()
+        .flat_map(|(_, dir)| {
+            let src = guests_dir.join(dir).join("src/bin");
+            fs::read_dir(&src).unwrap_or_else(|e| panic!("reading {}: {e}", src.display()))
+        })
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let p = e.path();
+            (p.extension()? == "rs").then(|| p.file_stem()?.to_str().map(String::from))?
+        })
+        .collect();
+    names.sort();
+    if let Some(twice) = names.windows(2).find(|w| w[0] == w[1]) {
+        panic!("two guest packages have a binary called {:?}", twice[0]);
+    }
+    let mut code = String::from("/// Guest binaries built from guest/runtime and guest/test-guests, by name.\n");
+    code.push_str("pub static EMBEDDED: &[(&str, &[u8])] = &[\n");
+    for name in &names {
+        let path: &Path = &bin_dir.join(name);
+        assert!(path.exists(), "guest binary {} missing", path.display());
+        code.push_str(&format!("    ({name:?}, include_bytes!({:?})),\n", path.display().to_string()));
+    }
+    code.push_str("];\n");
+    fs::write(out_dir.join("guests.rs"), code).expect("writing guests.rs");
+}
+
+/// Builds the binaries of one package of the guest workspace at `workspace_dir`.
+fn build_guests(workspace_dir: &Path, package: &str, triple: &str, arch: &str, target_dir: &Path) {
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(&guest_dir)
-        .args(["build", "--release", "--locked", "--bins", "--target", &triple])
+    cmd.current_dir(workspace_dir)
+        .args(["build", "--release", "--locked", "--bins", "--package", package, "--target", triple])
         .arg("--target-dir")
-        .arg(&target_dir);
+        .arg(target_dir);
     if let Ok(extra) = env::var("MU2_GUEST_CARGO_ARGS") {
         cmd.args(extra.split_whitespace());
     }
@@ -56,25 +97,5 @@ fn main() {
     }
     cmd.env("CARGO_ENCODED_RUSTFLAGS", ["-Crelocation-model=static", "-Ctarget-feature=+crt-static"].join("\x1f"));
     let status = cmd.status().expect("running cargo to build the guests");
-    assert!(status.success(), "building the guest runtime failed ({status})");
-
-    let bin_dir = target_dir.join(&triple).join("release");
-    let mut names: Vec<String> = fs::read_dir(guest_dir.join("src/bin"))
-        .expect("guest/runtime/src/bin exists")
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let p = e.path();
-            (p.extension()? == "rs").then(|| p.file_stem()?.to_str().map(String::from))?
-        })
-        .collect();
-    names.sort();
-    let mut code = String::from("/// Guest binaries built from guest/runtime, by name.\n");
-    code.push_str("pub static EMBEDDED: &[(&str, &[u8])] = &[\n");
-    for name in &names {
-        let path: &Path = &bin_dir.join(name);
-        assert!(path.exists(), "guest binary {} missing", path.display());
-        code.push_str(&format!("    ({name:?}, include_bytes!({:?})),\n", path.display().to_string()));
-    }
-    code.push_str("];\n");
-    fs::write(out_dir.join("guests.rs"), code).expect("writing guests.rs");
+    assert!(status.success(), "building the guest package {package} failed ({status})");
 }

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberId, SubscriberOps};
-use mu2_devices::virtio::vsock::{CloseReason, ConnId, ConnPhase, Vsock};
+use mu2_devices::virtio::vsock::{CloseReason, ConnId, ConnPhase, HostEndpoint};
 
 use crate::vm::{GuestError, RunStop, Vm};
 
@@ -285,7 +285,7 @@ impl Bridge {
     }
 
     /// Listens on the vsock ports for which a `PATH_P` socket exists.
-    fn scan(&mut self, vsock: &mut Vsock) {
+    fn scan(&mut self, vsock: &mut HostEndpoint) {
         if self.last_scan.is_some_and(|t| t.elapsed() < RESCAN) {
             return;
         }
@@ -307,7 +307,7 @@ impl Bridge {
 
     /// Moves bytes between the connections and the vsock endpoint, takes new connections
     /// from both sides. Returns whether anything went to the guest (the VM should run).
-    pub fn pump(&mut self, vsock: &mut Vsock, credit: u32) -> bool {
+    pub fn pump(&mut self, vsock: &mut HostEndpoint, credit: u32) -> bool {
         let mut to_guest = false;
         // New host-side connections.
         let accepted = match self.em.subscriber_mut(self.listener) {
@@ -381,7 +381,7 @@ impl Drop for Bridge {
 }
 
 /// One connection's exchange with the vsock endpoint. Returns whether the guest has news.
-fn pump_conn(c: &mut Conn, vsock: &mut Vsock, credit: u32) -> bool {
+fn pump_conn(c: &mut Conn, vsock: &mut HostEndpoint, credit: u32) -> bool {
     let mut to_guest = false;
     if c.phase == Phase::Handshake {
         if let Some(end) = c.inbound.iter().position(|&b| b == b'\n') {

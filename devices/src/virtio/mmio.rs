@@ -894,12 +894,12 @@ mod tests {
             assert_eq!(q.used_flags(), VRING_USED_F_NO_NOTIFY as u16);
         }
         let [mut rx, _, _] = queues;
-        let id = t.device_mut().connect(5000, 0).unwrap();
+        let id = t.device_mut().host_mut().connect(5000, 0).unwrap();
         rx.add_chain(&[(0x10_0000, 44, true), (0x10_1000, 4096, true)]);
         assert!(t.poll(&mem));
         assert!(t.take_wakeup());
         assert_eq!(rx.take_used(), [(0, 44)]);
         wr(&mut t, &mem, regs::STATUS, 0);
-        assert!(t.device().state(id).is_none(), "reset drops connections");
+        assert!(t.device().host().state(id).is_none(), "reset drops connections");
     }
 }

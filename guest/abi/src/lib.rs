@@ -18,6 +18,40 @@ pub const GUEST_CID: u64 = 3;
 /// The vsock port the guest runtime listens on unless the command line says otherwise.
 pub const DEFAULT_PORT: u32 = 5000;
 
+/// Values of the virtio-vsock packet header (virtio 1.2 §5.10.6) that the VMM's device and the
+/// guest's driver both use. They are the specification's, not mu2's: adding them here did not
+/// change [`ABI_VERSION`].
+pub mod vsock {
+    /// `type`: a stream socket, the only type mu2 speaks.
+    pub const TYPE_STREAM: u16 = 1;
+
+    /// Values of `op`.
+    pub mod op {
+        /// Connection request.
+        pub const REQUEST: u16 = 1;
+        /// Connection accepted.
+        pub const RESPONSE: u16 = 2;
+        /// Connection reset or refused.
+        pub const RST: u16 = 3;
+        /// Half or full shutdown; the flags say which ([`super::shutdown`]).
+        pub const SHUTDOWN: u16 = 4;
+        /// Data.
+        pub const RW: u16 = 5;
+        /// Unsolicited credit information.
+        pub const CREDIT_UPDATE: u16 = 6;
+        /// Asks the peer for a CREDIT_UPDATE.
+        pub const CREDIT_REQUEST: u16 = 7;
+    }
+
+    /// Bits of `flags` in a SHUTDOWN.
+    pub mod shutdown {
+        /// The sender will receive no more.
+        pub const RCV: u32 = 1;
+        /// The sender will send no more.
+        pub const SEND: u32 = 2;
+    }
+}
+
 /// Guest-physical memory map shared by both architectures' VMM code and the guest.
 pub mod layout {
     /// Where the VMM places the boot-parameter block (x86_64: Linux `boot_params`).

@@ -14,8 +14,9 @@
 //!
 //! The runtime provides a heap (`alloc`), [`print!`]/[`println!`] on the serial console (slow:
 //! one exit per byte, never on the serve path), [`random_u64`]/[`fill_random`],
-//! [`now_unix_ns`], [`exit`], and a panic handler that reports to the VMM. Test guests use
-//! [`entry!`] for a plain `main`.
+//! [`now_unix_ns`], [`exit`], and a panic handler that reports to the VMM. [`entry!`] declares
+//! a plain `main` instead; [`fault`] raises CPU exceptions on purpose. The VMM's test guests
+//! (`guest/test-guests`) also get the `testing` hooks, behind the `test-hooks` feature.
 #![cfg_attr(not(test), no_std)]
 // The host unit tests leave out the entry, the panic handler and what only they use.
 #![cfg_attr(test, allow(dead_code, unused_imports))]
@@ -25,6 +26,7 @@ extern crate alloc;
 mod arch;
 pub mod cmdline;
 pub mod console;
+pub mod fault;
 pub mod fmt;
 mod global;
 mod heap;
@@ -34,6 +36,7 @@ mod mem;
 mod random;
 mod serve;
 mod sysdev;
+#[cfg(feature = "test-hooks")]
 pub mod testing;
 mod time;
 mod virtio;
@@ -45,7 +48,7 @@ use global::Global;
 
 pub use heap::{free as heap_free, size as heap_size};
 pub use random::{fill_random, random_u64};
-pub use serve::{notify_host, serve, serve_with_flags};
+pub use serve::{serve, serve_with_flags};
 pub use sysdev::present as sysdev_present;
 pub use time::{now_unix_ns, rdtsc, spin_us, ticks_to_ns, tsc_khz};
 

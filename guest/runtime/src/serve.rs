@@ -3,7 +3,6 @@
 //! the response (the mu2 device polls its queues at that exit, so nothing is notified).
 
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU64, Ordering};
 use mu2_abi::{wait, ReadyInfo, ABI_VERSION};
 
 use crate::global::Global;
@@ -13,7 +12,6 @@ use crate::vsock::{self, Vsock, BUF_ALLOC};
 
 static DRIVER: Global<Option<Vsock>> = Global::new(None);
 static READY: Dma<ReadyInfo> = Dma::new(ReadyInfo { abi_version: 0, port: 0, buf_alloc: 0, flags: 0 });
-static TX_NOTIFY: AtomicU64 = AtomicU64::new(0);
 
 /// Runs `f` on the vsock driver if it is up.
 pub(crate) fn with_driver<R>(f: impl FnOnce(&mut Vsock) -> R) -> Option<R> {
@@ -31,7 +29,6 @@ fn start(flags: u32) {
         Ok(dev) => dev,
         Err(e) => panic!("virtio-vsock at {:#x}: {e:?}", transport.base()),
     };
-    TX_NOTIFY.store(dev.tx_notify_addr(), Ordering::Relaxed);
     if !config.quiet {
         crate::println!("mu2: listening on vsock {}:{port}", dev.cid());
     }
@@ -77,22 +74,11 @@ pub fn serve_with_flags(flags: u32, mut handler: impl FnMut(&[u8]) -> Vec<u8>) -
         .flatten();
         if let Some(request) = request {
             // The driver is not borrowed while the function runs: it may call back into the
-            // runtime (random numbers, `notify_host`, the test hooks).
+            // runtime (random numbers, the test hooks).
             let response = handler(&request);
             drop(request);
             with_driver(|d| d.respond(response));
         }
         with_driver(Vsock::pump);
-    }
-}
-
-/// Notifies the TX queue now (one exit), whatever the device asked: lets a function that
-/// will not return (the `hang` test guest) still get the connection's RESPONSE delivered.
-pub fn notify_host() {
-    let addr = TX_NOTIFY.load(Ordering::Relaxed);
-    if addr != 0 {
-        // SAFETY: the QueueNotify register of the vsock device's MMIO window; writing the
-        // TX queue's index only asks the device to look at that queue.
-        unsafe { (addr as *mut u32).write_volatile(1) };
     }
 }

@@ -1,5 +1,10 @@
-//! Test-guest support: deliberately malformed virtqueue submissions, for hardening tests of
-//! the VMM (the `badchain` guest). Not for functions.
+//! Hooks for the VMM's test guests (`guest/test-guests`), compiled only with the
+//! `test-hooks` feature, which the example functions are built without: deliberately
+//! malformed virtqueue submissions (the `badchain` guest), a forced TX notification (`hang`),
+//! waiting forever.
+
+use crate::serve::with_driver;
+use crate::virtio::queue::{F_NEXT, F_WRITE};
 
 /// One way to break a chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,7 +44,28 @@ impl Malformation {
 /// Submits `bad` on the connection being handled (call from inside a function). Notifies
 /// the device unconditionally. Returns false if there is no connection or no free slot.
 pub fn inject(bad: Malformation) -> bool {
-    crate::serve::with_driver(|dev| dev.inject(bad)).unwrap_or(false)
+    with_driver(|dev| match bad {
+        Malformation::Addr => dev.submit_raw_rw(0, |desc, _| desc.addr = 1 << 40),
+        Malformation::Dir => dev.submit_raw_rw(0, |desc, _| desc.flags = F_WRITE),
+        Malformation::Short => dev.submit_raw_rw(0, |desc, _| desc.len = 8),
+        Malformation::Len => dev.submit_raw_rw(16 << 20, |_, _| {}),
+        Malformation::Cycle => dev.submit_raw_rw(0, |desc, head| {
+            desc.flags = F_NEXT;
+            desc.next = head;
+        }),
+        Malformation::Avail => {
+            dev.publish_tx_ahead(1000);
+            true
+        }
+        Malformation::RxDir => dev.make_rx_device_readable(),
+    })
+    .unwrap_or(false)
+}
+
+/// Notifies the TX queue now (one exit), whatever the device asked: lets a function that
+/// will not return (the `hang` test guest) still get the connection's RESPONSE delivered.
+pub fn notify_host() {
+    with_driver(|dev| dev.notify_tx());
 }
 
 /// WAITs forever (or spins without a system device): the VMM is expected to stop the VM.
@@ -51,23 +77,15 @@ pub fn wait_forever() -> ! {
     }
 }
 
-/// Raises an invalid-instruction exception on purpose (x86_64 `ud2`, aarch64 `udf`).
-pub fn fault_invalid_opcode() {
-    crate::arch::fault_invalid_opcode();
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Raises a privilege fault on purpose (x86_64: `hlt` at CPL 3, #GP; aarch64: `brk`).
-pub fn fault_privileged() {
-    crate::arch::fault_privileged();
-}
-
-/// Raises a divide error on purpose (x86_64: #DE; aarch64, whose division does not trap:
-/// `svc`).
-pub fn fault_divide() {
-    crate::arch::fault_divide();
-}
-
-/// Writes to address 0, which is unmapped: a page fault (x86_64) or data abort (aarch64).
-pub fn fault_null_write() {
-    crate::arch::fault_null_write();
+    #[test]
+    fn malformations_parse_by_name() {
+        assert_eq!(Malformation::parse(b" cycle\n"), Some(Malformation::Cycle));
+        assert_eq!(Malformation::parse(b"rxdir"), Some(Malformation::RxDir));
+        assert_eq!(Malformation::parse(b"Cycle"), None);
+        assert_eq!(Malformation::parse(b""), None);
+    }
 }

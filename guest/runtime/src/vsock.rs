@@ -11,6 +11,7 @@
 //! never a panic.
 
 use alloc::vec::Vec;
+use mu2_abi::vsock::{op, shutdown, TYPE_STREAM};
 
 use crate::virtio::mmio::{reg, status, Transport, MAGIC_VALUE, VERSION};
 use crate::virtio::queue::{Desc, Queue, RingLayout, F_NEXT, F_WRITE};
@@ -59,22 +60,6 @@ static RX_BUFFERS: Dma<[Page; RX_PAGES]> = Dma::new([Page::ZERO; RX_PAGES]);
 /// TX packet headers (one per slot), then the event buffers.
 static TX_HEADERS: Dma<Page> = Dma::new(Page::ZERO);
 const HDR_STRIDE: usize = 48;
-
-/// Packet types and operations.
-pub mod op {
-    pub const TYPE_STREAM: u16 = 1;
-    pub const REQUEST: u16 = 1;
-    pub const RESPONSE: u16 = 2;
-    pub const RST: u16 = 3;
-    pub const SHUTDOWN: u16 = 4;
-    pub const RW: u16 = 5;
-    pub const CREDIT_UPDATE: u16 = 6;
-    pub const CREDIT_REQUEST: u16 = 7;
-    /// SHUTDOWN flag: the sender will receive no more.
-    pub const SHUTDOWN_RCV: u32 = 1;
-    /// SHUTDOWN flag: the sender will send no more.
-    pub const SHUTDOWN_SEND: u32 = 2;
-}
 
 /// The 44-byte little-endian packet header.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -138,7 +123,7 @@ impl Header {
             dst_cid: self.src_cid,
             src_port: self.dst_port,
             dst_port: self.src_port,
-            kind: op::TYPE_STREAM,
+            kind: TYPE_STREAM,
             op: op::RST,
             ..Self::default()
         }
@@ -359,11 +344,6 @@ impl Vsock {
         self.cid
     }
 
-    /// Address of the TX queue's notify register (for `notify_host`).
-    pub(crate) fn tx_notify_addr(&self) -> u64 {
-        self.transport.base() + reg::QUEUE_NOTIFY
-    }
-
     /// Whether any queue has used buffers (for polling without the system device).
     pub(crate) fn has_work(&self) -> bool {
         self.rx.has_used() || self.tx.has_used() || self.event.has_used()
@@ -420,7 +400,7 @@ impl Vsock {
         if hdr.dst_cid != self.cid {
             return;
         }
-        if hdr.kind != op::TYPE_STREAM || hdr.dst_port != self.port {
+        if hdr.kind != TYPE_STREAM || hdr.dst_port != self.port {
             self.reset(&hdr);
             return;
         }
@@ -469,11 +449,11 @@ impl Vsock {
                 }
             }
             op::SHUTDOWN => {
-                if hdr.flags & op::SHUTDOWN_SEND != 0 && conn.phase == Phase::Receiving {
+                if hdr.flags & shutdown::SEND != 0 && conn.phase == Phase::Receiving {
                     conn.phase = Phase::Complete;
                 }
                 let unanswered = conn.phase != Phase::Responding || conn.sent < conn.response.len();
-                if hdr.flags & op::SHUTDOWN_RCV != 0 && unanswered {
+                if hdr.flags & shutdown::RCV != 0 && unanswered {
                     // The peer will not read the response.
                     self.reset(&hdr);
                     self.drop_conn();
@@ -532,7 +512,7 @@ impl Vsock {
             src_port: self.port,
             dst_port: conn.peer_port,
             len,
-            kind: op::TYPE_STREAM,
+            kind: TYPE_STREAM,
             op,
             flags,
             buf_alloc: BUF_ALLOC,
@@ -590,8 +570,7 @@ impl Vsock {
         while let Some(conn) = self.conn.as_ref().filter(|c| c.phase == Phase::Responding && !c.need_response) {
             let remaining = conn.response.len() - conn.sent;
             if remaining == 0 {
-                if !conn.shutdown_sent && self.send_conn(op::SHUTDOWN, op::SHUTDOWN_RCV | op::SHUTDOWN_SEND, None, true)
-                {
+                if !conn.shutdown_sent && self.send_conn(op::SHUTDOWN, shutdown::RCV | shutdown::SEND, None, true) {
                     if let Some(conn) = self.conn.as_mut() {
                         conn.shutdown_sent = true;
                     }
@@ -627,29 +606,36 @@ impl Vsock {
             self.tx.kick();
         }
     }
+}
 
-    /// Submits one malformed chain (hardening tests of the VMM, see `testing`).
-    pub(crate) fn inject(&mut self, bad: crate::testing::Malformation) -> bool {
-        use crate::testing::Malformation as M;
-        if bad == M::RxDir {
-            // Every RX buffer becomes device-readable only, then a CREDIT_REQUEST makes the
-            // device answer on RX.
-            for id in 0..self.rx.size() {
-                let (addr, len) = rx_buffer(id);
-                self.rx.set_desc(id, Desc { addr, len: len as u32, flags: 0, next: 0 });
-            }
-            let sent = self.send_conn(op::CREDIT_REQUEST, 0, None, true);
-            self.tx.notify();
-            return sent;
+/// What the test hooks (`testing`, feature `test-hooks`) do to the rings: break them on
+/// purpose, for the VMM's hardening tests. The driver itself never calls these.
+#[cfg(feature = "test-hooks")]
+impl Vsock {
+    /// Makes every RX buffer device-readable only, then sends a CREDIT_REQUEST, which the
+    /// device answers on RX. Notifies TX. False if there is no connection or no free slot.
+    pub(crate) fn make_rx_device_readable(&mut self) -> bool {
+        for id in 0..self.rx.size() {
+            let (addr, len) = rx_buffer(id);
+            self.rx.set_desc(id, Desc { addr, len: len as u32, flags: 0, next: 0 });
         }
-        if bad == M::Avail {
-            let idx = self.tx.avail_idx().wrapping_add(1000);
-            self.tx.publish(idx);
-            self.tx.notify();
-            return true;
-        }
-        let hdr_len = if bad == M::Len { 16 << 20 } else { 0 };
-        let Some(hdr) = self.conn_header(op::RW, 0, hdr_len) else { return false };
+        let sent = self.send_conn(op::CREDIT_REQUEST, 0, None, true);
+        self.tx.notify();
+        sent
+    }
+
+    /// Publishes a TX available index `ahead` entries past the real one, and notifies.
+    pub(crate) fn publish_tx_ahead(&mut self, ahead: u16) {
+        let idx = self.tx.avail_idx().wrapping_add(ahead);
+        self.tx.publish(idx);
+        self.tx.notify();
+    }
+
+    /// Submits an RW header of the connection that claims `len` payload bytes and has no data
+    /// descriptor, after `edit` changed its descriptor (given with its own index), and
+    /// notifies. False if there is no connection or no free slot.
+    pub(crate) fn submit_raw_rw(&mut self, len: u32, edit: impl FnOnce(&mut Desc, u16)) -> bool {
+        let Some(hdr) = self.conn_header(op::RW, 0, len) else { return false };
         if self.tx_free == 0 {
             return false;
         }
@@ -660,20 +646,16 @@ impl Vsock {
         unsafe { (addr as *mut [u8; Header::SIZE]).write_volatile(hdr.encode()) };
         let head = 2 * slot as u16;
         let mut desc = Desc { addr, len: Header::SIZE as u32, flags: 0, next: 0 };
-        match bad {
-            M::Addr => desc.addr = 1 << 40,
-            M::Dir => desc.flags = F_WRITE,
-            M::Short => desc.len = 8,
-            M::Cycle => {
-                desc.flags = F_NEXT;
-                desc.next = head;
-            }
-            M::Len | M::Avail | M::RxDir => {}
-        }
+        edit(&mut desc, head);
         self.tx.set_desc(head, desc);
         self.tx.push(head);
         self.tx.notify();
         true
+    }
+
+    /// Notifies the TX queue now, whatever the device asked.
+    pub(crate) fn notify_tx(&self) {
+        self.tx.notify();
     }
 }
 
@@ -689,7 +671,7 @@ mod tests {
             src_port: 1234,
             dst_port: 5000,
             len: 7,
-            kind: op::TYPE_STREAM,
+            kind: TYPE_STREAM,
             op: op::RW,
             flags: 0,
             buf_alloc: 65536,

@@ -207,7 +207,7 @@ impl Vm {
         // News for the host side (a response, a close) goes to the caller first: the guest's
         // own wake-up (reclaiming TX buffers) can wait, and for a forked VM that is about to
         // be destroyed it never has to happen.
-        let host_news = vsock.device_mut().take_host_news();
+        let host_news = vsock.device_mut().host_mut().take_host_news();
         if !host_news && vsock.take_wakeup() {
             mu2_devices::sysdev::complete_wait(self.mmio_data(), 1);
             return None;

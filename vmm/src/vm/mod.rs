@@ -21,7 +21,7 @@ use linux_loader::cmdline::Cmdline;
 use mu2_abi::{layout, ReadyInfo};
 use mu2_devices::serial::{ConsoleOutput, SerialConsole, SERIAL_REGISTERS};
 use mu2_devices::virtio::mmio::MmioTransport;
-use mu2_devices::virtio::vsock::{Vsock, VsockConfig};
+use mu2_devices::virtio::vsock::{HostEndpoint, Vsock, VsockConfig};
 use vm_memory::GuestAddress;
 #[cfg(feature = "inspect")]
 use vm_memory::GuestMemoryMmap;
@@ -310,9 +310,9 @@ impl Vm {
         self.stats
     }
 
-    /// The vsock device (host endpoint included).
-    pub fn vsock(&mut self) -> &mut Vsock {
-        self.vsock_transport().device_mut()
+    /// The host side of the vsock device: connections to and from the guest.
+    pub fn vsock(&mut self) -> &mut HostEndpoint {
+        self.vsock_transport().device_mut().host_mut()
     }
 
     fn vsock_transport(&mut self) -> &mut MmioTransport<Vsock> {

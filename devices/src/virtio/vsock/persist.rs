@@ -11,18 +11,16 @@
 //! is reset rather than left waiting for a host that no longer exists. The host-port
 //! allocator continues where it was, so new connections do not reuse the port pair of a
 //! connection the guest may still remember. Also not saved: the recorded errors
-//! ([`Vsock::take_errors`]) and the counters ([`Vsock::stats`] restart at zero, counting the
-//! restored device's own traffic).
+//! ([`HostEndpoint::take_errors`]) and the counters ([`HostEndpoint::stats`] restart at zero,
+//! counting the restored device's own traffic).
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 
-use super::{
-    Queues, Vsock, VsockConfig, EVENT_QUEUE, FIRST_EPHEMERAL_PORT, HOST_CID, MAX_PENDING_RSTS, QUEUE_MAX_SIZE,
-    RX_QUEUE, TX_QUEUE,
-};
+use super::device::{Queues, FEATURES};
+use super::endpoint::{HostEndpoint, FIRST_EPHEMERAL_PORT, MAX_PENDING_RSTS};
+use super::{Vsock, VsockConfig, EVENT_QUEUE, HOST_CID, QUEUE_MAX_SIZE, RX_QUEUE, TX_QUEUE};
 use crate::persist::{Persist, QueueRestoreError, QueueSnapshot};
-use crate::virtio::VirtioDevice;
 
 /// Largest connection-id counter a state may hold: far beyond anything a device reaches, and
 /// far enough from `u64::MAX` that counting on cannot overflow.
@@ -94,24 +92,15 @@ impl Persist for Vsock {
 
     /// The device's state. Host-side connections are not recorded: see the module docs.
     fn save(&self) -> VsockState {
-        let mut pending_rsts: Vec<(u32, u32)> = self.pending_rsts.iter().copied().collect();
-        // Open connections the guest knows about: it gets an RST for each after restore.
-        let known_open = self.conns.values().filter(|c| c.is_open() && !c.request_pending);
-        for conn in known_open {
-            if pending_rsts.len() >= MAX_PENDING_RSTS {
-                log::warn!("virtio-vsock: too many resets owed; not all saved");
-                break;
-            }
-            pending_rsts.push((conn.host_port, conn.guest_port));
-        }
+        let host = self.host().save();
         VsockState {
-            config: self.config,
-            acked_features: self.acked_features,
-            queues: self.queues.as_ref().map(|q| [(&q.rx).into(), (&q.tx).into(), (&q._event).into()]),
-            failed: self.failed,
-            next_id: self.next_id,
-            next_port: self.next_port,
-            pending_rsts,
+            config: *self.config(),
+            acked_features: self.acked_features(),
+            queues: self.queues().map(|q| [(&q.rx).into(), (&q.tx).into(), (&q.event).into()]),
+            failed: self.is_failed(),
+            next_id: host.next_id,
+            next_port: host.next_port,
+            pending_rsts: host.pending_rsts,
         }
     }
 
@@ -120,8 +109,7 @@ impl Persist for Vsock {
         if cid <= HOST_CID || cid >= u64::from(u32::MAX) {
             return Err(VsockRestoreError::GuestCid(cid));
         }
-        let mut dev = Vsock::new(state.config);
-        let offered = dev.features();
+        let offered = FEATURES;
         if state.acked_features & !offered != 0 {
             return Err(VsockRestoreError::UnknownFeatures { acked: state.acked_features, offered });
         }
@@ -137,45 +125,47 @@ impl Persist for Vsock {
         if state.failed && state.queues.is_none() {
             return Err(VsockRestoreError::FailedInactive);
         }
-        if let Some([rx, tx, event]) = &state.queues {
-            // The device offers no VIRTIO_F_RING_EVENT_IDX.
-            let restore = |index: usize, q: &QueueSnapshot| -> Result<Queue, VsockRestoreError> {
-                let q =
-                    q.restore(QUEUE_MAX_SIZE, false).map_err(|source| VsockRestoreError::Queue { index, source })?;
-                if index != EVENT_QUEUE && !q.ready() {
-                    return Err(VsockRestoreError::QueueNotReady(index));
-                }
-                Ok(q)
-            };
-            // Activation's side effect (NO_NOTIFY in the used rings) is in guest memory already.
-            dev.queues = Some(Queues {
-                rx: restore(RX_QUEUE, rx)?,
-                tx: restore(TX_QUEUE, tx)?,
-                _event: restore(EVENT_QUEUE, event)?,
-            });
-        }
-        dev.acked_features = state.acked_features;
-        dev.failed = state.failed;
-        dev.next_id = state.next_id;
-        dev.next_port = state.next_port;
-        dev.pending_rsts = state.pending_rsts.iter().copied().collect();
-        Ok(dev)
+        let queues = match &state.queues {
+            None => None,
+            Some([rx, tx, event]) => {
+                // The device offers no VIRTIO_F_RING_EVENT_IDX.
+                let restore = |index: usize, q: &QueueSnapshot| -> Result<Queue, VsockRestoreError> {
+                    let q = q
+                        .restore(QUEUE_MAX_SIZE, false)
+                        .map_err(|source| VsockRestoreError::Queue { index, source })?;
+                    if index != EVENT_QUEUE && !q.ready() {
+                        return Err(VsockRestoreError::QueueNotReady(index));
+                    }
+                    Ok(q)
+                };
+                // Activation's side effect (NO_NOTIFY in the used rings) is in guest memory
+                // already.
+                Some(Queues {
+                    rx: restore(RX_QUEUE, rx)?,
+                    tx: restore(TX_QUEUE, tx)?,
+                    event: restore(EVENT_QUEUE, event)?,
+                })
+            }
+        };
+        let host = HostEndpoint::restore(state.config, state.next_id, state.next_port, &state.pending_rsts);
+        Ok(Vsock::from_parts(state.config, state.acked_features, queues, state.failed, host))
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use mu2_abi::vsock::{op, shutdown};
     use virtio_bindings::virtio_config::{VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET};
     use virtio_bindings::virtio_ring::VRING_USED_F_NO_NOTIFY;
     use vm_memory::{Address, Bytes, GuestAddress};
 
-    use super::super::proto::*;
     use super::super::tests::{active, config, established, memory, ops, Guest, Pkt, GUEST_CID, GUEST_PORT};
     use super::super::{CloseReason, ConnPhase, VsockError};
     use super::*;
     use crate::persist::QueueRestoreError;
     use crate::virtio::mmio::{regs, MmioRestoreError, MmioTransport, MmioTransportState};
     use crate::virtio::test_utils::{drive_to_driver_ok, read_reg, write_reg, DriverQueue};
+    use crate::virtio::VirtioDevice;
     use crate::GuestMemoryMmap;
 
     type Transport = MmioTransport<Vsock>;
@@ -224,33 +214,33 @@ mod tests {
         let (mut t, mut g) = transport(&mem);
 
         // A whole exchange: connect, data both ways, both sides close.
-        let id = t.device_mut().connect(GUEST_PORT, 0).unwrap();
+        let id = t.device_mut().host_mut().connect(GUEST_PORT, 0).unwrap();
         g.post_rx(4, 4096);
         assert!(t.poll(&mem));
         let req = g.recv();
-        assert_eq!(ops(&req), [OP_REQUEST]);
+        assert_eq!(ops(&req), [op::REQUEST]);
         let port = req[0].src_port;
-        g.send(&g.pkt(OP_RESPONSE, port));
-        t.device_mut().send(id, b"request").unwrap();
-        t.device_mut().shutdown_send(id).unwrap();
+        g.send(&g.pkt(op::RESPONSE, port));
+        t.device_mut().host_mut().send(id, b"request").unwrap();
+        t.device_mut().host_mut().shutdown_send(id).unwrap();
         assert!(t.poll(&mem));
         let pkts = g.recv();
-        assert_eq!(ops(&pkts), [OP_RW, OP_SHUTDOWN]);
+        assert_eq!(ops(&pkts), [op::RW, op::SHUTDOWN]);
         assert_eq!(pkts[0].data, b"request");
         g.send(&g.rw(port, b"response"));
-        g.send(&Pkt { flags: SHUTDOWN_RCV | SHUTDOWN_SEND, ..g.pkt(OP_SHUTDOWN, port) });
+        g.send(&Pkt { flags: shutdown::RCV | shutdown::SEND, ..g.pkt(op::SHUTDOWN, port) });
         assert!(t.poll(&mem));
         let mut got = Vec::new();
-        t.device_mut().recv(id, &mut got).unwrap();
+        t.device_mut().host_mut().recv(id, &mut got).unwrap();
         assert_eq!(got, b"response");
-        assert_eq!(t.device().state(id).unwrap().phase, ConnPhase::Closed(CloseReason::GuestClosed));
-        assert_eq!(ops(&g.recv()), [OP_RST]);
-        t.device_mut().remove(id);
+        assert_eq!(t.device().host().state(id).unwrap().phase, ConnPhase::Closed(CloseReason::GuestClosed));
+        assert_eq!(ops(&g.recv()), [op::RST]);
+        t.device_mut().host_mut().remove(id);
         assert_eq!((used_idx(&mem, &g.rx), used_idx(&mem, &g.tx)), (4, 3));
         // Registers away from their defaults.
         write_reg(&mut t, &mem, regs::DEVICE_FEATURES_SEL, 1);
         let before = registers(&mut t, &mem, 2);
-        assert!(t.take_errors().is_empty() && t.device_mut().take_errors().is_empty());
+        assert!(t.take_errors().is_empty() && t.device_mut().host_mut().take_errors().is_empty());
 
         let state = t.save();
         let queues = state.device.queues.unwrap();
@@ -267,42 +257,42 @@ mod tests {
         assert!(r.is_activated());
         assert_eq!(registers(&mut r, &mem, 2), before);
         assert!(r.take_wakeup(), "a pending wake-up survives");
-        assert!(r.device().state(id).is_none());
+        assert!(r.device().host().state(id).is_none());
 
         // A new connection (the helper's credit counter is per connection): its REQUEST lands in the next RX buffer, at used index 5, from the
         // next host port.
         g.fwd_cnt = 0;
-        let id2 = r.device_mut().connect(GUEST_PORT, 0).unwrap();
+        let id2 = r.device_mut().host_mut().connect(GUEST_PORT, 0).unwrap();
         assert_ne!(id2, id);
         g.post_rx(4, 4096);
         assert!(r.poll(&mem));
         assert_eq!(used_idx(&mem, &g.rx), 5);
         let req = g.recv();
-        assert_eq!(ops(&req), [OP_REQUEST]);
+        assert_eq!(ops(&req), [op::REQUEST]);
         assert_eq!(req[0].src_port, port + 1);
         assert_eq!(req[0].dst_cid, GUEST_CID);
         let port2 = req[0].src_port;
-        g.send(&g.pkt(OP_RESPONSE, port2));
-        r.device_mut().send(id2, b"second request").unwrap();
+        g.send(&g.pkt(op::RESPONSE, port2));
+        r.device_mut().host_mut().send(id2, b"second request").unwrap();
         assert!(r.poll(&mem));
         assert_eq!((used_idx(&mem, &g.rx), used_idx(&mem, &g.tx)), (6, 4));
         let pkts = g.recv();
-        assert_eq!(ops(&pkts), [OP_RW]);
+        assert_eq!(ops(&pkts), [op::RW]);
         assert_eq!(pkts[0].data, b"second request");
         // A guest TX packet is consumed.
         g.send(&g.rw(port2, b"second response"));
         assert!(r.poll(&mem));
         assert_eq!(used_idx(&mem, &g.tx), 5);
         let mut got = Vec::new();
-        r.device_mut().recv(id2, &mut got).unwrap();
+        r.device_mut().host_mut().recv(id2, &mut got).unwrap();
         assert_eq!(got, b"second response");
         // Notifications stay off; nothing went wrong.
         for q in [&g.rx, &g.tx, &g.event] {
             assert_eq!(q.used_flags(), VRING_USED_F_NO_NOTIFY as u16);
         }
         assert!(r.take_errors().is_empty());
-        assert!(r.device_mut().take_errors().is_empty());
-        assert_eq!(r.device().stats().connections, 1, "counters restart at restore");
+        assert!(r.device_mut().host_mut().take_errors().is_empty());
+        assert_eq!(r.device().host().stats().connections, 1, "counters restart at restore");
     }
 
     #[test]
@@ -310,27 +300,27 @@ mod tests {
         let mem = memory();
         let (mut dev, mut g) = active(&mem, config());
         let (id, port) = established(&mut dev, &mut g, &mem);
-        dev.send(id, b"never delivered").unwrap();
+        dev.host_mut().send(id, b"never delivered").unwrap();
         // Its REQUEST has not reached the guest: the guest does not know it.
-        let unknown = dev.connect(GUEST_PORT + 1, 0).unwrap();
+        let unknown = dev.host_mut().connect(GUEST_PORT + 1, 0).unwrap();
         let state = dev.save();
         assert_eq!(state.pending_rsts, [(port, GUEST_PORT)]);
 
         let mut r = Vsock::restore((), &reencode(&state)).unwrap();
-        assert!(r.state(id).is_none() && r.state(unknown).is_none());
-        assert!(matches!(r.send(id, b"x"), Err(VsockError::UnknownConnection(_))));
+        assert!(r.host().state(id).is_none() && r.host().state(unknown).is_none());
+        assert!(matches!(r.host_mut().send(id, b"x"), Err(VsockError::UnknownConnection(_))));
         // The guest's socket is reset; nothing else of the old connections reaches it.
         g.post_rx(4, 4096);
         assert!(r.process(&mem));
         let pkts = g.recv();
-        assert_eq!(ops(&pkts), [OP_RST]);
+        assert_eq!(ops(&pkts), [op::RST]);
         assert_eq!((pkts[0].src_port, pkts[0].dst_port), (port, GUEST_PORT));
         // New connections get new ids and ports.
-        let id2 = r.connect(GUEST_PORT, 0).unwrap();
+        let id2 = r.host_mut().connect(GUEST_PORT, 0).unwrap();
         assert!(id2 > unknown);
         assert!(r.process(&mem));
         let req = g.recv();
-        assert_eq!(ops(&req), [OP_REQUEST]);
+        assert_eq!(ops(&req), [op::REQUEST]);
         assert_eq!(req[0].src_port, port + 2);
         // Saving the restored device again: only the new connection, now known to the guest.
         assert_eq!(r.save().pending_rsts, [(port + 2, GUEST_PORT)]);
@@ -462,7 +452,7 @@ mod tests {
     fn corrupted_state_bytes_never_panic() {
         let mem = memory();
         let (mut t, mut g) = transport(&mem);
-        t.device_mut().connect(GUEST_PORT, 0).unwrap();
+        t.device_mut().host_mut().connect(GUEST_PORT, 0).unwrap();
         g.post_rx(2, 4096);
         t.poll(&mem);
         let bytes = postcard::to_stdvec(&t.save()).unwrap();
@@ -481,7 +471,7 @@ mod tests {
                 restored += 1;
                 // Whatever was accepted must run without panicking.
                 let _ = r.check_memory(&mem);
-                r.device_mut().connect(GUEST_PORT, 0).ok();
+                r.device_mut().host_mut().connect(GUEST_PORT, 0).ok();
                 r.poll(&mem);
                 let _ = registers(&mut r, &mem, 0);
             }

@@ -2,12 +2,17 @@
 
 use std::collections::HashMap;
 
+use mu2_abi::vsock::{op, shutdown, TYPE_STREAM};
 use virtio_bindings::virtio_ring::VRING_USED_F_NO_NOTIFY;
 use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
+use super::endpoint::{MAX_PENDING_RSTS, MAX_RECORDED_ERRORS};
 use super::*;
 use crate::virtio::test_utils::{Desc, DriverQueue};
+use crate::virtio::{VirtioDevice, VirtioError};
+use crate::GuestMemoryMmap;
 
 pub(super) const GUEST_CID: u64 = 3;
 pub(super) const GUEST_PORT: u32 = 5000;
@@ -142,7 +147,7 @@ impl<'a> Guest<'a> {
     }
 
     pub(super) fn rw(&self, host_port: u32, data: &[u8]) -> Pkt {
-        Pkt { len: data.len() as u32, data: data.to_vec(), ..self.pkt(OP_RW, host_port) }
+        Pkt { len: data.len() as u32, data: data.to_vec(), ..self.pkt(op::RW, host_port) }
     }
 
     /// Submits a packet on TX: header descriptor, then data descriptor if any.
@@ -192,16 +197,16 @@ pub(super) fn active(mem: &GuestMemoryMmap, config: VsockConfig) -> (Vsock, Gues
 
 /// A host-initiated connection the guest accepted; returns its id and host port.
 pub(super) fn established(dev: &mut Vsock, g: &mut Guest, mem: &GuestMemoryMmap) -> (ConnId, u32) {
-    let id = dev.connect(GUEST_PORT, 0).unwrap();
+    let id = dev.host_mut().connect(GUEST_PORT, 0).unwrap();
     g.post_rx(1, 4096);
     dev.process(mem);
     let req = g.recv();
     assert_eq!(req.len(), 1);
-    assert_eq!(req[0].op, OP_REQUEST);
+    assert_eq!(req[0].op, op::REQUEST);
     let host_port = req[0].src_port;
-    g.send(&g.pkt(OP_RESPONSE, host_port));
+    g.send(&g.pkt(op::RESPONSE, host_port));
     dev.process(mem);
-    assert_eq!(dev.state(id).unwrap().phase, ConnPhase::Established);
+    assert_eq!(dev.host().state(id).unwrap().phase, ConnPhase::Established);
     (id, host_port)
 }
 
@@ -244,64 +249,64 @@ fn activation_disables_notifications_and_needs_rx_tx() {
 fn full_exchange_host_initiated() {
     let mem = memory();
     let (mut dev, mut g) = active(&mem, config());
-    let id = dev.connect(GUEST_PORT, 0).unwrap();
-    assert_eq!(dev.state(id).unwrap().phase, ConnPhase::Connecting);
+    let id = dev.host_mut().connect(GUEST_PORT, 0).unwrap();
+    assert_eq!(dev.host().state(id).unwrap().phase, ConnPhase::Connecting);
     // Nothing happens without RX buffers.
     assert!(!dev.process(&mem));
     g.post_rx(8, 4096);
     assert!(dev.process(&mem));
     let req = g.recv();
-    assert_eq!(ops(&req), [OP_REQUEST]);
+    assert_eq!(ops(&req), [op::REQUEST]);
     let host_port = req[0].src_port;
     assert_eq!((req[0].src_cid, req[0].dst_cid, req[0].dst_port), (HOST_CID, GUEST_CID, GUEST_PORT));
     assert_eq!(req[0].type_, TYPE_STREAM);
     assert_eq!(req[0].buf_alloc, 256 << 10);
 
-    g.send(&g.pkt(OP_RESPONSE, host_port));
+    g.send(&g.pkt(op::RESPONSE, host_port));
     assert!(dev.process(&mem)); // the TX chain was used
     assert_eq!(g.tx.take_used().len(), 1);
-    assert_eq!(dev.state(id).unwrap().phase, ConnPhase::Established);
+    assert_eq!(dev.host().state(id).unwrap().phase, ConnPhase::Established);
 
-    dev.send(id, b"hello").unwrap();
+    dev.host_mut().send(id, b"hello").unwrap();
     dev.process(&mem);
     let data = g.recv();
-    assert_eq!(ops(&data), [OP_RW]);
+    assert_eq!(ops(&data), [op::RW]);
     assert_eq!(data[0].data, b"hello");
 
     g.send(&g.rw(host_port, b"world"));
     dev.process(&mem);
     let mut out = Vec::new();
-    assert_eq!(dev.recv(id, &mut out).unwrap(), 5);
+    assert_eq!(dev.host_mut().recv(id, &mut out).unwrap(), 5);
     assert_eq!(out, b"world");
 
-    dev.shutdown_send(id).unwrap();
-    assert!(matches!(dev.send(id, b"late"), Err(VsockError::NotWritable(_))));
+    dev.host_mut().shutdown_send(id).unwrap();
+    assert!(matches!(dev.host_mut().send(id, b"late"), Err(VsockError::NotWritable(_))));
     dev.process(&mem);
     let shut = g.recv();
-    assert_eq!(ops(&shut), [OP_SHUTDOWN]);
-    assert_eq!(shut[0].flags, SHUTDOWN_SEND);
+    assert_eq!(ops(&shut), [op::SHUTDOWN]);
+    assert_eq!(shut[0].flags, shutdown::SEND);
 
     // The guest sends its last bytes and closes: SHUTDOWN both ways, the host answers RST.
     g.send(&g.rw(host_port, b"bye"));
-    g.send(&Pkt { flags: SHUTDOWN_RCV | SHUTDOWN_SEND, ..g.pkt(OP_SHUTDOWN, host_port) });
+    g.send(&Pkt { flags: shutdown::RCV | shutdown::SEND, ..g.pkt(op::SHUTDOWN, host_port) });
     dev.process(&mem);
     let rst = g.recv();
-    assert_eq!(ops(&rst), [OP_RST]);
+    assert_eq!(ops(&rst), [op::RST]);
     assert_eq!((rst[0].src_port, rst[0].dst_port), (host_port, GUEST_PORT));
-    let state = dev.state(id).unwrap();
+    let state = dev.host().state(id).unwrap();
     assert_eq!(state.phase, ConnPhase::Closed(CloseReason::GuestClosed));
     assert!(state.guest_eof);
     assert_eq!(state.readable, 3);
     out.clear();
-    dev.recv(id, &mut out).unwrap();
+    dev.host_mut().recv(id, &mut out).unwrap();
     assert_eq!(out, b"bye");
-    dev.remove(id);
-    assert!(dev.state(id).is_none());
+    dev.host_mut().remove(id);
+    assert!(dev.host().state(id).is_none());
     // Removing a closed connection sends nothing.
     dev.process(&mem);
     assert!(g.recv().is_empty());
-    assert!(dev.take_errors().is_empty());
-    let stats = dev.stats();
+    assert!(dev.host_mut().take_errors().is_empty());
+    let stats = dev.host().stats();
     assert_eq!(stats.rx_bytes, 5);
     assert_eq!(stats.tx_bytes, 8);
     assert_eq!(stats.resets_sent, 1);
@@ -311,24 +316,24 @@ fn full_exchange_host_initiated() {
 fn assumed_credit_sends_request_and_data_in_one_batch() {
     let mem = memory();
     let (mut dev, mut g) = active(&mem, config());
-    let eager = dev.connect(GUEST_PORT, 4096).unwrap();
-    dev.send(eager, &[7; 100]).unwrap();
-    let strict = dev.connect(GUEST_PORT + 1, 0).unwrap();
-    dev.send(strict, &[8; 100]).unwrap();
+    let eager = dev.host_mut().connect(GUEST_PORT, 4096).unwrap();
+    dev.host_mut().send(eager, &[7; 100]).unwrap();
+    let strict = dev.host_mut().connect(GUEST_PORT + 1, 0).unwrap();
+    dev.host_mut().send(strict, &[8; 100]).unwrap();
     g.post_rx(8, 4096);
     dev.process(&mem);
     let pkts = g.recv();
     // Control first (both REQUESTs), then the data the eager connection may already send.
-    assert_eq!(ops(&pkts), [OP_REQUEST, OP_REQUEST, OP_RW]);
+    assert_eq!(ops(&pkts), [op::REQUEST, op::REQUEST, op::RW]);
     assert_eq!(pkts[2].dst_port, GUEST_PORT);
     assert_eq!(pkts[2].data, [7; 100]);
     // The strict one waits for the RESPONSE.
     let strict_port = pkts[1].src_port;
     // (The helper counts fwd_cnt across connections; this one has consumed nothing.)
-    g.send(&Pkt { src_port: GUEST_PORT + 1, fwd_cnt: 0, ..g.pkt(OP_RESPONSE, strict_port) });
+    g.send(&Pkt { src_port: GUEST_PORT + 1, fwd_cnt: 0, ..g.pkt(op::RESPONSE, strict_port) });
     dev.process(&mem);
     let pkts = g.recv();
-    assert_eq!(ops(&pkts), [OP_RW]);
+    assert_eq!(ops(&pkts), [op::RW]);
     assert_eq!(pkts[0].data, [8; 100]);
 }
 
@@ -339,25 +344,25 @@ fn host_stops_at_guest_credit_and_resumes_on_credit_update() {
     g.buf_alloc = 1000;
     let (id, host_port) = established(&mut dev, &mut g, &mem);
     let payload: Vec<u8> = (0..2500u32).map(|i| i as u8).collect();
-    dev.send(id, &payload).unwrap();
+    dev.host_mut().send(id, &payload).unwrap();
     g.post_rx(16, 300);
     dev.process(&mem);
     let mut got: Vec<u8> = g.recv().into_iter().flat_map(|p| p.data).collect();
     assert_eq!(got.len(), 1000, "stops at the credit");
-    assert_eq!(dev.state(id).unwrap().unsent, 1500);
+    assert_eq!(dev.host().state(id).unwrap().unsent, 1500);
     // More buffers do not help without credit.
     dev.process(&mem);
     assert!(g.recv().is_empty());
     // The guest consumed everything: CREDIT_UPDATE carries fwd_cnt = 1000.
-    g.send(&g.pkt(OP_CREDIT_UPDATE, host_port));
+    g.send(&g.pkt(op::CREDIT_UPDATE, host_port));
     dev.process(&mem);
     got.extend(g.recv().into_iter().flat_map(|p| p.data));
     assert_eq!(got.len(), 2000);
-    g.send(&g.pkt(OP_CREDIT_UPDATE, host_port));
+    g.send(&g.pkt(op::CREDIT_UPDATE, host_port));
     dev.process(&mem);
     got.extend(g.recv().into_iter().flat_map(|p| p.data));
     assert_eq!(got, payload);
-    assert!(dev.take_errors().is_empty());
+    assert!(dev.host_mut().take_errors().is_empty());
 }
 
 #[test]
@@ -365,7 +370,7 @@ fn packets_respect_buffer_size_and_max_packet_data() {
     let mem = memory();
     let (mut dev, mut g) = active(&mem, VsockConfig { max_packet_data: 1000, ..config() });
     let (id, _) = established(&mut dev, &mut g, &mem);
-    dev.send(id, &[1; 5000]).unwrap();
+    dev.host_mut().send(id, &[1; 5000]).unwrap();
     g.post_rx(1, 300);
     g.post_rx(1, 4000);
     g.post_rx_single(700);
@@ -383,16 +388,16 @@ fn guest_exceeding_host_credit_is_reset() {
     g.send(&g.rw(host_port, &[1; 800]));
     g.send(&g.rw(host_port, &[2; 300]));
     dev.process(&mem);
-    assert_eq!(ops(&g.recv()), [OP_RST]);
-    let errors = dev.take_errors();
+    assert_eq!(ops(&g.recv()), [op::RST]);
+    let errors = dev.host_mut().take_errors();
     assert!(matches!(errors.as_slice(), [VsockError::CreditExceeded { len: 300, credit: 224, .. }]), "{errors:?}");
-    let state = dev.state(id).unwrap();
+    let state = dev.host().state(id).unwrap();
     assert_eq!(state.phase, ConnPhase::Closed(CloseReason::ProtocolError));
     assert_eq!(state.readable, 800, "data within the credit is kept");
     // Later packets for the old port pair get RST (the connection is gone for the guest).
     g.send(&g.rw(host_port, b"x"));
     dev.process(&mem);
-    assert_eq!(ops(&g.recv()), [OP_RST]);
+    assert_eq!(ops(&g.recv()), [op::RST]);
 }
 
 #[test]
@@ -401,19 +406,19 @@ fn credit_request_and_credit_update_after_consumption() {
     let (mut dev, mut g) = active(&mem, VsockConfig { host_buf_alloc: 1024, ..config() });
     let (id, host_port) = established(&mut dev, &mut g, &mem);
     g.post_rx(4, 4096);
-    g.send(&g.pkt(OP_CREDIT_REQUEST, host_port));
+    g.send(&g.pkt(op::CREDIT_REQUEST, host_port));
     dev.process(&mem);
     let upd = g.recv();
-    assert_eq!(ops(&upd), [OP_CREDIT_UPDATE]);
+    assert_eq!(ops(&upd), [op::CREDIT_UPDATE]);
     assert_eq!((upd[0].buf_alloc, upd[0].fwd_cnt), (1024, 0));
 
     g.send(&g.rw(host_port, &[0; 600]));
     dev.process(&mem);
     assert!(g.recv().is_empty());
-    dev.recv(id, &mut Vec::new()).unwrap();
+    dev.host_mut().recv(id, &mut Vec::new()).unwrap();
     dev.process(&mem);
     let upd = g.recv();
-    assert_eq!(ops(&upd), [OP_CREDIT_UPDATE]);
+    assert_eq!(ops(&upd), [op::CREDIT_UPDATE]);
     assert_eq!(upd[0].fwd_cnt, 600);
 }
 
@@ -423,47 +428,47 @@ fn unknown_connections_get_rst() {
     let (mut dev, mut g) = active(&mem, config());
     g.post_rx(4, 4096);
     g.send(&g.rw(1234, b"data"));
-    g.send(&g.pkt(OP_RST, 1235)); // never answered
-    g.send(&g.pkt(OP_SHUTDOWN, 1236));
+    g.send(&g.pkt(op::RST, 1235)); // never answered
+    g.send(&g.pkt(op::SHUTDOWN, 1236));
     dev.process(&mem);
     let rst = g.recv();
-    assert_eq!(ops(&rst), [OP_RST, OP_RST]);
+    assert_eq!(ops(&rst), [op::RST, op::RST]);
     assert_eq!((rst[0].src_port, rst[0].dst_port), (1234, GUEST_PORT));
     assert_eq!((rst[1].src_port, rst[1].dst_port), (1236, GUEST_PORT));
-    assert_eq!(dev.stats().tx_bytes, 0);
+    assert_eq!(dev.host().stats().tx_bytes, 0);
 }
 
 #[test]
 fn listen_and_accept() {
     let mem = memory();
     let (mut dev, mut g) = active(&mem, config());
-    dev.listen(7000);
+    dev.host_mut().listen(7000);
     g.post_rx(4, 4096);
-    g.send(&g.pkt(OP_REQUEST, 7000));
-    g.send(&Pkt { src_port: 4001, ..g.pkt(OP_REQUEST, 7001) });
+    g.send(&g.pkt(op::REQUEST, 7000));
+    g.send(&Pkt { src_port: 4001, ..g.pkt(op::REQUEST, 7001) });
     dev.process(&mem);
     let replies = g.recv();
-    assert_eq!(ops(&replies), [OP_RST, OP_RESPONSE]);
+    assert_eq!(ops(&replies), [op::RST, op::RESPONSE]);
     assert_eq!(replies[0].src_port, 7001);
     assert_eq!((replies[1].src_port, replies[1].dst_port), (7000, GUEST_PORT));
-    let (id, port) = dev.accept().unwrap();
+    let (id, port) = dev.host_mut().accept().unwrap();
     assert_eq!(port, 7000);
-    assert!(dev.accept().is_none());
-    assert_eq!(dev.state(id).unwrap().phase, ConnPhase::Established);
+    assert!(dev.host_mut().accept().is_none());
+    assert_eq!(dev.host().state(id).unwrap().phase, ConnPhase::Established);
 
     g.send(&g.rw(7000, b"ping"));
     dev.process(&mem);
     let mut out = Vec::new();
-    dev.recv(id, &mut out).unwrap();
+    dev.host_mut().recv(id, &mut out).unwrap();
     assert_eq!(out, b"ping");
-    dev.send(id, b"pong").unwrap();
+    dev.host_mut().send(id, b"pong").unwrap();
     dev.process(&mem);
     assert_eq!(g.recv()[0].data, b"pong");
 
     // The guest resets; the host sees why.
-    g.send(&g.pkt(OP_RST, 7000));
+    g.send(&g.pkt(op::RST, 7000));
     dev.process(&mem);
-    assert_eq!(dev.state(id).unwrap().phase, ConnPhase::Closed(CloseReason::GuestReset));
+    assert_eq!(dev.host().state(id).unwrap().phase, ConnPhase::Closed(CloseReason::GuestReset));
     assert!(g.recv().is_empty());
 }
 
@@ -471,23 +476,23 @@ fn listen_and_accept() {
 fn guest_refusal_and_host_reset() {
     let mem = memory();
     let (mut dev, mut g) = active(&mem, config());
-    let id = dev.connect(GUEST_PORT, 0).unwrap();
+    let id = dev.host_mut().connect(GUEST_PORT, 0).unwrap();
     g.post_rx(4, 4096);
     dev.process(&mem);
     let host_port = g.recv()[0].src_port;
-    g.send(&g.pkt(OP_RST, host_port));
+    g.send(&g.pkt(op::RST, host_port));
     dev.process(&mem);
-    assert_eq!(dev.state(id).unwrap().phase, ConnPhase::Closed(CloseReason::Refused));
-    assert!(matches!(dev.send(id, b"x"), Err(VsockError::NotWritable(_))));
+    assert_eq!(dev.host().state(id).unwrap().phase, ConnPhase::Closed(CloseReason::Refused));
+    assert!(matches!(dev.host_mut().send(id, b"x"), Err(VsockError::NotWritable(_))));
 
     let (id, host_port) = established(&mut dev, &mut g, &mem);
-    dev.abort(id);
-    assert!(dev.state(id).is_none());
-    assert!(matches!(dev.send(id, b"x"), Err(VsockError::UnknownConnection(_))));
+    dev.host_mut().abort(id);
+    assert!(dev.host().state(id).is_none());
+    assert!(matches!(dev.host_mut().send(id, b"x"), Err(VsockError::UnknownConnection(_))));
     g.post_rx(1, 4096);
     dev.process(&mem);
     let rst = g.recv();
-    assert_eq!(ops(&rst), [OP_RST]);
+    assert_eq!(ops(&rst), [op::RST]);
     assert_eq!(rst[0].src_port, host_port);
 }
 
@@ -495,14 +500,14 @@ fn guest_refusal_and_host_reset() {
 fn rx_is_fair_across_connections() {
     let mem = memory();
     let (mut dev, mut g) = active(&mem, config());
-    let a = dev.connect(GUEST_PORT, 1 << 20).unwrap();
-    let b = dev.connect(GUEST_PORT + 1, 1 << 20).unwrap();
-    dev.send(a, &[0xa; 10000]).unwrap();
-    dev.send(b, &[0xb; 10000]).unwrap();
+    let a = dev.host_mut().connect(GUEST_PORT, 1 << 20).unwrap();
+    let b = dev.host_mut().connect(GUEST_PORT + 1, 1 << 20).unwrap();
+    dev.host_mut().send(a, &[0xa; 10000]).unwrap();
+    dev.host_mut().send(b, &[0xb; 10000]).unwrap();
     g.post_rx(8, 1000);
     dev.process(&mem);
     let pkts = g.recv();
-    assert_eq!(ops(&pkts), [OP_REQUEST, OP_REQUEST, OP_RW, OP_RW, OP_RW, OP_RW, OP_RW, OP_RW]);
+    assert_eq!(ops(&pkts), [op::REQUEST, op::REQUEST, op::RW, op::RW, op::RW, op::RW, op::RW, op::RW]);
     let owners: Vec<u8> = pkts[2..].iter().map(|p| p.data[0]).collect();
     assert_eq!(owners, [0xa, 0xb, 0xa, 0xb, 0xa, 0xb]);
 }
@@ -511,18 +516,18 @@ fn rx_is_fair_across_connections() {
 fn max_connections_and_device_reset() {
     let mem = memory();
     let (mut dev, mut g) = active(&mem, VsockConfig { max_connections: 1, ..config() });
-    let id = dev.connect(GUEST_PORT, 0).unwrap();
-    assert!(matches!(dev.connect(GUEST_PORT, 0), Err(VsockError::TooManyConnections(1))));
-    dev.listen(7000);
+    let id = dev.host_mut().connect(GUEST_PORT, 0).unwrap();
+    assert!(matches!(dev.host_mut().connect(GUEST_PORT, 0), Err(VsockError::TooManyConnections(1))));
+    dev.host_mut().listen(7000);
     g.post_rx(2, 4096);
-    g.send(&g.pkt(OP_REQUEST, 7000));
+    g.send(&g.pkt(op::REQUEST, 7000));
     dev.process(&mem);
-    assert_eq!(ops(&g.recv()), [OP_RST, OP_REQUEST], "no room for the guest's connection");
+    assert_eq!(ops(&g.recv()), [op::RST, op::REQUEST], "no room for the guest's connection");
 
     VirtioDevice::reset(&mut dev);
-    assert!(dev.state(id).is_none());
+    assert!(dev.host().state(id).is_none());
     assert!(!dev.process(&mem), "nothing to do without queues");
-    dev.connect(GUEST_PORT, 0).unwrap();
+    dev.host_mut().connect(GUEST_PORT, 0).unwrap();
 }
 
 /// Where malformed TX chains put their header.
@@ -537,14 +542,14 @@ fn reject_tx(hdr: &Pkt, descs: &[Desc]) -> Vec<VsockError> {
     g.tx.add_chain(descs);
     assert!(dev.process(&mem));
     assert_eq!(g.tx.take_used().iter().map(|u| u.1).collect::<Vec<_>>(), [0]);
-    let errors = dev.take_errors();
+    let errors = dev.host_mut().take_errors();
     // Still working: a good packet afterwards is answered.
     g.post_rx(1, 4096);
     g.send(&g.rw(1, b"x"));
     dev.process(&mem);
-    assert_eq!(ops(&g.recv()), [OP_RST]);
+    assert_eq!(ops(&g.recv()), [op::RST]);
     assert!(!dev.is_failed());
-    assert_eq!(dev.stats().bad_chains, 1);
+    assert_eq!(dev.host().stats().bad_chains, 1);
     errors
 }
 
@@ -559,7 +564,7 @@ fn bad_chain(errors: &[VsockError]) -> &ChainError {
 fn malformed_tx_chains() {
     let mem = memory();
     let g = Guest::new(&mem);
-    let rw = |len: u32| Pkt { len, ..g.pkt(OP_RW, 1) };
+    let rw = |len: u32| Pkt { len, ..g.pkt(op::RW, 1) };
     let outside = MEM_SIZE as u64 - 16;
 
     let e = reject_tx(&rw(0), &[(outside, HDR, false)]);
@@ -604,7 +609,7 @@ fn descriptor_cycles_and_bad_indices() {
     // head out of the table
     g.tx.publish(500);
     dev.process(&mem);
-    let errors = dev.take_errors();
+    let errors = dev.host_mut().take_errors();
     let kinds: Vec<String> = errors.iter().map(|e| format!("{:?}", bad_chain(std::slice::from_ref(e)))).collect();
     assert_eq!(kinds, ["Cycle(10)", "Cycle(12)", "Truncated", "BadHead"]);
     // All but the out-of-range head came back with length 0.
@@ -616,7 +621,7 @@ fn descriptor_cycles_and_bad_indices() {
 fn malformed_rx_chains() {
     let mem = memory();
     let (mut dev, mut g) = active(&mem, config());
-    let id = dev.connect(GUEST_PORT, 0).unwrap();
+    let id = dev.host_mut().connect(GUEST_PORT, 0).unwrap();
     g.rx.add_chain(&[(0x80_0000, HDR, false), (0x80_1000, 100, true)]); // read-only header
     g.rx.add_chain(&[(0x80_0000, HDR, true), (0x80_1000, 100, false)]); // read-only data
     g.rx.add_chain(&[(0x80_0000, HDR, true)]); // no data space
@@ -629,30 +634,30 @@ fn malformed_rx_chains() {
     assert_eq!(used.len(), 7);
     assert!(used[..6].iter().all(|u| u.1 == 0));
     assert_eq!(used[6].1, HDR, "the REQUEST went into the first good buffer");
-    let errors = dev.take_errors();
+    let errors = dev.host_mut().take_errors();
     assert_eq!(errors.len(), 6, "{errors:?}");
     assert!(errors.iter().all(|e| matches!(e, VsockError::BadChain { queue: "rx", .. })));
     assert!(matches!(bad_chain(&errors[2..3]), ChainError::Packet(_)));
     assert!(matches!(bad_chain(&errors[3..4]), ChainError::ZeroLength(1)));
     assert!(matches!(bad_chain(&errors[4..5]), ChainError::OutOfBounds { .. }));
     assert!(matches!(bad_chain(&errors[5..6]), ChainError::ShortHeader(20)));
-    assert_eq!(dev.state(id).unwrap().phase, ConnPhase::Connecting);
+    assert_eq!(dev.host().state(id).unwrap().phase, ConnPhase::Connecting);
 }
 
 #[test]
 fn bad_addresses_and_types_are_dropped() {
     let mem = memory();
     let (mut dev, mut g) = active(&mem, config());
-    dev.listen(7000);
+    dev.host_mut().listen(7000);
     g.post_rx(4, 4096);
-    g.send(&Pkt { src_cid: 99, ..g.pkt(OP_REQUEST, 7000) });
-    g.send(&Pkt { dst_cid: 42, ..g.pkt(OP_REQUEST, 7000) });
-    g.send(&Pkt { type_: 2, ..g.pkt(OP_REQUEST, 7000) });
+    g.send(&Pkt { src_cid: 99, ..g.pkt(op::REQUEST, 7000) });
+    g.send(&Pkt { dst_cid: 42, ..g.pkt(op::REQUEST, 7000) });
+    g.send(&Pkt { type_: 2, ..g.pkt(op::REQUEST, 7000) });
     g.send(&g.pkt(99, 7000));
     dev.process(&mem);
     assert!(g.recv().is_empty());
-    assert!(dev.accept().is_none());
-    let errors = dev.take_errors();
+    assert!(dev.host_mut().accept().is_none());
+    let errors = dev.host_mut().take_errors();
     assert!(matches!(
         errors.as_slice(),
         [
@@ -663,7 +668,7 @@ fn bad_addresses_and_types_are_dropped() {
         ]
     ));
     assert_eq!(g.tx.take_used().len(), 4);
-    assert_eq!(dev.stats().protocol_errors, 4);
+    assert_eq!(dev.host().stats().protocol_errors, 4);
 }
 
 #[test]
@@ -672,12 +677,12 @@ fn protocol_violations_reset_the_connection() {
     let (mut dev, mut g) = active(&mem, config());
     let (id, host_port) = established(&mut dev, &mut g, &mem);
     g.post_rx(2, 4096);
-    g.send(&Pkt { flags: SHUTDOWN_SEND, ..g.pkt(OP_SHUTDOWN, host_port) });
+    g.send(&Pkt { flags: shutdown::SEND, ..g.pkt(op::SHUTDOWN, host_port) });
     g.send(&g.rw(host_port, b"after shutdown"));
     dev.process(&mem);
-    assert_eq!(ops(&g.recv()), [OP_RST]);
-    assert!(matches!(dev.take_errors().as_slice(), [VsockError::UnexpectedOp { op: OP_RW, .. }]));
-    let state = dev.state(id).unwrap();
+    assert_eq!(ops(&g.recv()), [op::RST]);
+    assert!(matches!(dev.host_mut().take_errors().as_slice(), [VsockError::UnexpectedOp { op: op::RW, .. }]));
+    let state = dev.host().state(id).unwrap();
     assert_eq!(state.phase, ConnPhase::Closed(CloseReason::ProtocolError));
     assert_eq!(state.readable, 0);
 }
@@ -690,11 +695,11 @@ fn avail_index_too_far_ahead_fails_the_device() {
     assert!(!dev.process(&mem));
     assert!(dev.is_failed());
     assert!(dev.needs_reset());
-    assert!(matches!(dev.take_errors().as_slice(), [VsockError::QueueBroken { queue: "tx", .. }]));
+    assert!(matches!(dev.host_mut().take_errors().as_slice(), [VsockError::QueueBroken { queue: "tx", .. }]));
     // Processing stopped.
     g.tx.set_avail_idx(0);
     g.post_rx(1, 4096);
-    dev.connect(GUEST_PORT, 0).unwrap();
+    dev.host_mut().connect(GUEST_PORT, 0).unwrap();
     assert!(!dev.process(&mem));
     assert!(g.recv().is_empty());
     // A reset and reactivation recover.
@@ -709,12 +714,12 @@ fn error_list_is_bounded() {
     let mem = memory();
     let (mut dev, mut g) = active(&mem, config());
     for _ in 0..(MAX_RECORDED_ERRORS + 10) {
-        g.send(&Pkt { src_cid: 1, ..g.pkt(OP_RW, 1) });
+        g.send(&Pkt { src_cid: 1, ..g.pkt(op::RW, 1) });
         dev.process(&mem);
         g.tx.take_used();
     }
-    assert_eq!(dev.take_errors().len(), MAX_RECORDED_ERRORS);
-    assert_eq!(dev.stats().errors_dropped, 10);
+    assert_eq!(dev.host_mut().take_errors().len(), MAX_RECORDED_ERRORS);
+    assert_eq!(dev.host().stats().errors_dropped, 10);
 }
 
 #[test]
@@ -728,7 +733,7 @@ fn pending_rsts_are_bounded() {
         dev.process(&mem);
         g.tx.take_used();
     }
-    let errors = dev.take_errors();
+    let errors = dev.host_mut().take_errors();
     assert!(errors.is_empty(), "{errors:?}");
-    assert_eq!(dev.stats().resets_dropped, 10 * 32 - MAX_PENDING_RSTS as u64);
+    assert_eq!(dev.host().stats().resets_dropped, 10 * 32 - MAX_PENDING_RSTS as u64);
 }

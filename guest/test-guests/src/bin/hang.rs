@@ -10,7 +10,7 @@ use alloc::vec::Vec;
 mu2_guest::function!(hang);
 
 fn hang(_request: &[u8]) -> Vec<u8> {
-    mu2_guest::notify_host();
+    mu2_guest::testing::notify_host();
     loop {
         core::hint::spin_loop();
     }
