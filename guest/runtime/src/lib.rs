@@ -36,6 +36,7 @@ mod mem;
 mod random;
 mod serve;
 mod sysdev;
+mod sysdev_addr;
 #[cfg(feature = "test-hooks")]
 pub mod testing;
 mod time;
@@ -105,7 +106,7 @@ fn boot(boot_params: u64, linux_entry: bool) {
         cmdline::parse(&bytes[..len])
     };
     if let Some(addr) = config.sysdev {
-        sysdev::set_base(addr);
+        sysdev_addr::set(addr);
     }
     CONFIG.with(|c| *c = config);
     let heap = arch::heap_range(boot_params, image_start, image_end);

@@ -1,17 +1,7 @@
 //! The mu2 system device: readiness, waiting, exit and panic reports. Every access is one VM
 //! exit (~45 µs at CPL 3). Absent under other VMMs (no `mu2.sysdev=` on the command line).
 
-use core::sync::atomic::{AtomicU64, Ordering};
 use mu2_abi::{sysdev, HostInfo, ReadyInfo, Text};
-
-/// Base address of the system device, 0 if there is none. The Linux-entry fault stubs read
-/// it by name (it has the layout of a `u64`).
-#[no_mangle]
-pub(crate) static MU2_SYSDEV_BASE: AtomicU64 = AtomicU64::new(0);
-
-pub(crate) fn set_base(addr: u64) {
-    MU2_SYSDEV_BASE.store(addr, Ordering::Relaxed);
-}
 
 /// Whether the VMM is mu2 (it gave the system device's address).
 pub fn present() -> bool {
@@ -19,10 +9,7 @@ pub fn present() -> bool {
 }
 
 fn base() -> Option<u64> {
-    match MU2_SYSDEV_BASE.load(Ordering::Relaxed) {
-        0 => None,
-        addr => Some(addr),
-    }
+    crate::sysdev_addr::get()
 }
 
 fn write32(base: u64, reg: u64, value: u32) {

@@ -260,7 +260,7 @@ global_asm!(
     ".text",
     rust_start = sym crate::rust_start,
     error_code_vectors = const ERROR_CODE_VECTORS,
-    sysdev = sym crate::sysdev::MU2_SYSDEV_BASE,
+    sysdev = sym crate::sysdev_addr::MU2_SYSDEV_BASE,
     fault_reg = const mu2_abi::sysdev::FAULT,
     kstack_size = const KSTACK_SIZE,
     ustack_size = const USTACK_SIZE,
