@@ -4,11 +4,10 @@
 
 use std::time::{Duration, Instant};
 
-use crate::floor::{self, percentile};
-use crate::fork::{Engine, ForkError};
-use crate::hypervisor::Hypervisor;
-use crate::invoke::{self, InvokeError};
-use crate::vm::{BuildError, ExitStats, Vm, VmConfig};
+use mu2_vmm::floor::{self, percentile};
+use mu2_vmm::fork::{Engine, ForkError};
+use mu2_vmm::invoke::{self, InvokeError};
+use mu2_vmm::{BuildError, ExitStats, Hypervisor, Vm, VmConfig};
 
 /// What to measure.
 #[derive(Debug, Clone)]

@@ -1,5 +1,7 @@
 //! The `mu2` command.
 
+mod bench;
+
 use std::borrow::Cow;
 use std::io::Write;
 use std::path::PathBuf;
@@ -510,7 +512,7 @@ fn serve_cmd(args: &ServeArgs) -> Result<(), Failure> {
 }
 
 fn bench_cmd(args: &BenchArgs) -> Result<(), Failure> {
-    use mu2_vmm::bench::{self, BenchConfig, Summary};
+    use crate::bench::{self, BenchConfig, Summary};
     if args.requests == 0 {
         return Err(Failure::new(code::BAD_INPUT, anyhow::anyhow!("--requests must be at least 1")));
     }
@@ -581,7 +583,7 @@ fn bench_cmd(args: &BenchArgs) -> Result<(), Failure> {
 }
 
 fn fork_bench(args: &BenchArgs, request: &[u8]) -> Result<(), Failure> {
-    use mu2_vmm::bench::{self, Summary};
+    use crate::bench::{self, Summary};
     use mu2_vmm::fork::{Engine, EngineConfig, Mode};
     use std::sync::Arc;
     if args.concurrency == 0 || args.pool_size == 0 {
