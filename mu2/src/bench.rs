@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use mu2_vmm::error::{Classify, FailureKind};
 use mu2_vmm::floor::{self, percentile};
 use mu2_vmm::fork::{Engine, ForkError};
 use mu2_vmm::invoke::{self, InvokeError};
@@ -52,6 +53,19 @@ pub enum BenchError {
         /// Which request.
         index: usize,
     },
+}
+
+impl Classify for BenchError {
+    fn kind(&self) -> FailureKind {
+        match self {
+            BenchError::Build(e) => e.kind(),
+            BenchError::Request { source, .. } => source.kind(),
+            BenchError::Fork { source, .. } => source.kind(),
+            // Neither a crash nor a protocol error: a function may answer differently by
+            // design (`random`); the benchmark just cannot vouch for its responses.
+            BenchError::WrongResponse { .. } => FailureKind::Internal,
+        }
+    }
 }
 
 /// One measured request, in microseconds.

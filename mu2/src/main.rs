@@ -2,33 +2,39 @@
 
 mod bench;
 
-use std::borrow::Cow;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use mu2_devices::serial::ConsoleOutput;
 use mu2_vmm::arch::EntryMode;
-use mu2_vmm::invoke::{self, InvokeError};
-use mu2_vmm::{guests, BuildError, GuestError, Hypervisor, HypervisorError, RunStop, Vm, VmConfig};
+use mu2_vmm::error::{error_chain, Classify, FailureKind};
+use mu2_vmm::image::Image;
+use mu2_vmm::invoke;
+use mu2_vmm::source::{GuestSettings, ImageSource, SourceError};
+use mu2_vmm::{guests, GuestError, Hypervisor, RunStop, Vm, VmConfig};
 
-/// Exit codes, distinct per kind of failure so that scripts can tell them apart.
-mod code {
-    pub const FAILURE: u8 = 1;
-    pub const BAD_INPUT: u8 = 2;
-    pub const GUEST_CRASH: u8 = 3;
-    pub const TIMEOUT: u8 = 4;
-    pub const NO_KVM: u8 = 5;
-    pub const GUEST_PROTOCOL: u8 = 6;
+/// The exit code of a failure of this kind: distinct per kind so that scripts can tell them
+/// apart. `after_help` and README.md list them.
+fn exit_code(kind: FailureKind) -> u8 {
+    match kind {
+        FailureKind::Internal => 1,
+        FailureKind::BadInput => 2,
+        FailureKind::GuestCrash => 3,
+        FailureKind::Timeout => 4,
+        FailureKind::KvmUnavailable => 5,
+        FailureKind::GuestProtocol => 6,
+        FailureKind::ResourceExhausted => 7,
+    }
 }
 
 #[derive(Parser, Debug)]
 #[command(name = "mu2", version, about = "Run every request in a brand-new micro-VM.")]
 #[command(after_help = "Exit codes: 0 ok, 1 other failure, 2 bad input, 3 guest crashed (fault, panic), \
-                        4 timeout, 5 KVM unavailable, 6 guest broke the device protocol.")]
+                        4 timeout, 5 KVM unavailable, 6 guest broke the device protocol, \
+                        7 resource exhausted (memory, file descriptors).")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -231,88 +237,115 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(value * scale).map_err(|e| format!("`{s}`: {e}"))
 }
 
-/// An error with the exit code it maps to.
+/// A command's failure: the error, and the kind of failure it is, which picks the exit code.
+/// Made only from an error that classifies itself, so no command chooses a code of its own.
+#[derive(Debug)]
 struct Failure {
-    code: u8,
+    kind: FailureKind,
     error: anyhow::Error,
 }
 
-impl Failure {
-    fn new(code: u8, error: impl Into<anyhow::Error>) -> Self {
-        Failure { code, error: error.into() }
+impl<E: Classify + Send + Sync + 'static> From<E> for Failure {
+    fn from(error: E) -> Self {
+        Failure { kind: error.kind(), error: error.into() }
     }
 }
 
-impl From<anyhow::Error> for Failure {
-    fn from(error: anyhow::Error) -> Self {
-        Failure { code: code::FAILURE, error }
+/// The failures of the command itself, as opposed to the library's.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    /// A file the user named could not be read.
+    #[error("reading request file {path}")]
+    ReadRequest {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file the user named could not be created.
+    #[error("creating {what} {}", path.display())]
+    CreateFile {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file the user named could not be written.
+    #[error("writing {}", path.display())]
+    WriteFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The latency plot could not be drawn.
+    #[error("drawing {}: {message}", path.display())]
+    Plot { path: PathBuf, message: String },
+    /// An argument is out of range.
+    #[error("{0}")]
+    Argument(&'static str),
+    /// Standard output could not be written.
+    #[error("writing the response")]
+    WriteResponse(#[source] std::io::Error),
+    /// A scratch directory could not be made.
+    #[error("creating {}", path.display())]
+    ScratchDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The guest ran to its end but reported failure.
+    #[error("guest exited with code {0}")]
+    GuestExited(u32),
+}
+
+impl Classify for CliError {
+    fn kind(&self) -> FailureKind {
+        match self {
+            CliError::ReadRequest { .. }
+            | CliError::CreateFile { .. }
+            | CliError::WriteFile { .. }
+            | CliError::Argument(_) => FailureKind::BadInput,
+            CliError::Plot { .. } | CliError::WriteResponse(_) | CliError::ScratchDir { .. } => FailureKind::Internal,
+            CliError::GuestExited(_) => FailureKind::GuestCrash,
+        }
     }
 }
 
-fn guest_error_code(e: &GuestError) -> u8 {
-    match e {
-        GuestError::Timeout => code::TIMEOUT,
-        GuestError::Protocol(_) => code::GUEST_PROTOCOL,
-        GuestError::Kvm { .. } | GuestError::Kick(_) | GuestError::Stopped => code::FAILURE,
-        _ => code::GUEST_CRASH,
+impl GuestArgs {
+    /// The guest to boot: `--kernel`, or else the built-in `--function`.
+    fn source(&self) -> ImageSource {
+        match &self.kernel {
+            Some(path) => ImageSource::Kernel(path.clone()),
+            None => ImageSource::Builtin(self.function.clone()),
+        }
     }
-}
 
-fn invoke_error_code(e: &InvokeError) -> u8 {
-    match e {
-        InvokeError::Guest(g) => guest_error_code(g),
-        InvokeError::ExitedBeforeReady(_) | InvokeError::ExitedDuringRequest(_) => code::GUEST_CRASH,
-        _ => code::GUEST_PROTOCOL,
+    /// How to boot it; `extra_cmdline` goes before the user's `--cmdline`.
+    fn settings(&self, extra_cmdline: &str) -> GuestSettings {
+        GuestSettings {
+            mem_mib: self.mem_mib,
+            vcpus: self.vcpus,
+            cmdline: format!("{extra_cmdline} {}", self.cmdline),
+            entry: match self.entry {
+                Entry::Native => EntryMode::Native,
+                Entry::Linux => EntryMode::Linux,
+            },
+        }
     }
-}
 
-fn open_hypervisor() -> Result<Hypervisor, Failure> {
-    Hypervisor::open().map_err(|e| {
-        let code = match e {
-            HypervisorError::Missing | HypervisorError::PermissionDenied => code::NO_KVM,
-            _ => code::FAILURE,
-        };
-        Failure::new(code, e)
-    })
-}
-
-fn vm_config(args: &GuestArgs, extra_cmdline: &str) -> Result<VmConfig, Failure> {
-    let image: Cow<'static, [u8]> = match &args.kernel {
-        Some(path) => std::fs::read(path)
-            .with_context(|| format!("reading guest image {}", path.display()))
-            .map_err(|e| Failure::new(code::BAD_INPUT, e))?
-            .into(),
-        None => guests::find(&args.function)
-            .ok_or_else(|| {
-                let known: Vec<_> = guests::names().collect();
-                Failure::new(
-                    code::BAD_INPUT,
-                    anyhow::anyhow!("no built-in guest `{}` (known: {})", args.function, known.join(", ")),
-                )
-            })?
-            .into(),
-    };
-    let mut config = VmConfig::new(image);
-    config.mem_size = args
-        .mem_mib
-        .checked_mul(1 << 20)
-        .ok_or_else(|| Failure::new(code::BAD_INPUT, anyhow::anyhow!("--mem-mib {} is too large", args.mem_mib)))?;
-    config.vcpus = args.vcpus;
-    config.entry = match args.entry {
-        Entry::Native => EntryMode::Native,
-        Entry::Linux => EntryMode::Linux,
-    };
-    config.cmdline = format!("{} {}", extra_cmdline, args.cmdline).trim().to_string();
-    Ok(config)
+    fn vm_config(&self, extra_cmdline: &str) -> Result<VmConfig, SourceError> {
+        self.source().vm_config(&self.settings(extra_cmdline))
+    }
 }
 
 fn console(path: &Option<PathBuf>, default_stdout: bool) -> Result<ConsoleOutput, Failure> {
     match path {
         Some(p) if p.as_os_str() == "-" => Ok(Box::new(std::io::stdout())),
         Some(p) => {
-            let file = std::fs::File::create(p)
-                .with_context(|| format!("creating console log {}", p.display()))
-                .map_err(|e| Failure::new(code::BAD_INPUT, e))?;
+            let file = std::fs::File::create(p).map_err(|source| CliError::CreateFile {
+                what: "console log",
+                path: p.clone(),
+                source,
+            })?;
             Ok(Box::new(file))
         }
         None if default_stdout => Ok(Box::new(std::io::stdout())),
@@ -320,108 +353,78 @@ fn console(path: &Option<PathBuf>, default_stdout: bool) -> Result<ConsoleOutput
     }
 }
 
-fn boot(hv: &Hypervisor, config: &VmConfig, console: ConsoleOutput) -> Result<Vm, Failure> {
-    Vm::boot(hv, config, console).map_err(|e| {
-        let code = match e {
-            BuildError::Config(_) | BuildError::Arch(mu2_vmm::arch::ArchError::Load(_)) => code::BAD_INPUT,
-            BuildError::Arch(mu2_vmm::arch::ArchError::ImagePlacement { .. }) | BuildError::Cmdline(_) => {
-                code::BAD_INPUT
-            }
-            _ => code::FAILURE,
-        };
-        Failure::new(code, e)
-    })
-}
-
 fn run(args: &RunArgs) -> Result<(), Failure> {
-    let hv = open_hypervisor()?;
+    let hv = Hypervisor::open()?;
     let (mut vm, socket) = match &args.image {
         Some(dir) => {
-            let image = load_image(&hv, dir)?;
-            let mut vm = Vm::restore(&hv, &image).map_err(|e| Failure::new(code::FAILURE, e))?;
-            vm.hand_out(&image).map_err(|e| Failure::new(code::FAILURE, e))?;
+            let image = Image::load(&hv, dir)?;
+            let mut vm = Vm::restore(&hv, &image)?;
+            vm.hand_out(&image)?;
             let socket = args.vsock_uds.as_ref().map(|p| mu2_vmm::uds::fork_path(p, u64::from(std::process::id())));
             (vm, socket)
         }
         None => {
-            let config = vm_config(&args.guest, "")?;
-            (boot(&hv, &config, console(&args.guest.console, true)?)?, args.vsock_uds.clone())
+            let config = args.guest.vm_config("")?;
+            (Vm::boot(&hv, &config, console(&args.guest.console, true)?)?, args.vsock_uds.clone())
         }
     };
     let deadline = args.timeout.map(|t| Instant::now() + t);
     if let Some(path) = &socket {
         eprintln!("vsock socket: {}", path.display());
-        return match mu2_vmm::uds::run(&mut vm, path, deadline) {
-            Ok(0) => Ok(()),
-            Ok(code) => Err(Failure::new(code::GUEST_CRASH, anyhow::anyhow!("guest exited with code {code}"))),
-            Err(mu2_vmm::uds::UdsError::Guest(e)) => Err(Failure::new(guest_error_code(&e), e)),
-            Err(e) => Err(Failure::new(code::FAILURE, e)),
+        return match mu2_vmm::uds::run(&mut vm, path, deadline)? {
+            0 => Ok(()),
+            code => Err(CliError::GuestExited(code).into()),
         };
     }
     loop {
-        match vm.run(deadline) {
-            Ok(RunStop::Ready(info)) => {
+        match vm.run(deadline)? {
+            RunStop::Ready(info) => {
                 log::info!("guest ready: listening on vsock port {}", info.port);
             }
-            Ok(RunStop::Exited(0)) => return Ok(()),
-            Ok(RunStop::Exited(code)) => {
-                return Err(Failure::new(code::GUEST_CRASH, anyhow::anyhow!("guest exited with code {code}")))
-            }
-            Ok(RunStop::Idle) => {
+            RunStop::Exited(0) => return Ok(()),
+            RunStop::Exited(code) => return Err(CliError::GuestExited(code).into()),
+            RunStop::Idle => {
                 // Nothing can wake the guest but a host connection, and `run` opens none:
                 // wait for the deadline or an interrupt.
                 match deadline {
                     Some(d) => {
                         std::thread::sleep(d.saturating_duration_since(Instant::now()));
-                        return Err(Failure::new(code::TIMEOUT, GuestError::Timeout));
+                        return Err(GuestError::Timeout.into());
                     }
                     None => loop {
                         std::thread::park();
                     },
                 }
             }
-            Err(e) => return Err(Failure::new(guest_error_code(&e), e)),
         }
     }
 }
 
 fn request_bytes(data: &str) -> Result<Vec<u8>, Failure> {
     match data.strip_prefix('@') {
-        Some(path) => std::fs::read(path)
-            .with_context(|| format!("reading request file {path}"))
-            .map_err(|e| Failure::new(code::BAD_INPUT, e)),
+        Some(path) => {
+            Ok(std::fs::read(path).map_err(|source| CliError::ReadRequest { path: path.to_string(), source })?)
+        }
         None => Ok(data.as_bytes().to_vec()),
     }
 }
 
-fn load_image(hv: &Hypervisor, dir: &std::path::Path) -> Result<mu2_vmm::image::Image, Failure> {
-    mu2_vmm::image::Image::load(hv, dir).map_err(|e| {
-        let code = match e {
-            mu2_vmm::image::ImageError::Snapshot { .. } | mu2_vmm::image::ImageError::Invalid { .. } => code::BAD_INPUT,
-            _ => code::FAILURE,
-        };
-        Failure::new(code, e)
-    })
-}
-
-fn fork_error_code(e: &mu2_vmm::fork::ForkError) -> u8 {
-    match e {
-        mu2_vmm::fork::ForkError::Invoke(e) => invoke_error_code(e),
-        _ => code::FAILURE,
-    }
+fn write_response(response: &[u8]) -> Result<(), Failure> {
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(response).and_then(|()| stdout.flush()).map_err(CliError::WriteResponse)?;
+    Ok(())
 }
 
 fn invoke_image(args: &InvokeArgs, dir: &std::path::Path, request: &[u8]) -> Result<(), Failure> {
     use mu2_vmm::fork::{Engine, EngineConfig, Mode};
-    let hv = std::sync::Arc::new(open_hypervisor()?);
+    let hv = std::sync::Arc::new(Hypervisor::open()?);
     let start = Instant::now();
-    let image = std::sync::Arc::new(load_image(&hv, dir)?);
+    let image = std::sync::Arc::new(Image::load(&hv, dir)?);
     let loaded = Instant::now();
     let config = EngineConfig { mode: Mode::Fresh, max_response: args.max_response, ..EngineConfig::default() };
     let engine = Engine::new(hv, image, config);
-    let served = engine.serve(request, args.timeout).map_err(|e| Failure::new(fork_error_code(&e), e))?;
-    let mut stdout = std::io::stdout().lock();
-    stdout.write_all(&served.response).and_then(|()| stdout.flush()).context("writing the response")?;
+    let served = engine.serve(request, args.timeout)?;
+    write_response(&served.response)?;
     eprintln!(
         "image load {:.1} us, fork {:.1} us, request {:.1} us, vm {}",
         micros(loaded - start),
@@ -433,17 +436,10 @@ fn invoke_image(args: &InvokeArgs, dir: &std::path::Path, request: &[u8]) -> Res
 }
 
 fn snapshot_cmd(args: &SnapshotArgs) -> Result<(), Failure> {
-    let hv = open_hypervisor()?;
-    let config = vm_config(&args.guest, "quiet")?;
+    let config = args.guest.vm_config("quiet")?;
+    let hv = Hypervisor::open()?;
     let start = Instant::now();
-    mu2_vmm::image::create(&hv, &config, &args.out, Some(start + args.timeout)).map_err(|e| {
-        let code = match &e {
-            mu2_vmm::image::ImageError::Build(BuildError::Config(_)) => code::BAD_INPUT,
-            mu2_vmm::image::ImageError::Boot(InvokeError::Guest(GuestError::Timeout)) => code::TIMEOUT,
-            _ => code::FAILURE,
-        };
-        Failure::new(code, e)
-    })?;
+    mu2_vmm::image::create(&hv, &config, &args.out, Some(start + args.timeout))?;
     eprintln!("image written to {} in {:.1} ms", args.out.display(), start.elapsed().as_secs_f64() * 1e3);
     Ok(())
 }
@@ -453,27 +449,25 @@ fn invoke_cmd(args: &InvokeArgs) -> Result<(), Failure> {
     if let Some(dir) = &args.image {
         return invoke_image(args, dir, &request);
     }
-    let hv = open_hypervisor()?;
     let extra = match args.port {
         Some(p) => format!("quiet {}={p}", mu2_abi::cmdline::PORT),
         None => "quiet".to_string(),
     };
-    let config = vm_config(&args.guest, &extra)?;
+    let config = args.guest.vm_config(&extra)?;
+    let hv = Hypervisor::open()?;
     let start = Instant::now();
     let deadline = Some(start + args.timeout);
-    let mut vm = boot(&hv, &config, console(&args.guest.console, false)?)?;
-    let wrap = |e: InvokeError| Failure::new(invoke_error_code(&e), e);
-    let ready = invoke::run_until_ready(&mut vm, deadline).map_err(wrap)?;
+    let mut vm = Vm::boot(&hv, &config, console(&args.guest.console, false)?)?;
+    let ready = invoke::run_until_ready(&mut vm, deadline)?;
     let ready_at = Instant::now();
     let port = args.port.unwrap_or(ready.port);
-    let response = invoke::invoke(&mut vm, port, &request, args.max_response, deadline).map_err(wrap)?;
+    let response = invoke::invoke(&mut vm, port, &request, args.max_response, deadline)?;
     let answered_at = Instant::now();
     let stats = vm.stats();
     drop(vm);
     let torn_down_at = Instant::now();
 
-    let mut stdout = std::io::stdout().lock();
-    stdout.write_all(&response).and_then(|()| stdout.flush()).context("writing the response")?;
+    write_response(&response)?;
     eprintln!(
         "boot-to-ready {:.1} us, request-to-response {:.1} us, teardown {:.1} us, exits {} (waits {}, virtio {}, sysdev {}, pio {})",
         micros(ready_at - start),
@@ -489,7 +483,7 @@ fn invoke_cmd(args: &InvokeArgs) -> Result<(), Failure> {
 }
 
 fn serve_cmd(args: &ServeArgs) -> Result<(), Failure> {
-    use mu2_vmm::api::{ServeConfig, ServeError};
+    use mu2_vmm::api::ServeConfig;
     let config = ServeConfig {
         http: args.http,
         routes: args.routes.clone(),
@@ -501,36 +495,28 @@ fn serve_cmd(args: &ServeArgs) -> Result<(), Failure> {
         max_body: args.max_body,
         ..ServeConfig::new(args.api_sock.clone())
     };
-    mu2_vmm::api::run_until_signal(config).map_err(|e| {
-        let code = match &e {
-            ServeError::Config(_) => code::BAD_INPUT,
-            ServeError::Hypervisor(HypervisorError::Missing | HypervisorError::PermissionDenied) => code::NO_KVM,
-            _ => code::FAILURE,
-        };
-        Failure::new(code, e)
-    })
+    Ok(mu2_vmm::api::run_until_signal(config)?)
 }
 
 fn bench_cmd(args: &BenchArgs) -> Result<(), Failure> {
     use crate::bench::{self, BenchConfig, Summary};
     if args.requests == 0 {
-        return Err(Failure::new(code::BAD_INPUT, anyhow::anyhow!("--requests must be at least 1")));
+        return Err(CliError::Argument("--requests must be at least 1").into());
     }
     let request = request_bytes(&args.data)?;
     if args.mode != BenchMode::Cold {
         return fork_bench(args, &request);
     }
-    let hv = open_hypervisor()?;
     let config =
-        BenchConfig { vm: vm_config(&args.guest, "quiet")?, request, requests: args.requests, timeout: args.timeout };
+        BenchConfig { vm: args.guest.vm_config("quiet")?, request, requests: args.requests, timeout: args.timeout };
+    let hv = Hypervisor::open()?;
     let started = Instant::now();
     let show_progress = !args.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let samples = bench::cold(&hv, &config, |done| {
         if show_progress {
             eprint!("\r{done}/{} requests", args.requests);
         }
-    })
-    .map_err(|e| Failure::new(code::FAILURE, e))?;
+    })?;
     if show_progress {
         eprintln!();
     }
@@ -587,22 +573,16 @@ fn fork_bench(args: &BenchArgs, request: &[u8]) -> Result<(), Failure> {
     use mu2_vmm::fork::{Engine, EngineConfig, Mode};
     use std::sync::Arc;
     if args.concurrency == 0 || args.pool_size == 0 {
-        return Err(Failure::new(code::BAD_INPUT, anyhow::anyhow!("--concurrency and --pool-size must be at least 1")));
+        return Err(CliError::Argument("--concurrency and --pool-size must be at least 1").into());
     }
-    let hv = Arc::new(open_hypervisor()?);
-    // An image given, or a temporary one of the chosen guest.
-    let temp_dir;
-    let dir = match &args.image {
-        Some(dir) => dir.clone(),
-        None => {
-            temp_dir = TempDir::new()?;
-            let config = vm_config(&args.guest, "quiet")?;
-            mu2_vmm::image::create(&hv, &config, &temp_dir.0, Some(Instant::now() + Duration::from_secs(60)))
-                .map_err(|e| Failure::new(code::FAILURE, e))?;
-            temp_dir.0.clone()
-        }
-    };
-    let image = Arc::new(load_image(&hv, &dir)?);
+    let hv = Arc::new(Hypervisor::open()?);
+    // An image given, or a temporary one of the chosen guest (the scratch directory, removed
+    // when the run ends, is left empty when an image is given).
+    let source = args.image.clone().map_or_else(|| args.guest.source(), ImageSource::Dir);
+    let scratch = TempDir::new()?;
+    let deadline = Some(Instant::now() + Duration::from_secs(60));
+    let (image, _) = source.prepare(&hv, &args.guest.settings("quiet"), &scratch.0, deadline)?;
+    let image = Arc::new(image);
     let mem_size = image.state().mem_size;
     let mode = match args.mode {
         BenchMode::Fresh => Mode::Fresh,
@@ -610,11 +590,10 @@ fn fork_bench(args: &BenchArgs, request: &[u8]) -> Result<(), Failure> {
         _ => Mode::Reuse,
     };
     let quiet = args.json || !std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let floors = bench::floors(&hv, mem_size, args.floor_samples).map_err(|e| Failure::new(code::FAILURE, e))?;
+    let floors = bench::floors(&hv, mem_size, args.floor_samples)?;
     // The expected response and private memory per VM, from one measured fork.
     let probe = Engine::new(hv.clone(), image.clone(), EngineConfig { mode: Mode::Fresh, ..EngineConfig::default() });
-    let (first, private_kib) =
-        probe.serve_measuring_memory(request, args.timeout).map_err(|e| Failure::new(fork_error_code(&e), e))?;
+    let (first, private_kib) = probe.serve_measuring_memory(request, args.timeout)?;
     drop(probe);
     let engine = Engine::new(
         hv.clone(),
@@ -641,8 +620,7 @@ fn fork_bench(args: &BenchArgs, request: &[u8]) -> Result<(), Failure> {
         args.concurrency,
         args.timeout,
         &progress,
-    )
-    .map_err(|e| Failure::new(code::FAILURE, e))?;
+    )?;
     if !quiet {
         eprintln!();
     }
@@ -657,11 +635,12 @@ fn fork_bench(args: &BenchArgs, request: &[u8]) -> Result<(), Failure> {
         for (i, s) in run.samples.iter().enumerate() {
             text.push_str(&format!("{i},{:.1},{:.1},{:.1}\n", s.fork_us, s.run_us, s.latency_us));
         }
-        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, text).map_err(|source| CliError::WriteFile { path: path.clone(), source })?;
     }
     if let Some(path) = &args.plot {
-        plot_cdf(path, &col(|s| s.latency_us), &format!("mu2 {mode_name}: request latency"))
-            .with_context(|| format!("drawing {}", path.display()))?;
+        let svg = plot_cdf(&col(|s| s.latency_us), &format!("mu2 {mode_name}: request latency"))
+            .map_err(|message| CliError::Plot { path: path.clone(), message })?;
+        std::fs::write(path, svg).map_err(|source| CliError::WriteFile { path: path.clone(), source })?;
     }
     if args.json {
         let report = serde_json::json!({
@@ -710,6 +689,7 @@ fn fork_bench(args: &BenchArgs, request: &[u8]) -> Result<(), Failure> {
 }
 
 /// A temporary directory removed on drop.
+/// A temporary directory removed on drop.
 struct TempDir(PathBuf);
 
 impl TempDir {
@@ -719,7 +699,7 @@ impl TempDir {
             std::process::id(),
             Instant::now().elapsed().as_nanos()
         ));
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::create_dir_all(&dir).map_err(|source| CliError::ScratchDir { path: dir.clone(), source })?;
         Ok(TempDir(dir))
     }
 }
@@ -730,32 +710,36 @@ impl Drop for TempDir {
     }
 }
 
-fn plot_cdf(path: &std::path::Path, latencies: &[f64], title: &str) -> anyhow::Result<()> {
+/// The latency CDF of `latencies` as an SVG document.
+fn plot_cdf(latencies: &[f64], title: &str) -> Result<String, String> {
     use plotters::prelude::*;
     let mut sorted = latencies.to_vec();
     sorted.sort_by(f64::total_cmp);
     let max = sorted.last().copied().unwrap_or(1.0).max(1.0);
-    let root = SVGBackend::new(path, (800, 500)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 20))
-        .margin(15)
-        .x_label_area_size(40)
-        .y_label_area_size(50)
-        .build_cartesian_2d(0.0..max * 1.05, 0.0..1.0)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    chart
-        .configure_mesh()
-        .x_desc("latency (µs)")
-        .y_desc("fraction of requests")
-        .draw()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let n = sorted.len().max(1) as f64;
-    chart
-        .draw_series(LineSeries::new(sorted.iter().enumerate().map(|(i, v)| (*v, (i + 1) as f64 / n)), &BLUE))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(())
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (800, 500)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 20))
+            .margin(15)
+            .x_label_area_size(40)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0.0..max * 1.05, 0.0..1.0)
+            .map_err(|e| e.to_string())?;
+        chart
+            .configure_mesh()
+            .x_desc("latency (µs)")
+            .y_desc("fraction of requests")
+            .draw()
+            .map_err(|e| e.to_string())?;
+        let n = sorted.len().max(1) as f64;
+        chart
+            .draw_series(LineSeries::new(sorted.iter().enumerate().map(|(i, v)| (*v, (i + 1) as f64 / n)), &BLUE))
+            .map_err(|e| e.to_string())?;
+        root.present().map_err(|e| e.to_string())?;
+    }
+    Ok(svg)
 }
 
 fn micros(d: Duration) -> f64 {
@@ -768,7 +752,8 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { code::BAD_INPUT } else { 0 });
+            // A usage error is bad input; --help and --version are not errors.
+            return ExitCode::from(if e.use_stderr() { exit_code(FailureKind::BadInput) } else { 0 });
         }
     };
     let result = match &cli.command {
@@ -787,18 +772,9 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(Failure { code, error }) => {
-            eprintln!("mu2: {}", format_chain(&error));
-            ExitCode::from(code)
+        Err(Failure { kind, error }) => {
+            eprintln!("mu2: {}", error_chain(&*error));
+            ExitCode::from(exit_code(kind))
         }
     }
-}
-
-fn format_chain(error: &anyhow::Error) -> String {
-    let mut out = error.to_string();
-    for cause in error.chain().skip(1) {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-    }
-    out
 }
