@@ -1,10 +1,10 @@
 //! What several commands take: the guest to boot and how, durations, request data.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
-use mu2_devices::serial::ConsoleOutput;
 use mu2_vmm::arch::EntryMode;
 use mu2_vmm::source::{GuestSettings, ImageSource, SourceError};
 use mu2_vmm::VmConfig;
@@ -71,7 +71,7 @@ impl GuestArgs {
     }
 
     /// Where the console goes: `--console`, or else stdout or stderr as the command prefers.
-    pub fn console(&self, default_stdout: bool) -> Result<ConsoleOutput, Failure> {
+    pub fn console(&self, default_stdout: bool) -> Result<Box<dyn Write + Send>, Failure> {
         match &self.console {
             Some(p) if p.as_os_str() == "-" => Ok(Box::new(std::io::stdout())),
             Some(p) => {
