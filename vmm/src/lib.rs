@@ -4,7 +4,6 @@
 
 pub mod api;
 pub mod arch;
-pub mod bench;
 pub mod error;
 pub mod floor;
 pub mod fork;
