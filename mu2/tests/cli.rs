@@ -96,12 +96,19 @@ fn a_file_that_is_not_a_guest_image_is_bad_input() {
 }
 
 #[test]
-fn guests_lists_the_examples() {
+fn guests_lists_the_examples_and_marks_the_test_guests() {
     let out = mu2(&["guests"]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    for name in ["echo", "sha256", "work", "crash"] {
-        assert!(text.contains(name), "{text}");
+    let kind_of = |name: &str| {
+        let line = text.lines().find(|l| l.split_whitespace().next() == Some(name));
+        line.map(|l| l[name.len()..].trim().to_string())
+    };
+    for name in ["echo", "sha256", "work", "crash", "random", "hello-http"] {
+        assert_eq!(kind_of(name).as_deref(), Some("example function"), "{name}: {text}");
+    }
+    for name in ["hello", "hang", "badchain"] {
+        assert_eq!(kind_of(name).as_deref(), Some("test guest"), "{name}: {text}");
     }
 }
 
