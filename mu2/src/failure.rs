@@ -32,6 +32,14 @@ impl<E: Classify + Send + Sync + 'static> From<E> for Failure {
     }
 }
 
+impl Failure {
+    /// Whether this is standard output's reader having gone (EPIPE): not a failure of the
+    /// command, which ends quietly with success (see `out`).
+    pub fn is_reader_gone(&self) -> bool {
+        matches!(self.error.downcast_ref(), Some(CliError::Stdout(e)) if e.kind() == std::io::ErrorKind::BrokenPipe)
+    }
+}
+
 /// The failures of the command itself, as opposed to the library's.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
@@ -64,8 +72,8 @@ pub enum CliError {
     #[error("{0}")]
     Argument(&'static str),
     /// Standard output could not be written.
-    #[error("writing the response")]
-    WriteResponse(#[source] std::io::Error),
+    #[error("writing to standard output")]
+    Stdout(#[source] std::io::Error),
     /// A scratch directory could not be made.
     #[error("creating {}", path.display())]
     ScratchDir {
@@ -85,7 +93,7 @@ impl Classify for CliError {
             | CliError::CreateFile { .. }
             | CliError::WriteFile { .. }
             | CliError::Argument(_) => FailureKind::BadInput,
-            CliError::Plot { .. } | CliError::WriteResponse(_) | CliError::ScratchDir { .. } => FailureKind::Internal,
+            CliError::Plot { .. } | CliError::Stdout(_) | CliError::ScratchDir { .. } => FailureKind::Internal,
             CliError::GuestExited(_) => FailureKind::GuestCrash,
         }
     }
@@ -102,6 +110,14 @@ mod tests {
         codes.sort_unstable();
         codes.dedup();
         assert_eq!(codes.len(), FailureKind::ALL.len());
+    }
+
+    #[test]
+    fn only_a_closed_stdout_pipe_is_the_reader_gone() {
+        let gone = Failure::from(CliError::Stdout(std::io::ErrorKind::BrokenPipe.into()));
+        assert!(gone.is_reader_gone());
+        let full = Failure::from(CliError::Stdout(std::io::ErrorKind::StorageFull.into()));
+        assert!(!full.is_reader_gone());
     }
 
     #[test]

@@ -112,6 +112,33 @@ fn guests_lists_the_examples_and_marks_the_test_guests() {
     }
 }
 
+/// Runs mu2 with its standard output a socket whose reader is already gone, so that its
+/// first write fails with EPIPE, as under `mu2 guests | head -0`, deterministically.
+fn mu2_with_reader_gone(args: &[&str]) -> Output {
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    drop(ours);
+    let stdout = std::process::Stdio::from(std::os::fd::OwnedFd::from(theirs));
+    let child = Command::new(env!("CARGO_BIN_EXE_mu2"))
+        .args(args)
+        .stdout(stdout)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running mu2");
+    child.wait_with_output().expect("waiting for mu2")
+}
+
+#[test]
+fn a_reader_that_goes_away_ends_a_command_quietly() {
+    let out = mu2_with_reader_gone(&["guests"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "");
+    if common::kvm_available(module_path!()) {
+        let out = mu2_with_reader_gone(&["invoke", "--function", "echo", "--data", "x"]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert!(!stderr(&out).contains("mu2:"), "no error reported: {}", stderr(&out));
+    }
+}
+
 /// A scratch directory for one test, removed at the end.
 struct Scratch(std::path::PathBuf);
 

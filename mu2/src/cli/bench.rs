@@ -96,9 +96,9 @@ fn cold(args: &BenchArgs, request: Vec<u8>) -> Result<(), Failure> {
     let function = args.guest.kernel.as_ref().map_or(args.guest.function.clone(), |p| p.display().to_string());
     let report = ColdReport::new(function, args.guest.mem_mib, &samples, started.elapsed().as_secs_f64());
     if args.json {
-        println!("{}", report.json());
+        crate::out::print(format!("{}\n", report.json()))?;
     } else {
-        print!("{}", report.text());
+        crate::out::print(report.text())?;
     }
     Ok(())
 }
@@ -173,9 +173,9 @@ fn forked(args: &BenchArgs, mode: Mode, request: &[u8]) -> Result<(), Failure> {
     };
     let report = ForkReport::new(setup, &run);
     if args.json {
-        println!("{}", report.json());
+        crate::out::print(format!("{}\n", report.json()))?;
     } else {
-        print!("{}", report.text());
+        crate::out::print(report.text())?;
     }
     Ok(())
 }

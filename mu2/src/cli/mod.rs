@@ -46,10 +46,7 @@ pub fn run(command: &Command) -> Result<(), Failure> {
         Command::Invoke(args) => invoke::invoke(args),
         Command::Snapshot(args) => snapshot::snapshot(args),
         Command::Bench(args) => bench::bench(args),
-        Command::Guests => {
-            guests::list();
-            Ok(())
-        }
+        Command::Guests => guests::list(),
         Command::Serve(args) => serve::serve(args),
     }
 }
