@@ -7,6 +7,7 @@ mod failure;
 mod out;
 mod plot;
 mod report;
+mod sdk;
 
 use std::process::ExitCode;
 

@@ -3,8 +3,10 @@
 
 mod args;
 mod bench;
+mod build;
 mod guests;
 mod invoke;
+mod new;
 mod run;
 mod serve;
 mod snapshot;
@@ -35,6 +37,10 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// List the guests built into this binary.
     Guests,
+    /// Write a new function crate on the guest SDK (build it with `mu2 build`).
+    New(new::NewArgs),
+    /// Build a function crate into a guest ELF and print the ELF's path.
+    Build(build::BuildArgs),
     /// Run the daemon: the control API on a Unix socket, the HTTP dispatcher on TCP.
     Serve(serve::ServeArgs),
 }
@@ -47,6 +53,8 @@ pub fn run(command: &Command) -> Result<(), Failure> {
         Command::Snapshot(args) => snapshot::snapshot(args),
         Command::Bench(args) => bench::bench(args),
         Command::Guests => guests::list(),
+        Command::New(args) => new::new(args),
+        Command::Build(args) => build::build(args),
         Command::Serve(args) => serve::serve(args),
     }
 }
