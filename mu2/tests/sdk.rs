@@ -97,3 +97,25 @@ fn build_refuses_a_crate_that_is_not_on_the_sdk() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("no Cargo.toml at missing"), "{}", stderr(&out));
 }
+
+#[test]
+fn a_function_in_c_answers_like_the_rust_ones() {
+    kvm_or_skip!();
+    let scratch = Scratch::new("c");
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest/examples/c-reverse");
+    // The example's own build: the SDK as a static library, then gcc.
+    let build = format!("BUILD={}", scratch.0.display());
+    let out = Command::new("make").arg("-C").arg(&example).arg(&build).output().expect("running make");
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+    let elf = scratch.0.join("c-reverse");
+    let elf = elf.to_str().expect("utf-8 path");
+
+    let out = mu2_in(&scratch.0, &["invoke", "--kernel", elf, "--data", "hello from C"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "C morf olleh");
+    let out = mu2_in(&scratch.0, &["snapshot", "--kernel", elf, "--out", "c.img"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = mu2_in(&scratch.0, &["invoke", "--image", "c.img", "--data", "forked"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "dekrof");
+}
