@@ -68,6 +68,9 @@ pub enum CliError {
     /// The latency plot could not be drawn.
     #[error("drawing {}: {message}", path.display())]
     Plot { path: PathBuf, message: String },
+    /// The directory a file is to be written in does not exist.
+    #[error("{what} {}: its directory {} does not exist", path.display(), dir.display())]
+    NoParent { what: &'static str, path: PathBuf, dir: PathBuf },
     /// An argument is out of range.
     #[error("{0}")]
     Argument(&'static str),
@@ -81,9 +84,23 @@ pub enum CliError {
         #[source]
         source: std::io::Error,
     },
+    /// The signal handling could not be set up.
+    #[error("setting up signal handling")]
+    Signals(#[source] std::io::Error),
     /// The guest ran to its end but reported failure.
     #[error("guest exited with code {0}")]
     GuestExited(u32),
+}
+
+/// Refuses to write `path` in a directory that does not exist, before any work is done (a
+/// typo in a directory name would otherwise be created, or found only at the end of a run).
+pub fn parent_exists(what: &'static str, path: &std::path::Path) -> Result<(), CliError> {
+    match path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        Some(dir) if !dir.is_dir() => {
+            Err(CliError::NoParent { what, path: path.to_path_buf(), dir: dir.to_path_buf() })
+        }
+        _ => Ok(()),
+    }
 }
 
 impl Classify for CliError {
@@ -92,8 +109,11 @@ impl Classify for CliError {
             CliError::ReadRequest { .. }
             | CliError::CreateFile { .. }
             | CliError::WriteFile { .. }
+            | CliError::NoParent { .. }
             | CliError::Argument(_) => FailureKind::BadInput,
-            CliError::Plot { .. } | CliError::Stdout(_) | CliError::ScratchDir { .. } => FailureKind::Internal,
+            CliError::Plot { .. } | CliError::Stdout(_) | CliError::Signals(_) | CliError::ScratchDir { .. } => {
+                FailureKind::Internal
+            }
             CliError::GuestExited(_) => FailureKind::GuestCrash,
         }
     }

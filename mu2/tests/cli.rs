@@ -208,3 +208,70 @@ fn an_unreadable_kernel_is_bad_input_in_every_command() {
     }
     assert!(!std::path::Path::new(&image).exists(), "no image is written");
 }
+
+/// A running `mu2`, killed when dropped.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn run_says_that_the_guest_waits_for_requests_and_how_to_send_one() {
+    kvm_or_skip!();
+    let child = Command::new(env!("CARGO_BIN_EXE_mu2"))
+        .args(["run", "--function", "echo"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running mu2");
+    let mut running = Running(child);
+    let stderr = running.0.stderr.take().expect("piped stderr");
+    let (send, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            let _ = send.send(line);
+        }
+    });
+    let line = lines.recv_timeout(std::time::Duration::from_secs(60)).expect("a line on stderr while it waits");
+    assert!(line.contains("waiting for requests") && line.contains("mu2 invoke") && line.contains("Ctrl-C"), "{line}");
+}
+
+#[test]
+fn run_removes_its_vsock_socket_when_a_signal_stops_it() {
+    use std::os::unix::process::ExitStatusExt;
+    kvm_or_skip!();
+    let scratch = Scratch::new("uds");
+    let socket = scratch.path("v.sock");
+    let child = Command::new(env!("CARGO_BIN_EXE_mu2"))
+        .args(["run", "--function", "echo", "--vsock-uds", &socket])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("running mu2");
+    let mut running = Running(child);
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !std::path::Path::new(&socket).exists() {
+        assert!(std::time::Instant::now() < until, "the socket appears");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let kill = Command::new("kill").args(["-TERM", &running.0.id().to_string()]).status().expect("kill");
+    assert!(kill.success());
+    let status = running.0.wait().expect("wait");
+    assert_eq!(status.signal(), Some(15), "ended by SIGTERM, as without the cleanup: {status:?}");
+    assert!(!std::path::Path::new(&socket).exists(), "the socket is removed");
+}
+
+#[test]
+fn snapshot_refuses_an_image_directory_whose_parent_is_missing() {
+    let out = mu2(&["snapshot", "--function", "echo", "--out", "/nonexistent-mu2-dir/sub/echo.img"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert_eq!(
+        stderr(&out),
+        "mu2: image directory /nonexistent-mu2-dir/sub/echo.img: its directory /nonexistent-mu2-dir/sub does not exist\n"
+    );
+    assert!(!std::path::Path::new("/nonexistent-mu2-dir").exists(), "nothing is created");
+}
