@@ -65,9 +65,6 @@ pub enum CliError {
         #[source]
         source: std::io::Error,
     },
-    /// The latency plot could not be drawn.
-    #[error("drawing {}: {message}", path.display())]
-    Plot { path: PathBuf, message: String },
     /// The directory a file is to be written in does not exist.
     #[error("{what} {}: its directory {} does not exist", path.display(), dir.display())]
     NoParent { what: &'static str, path: PathBuf, dir: PathBuf },
@@ -111,9 +108,7 @@ impl Classify for CliError {
             | CliError::WriteFile { .. }
             | CliError::NoParent { .. }
             | CliError::Argument(_) => FailureKind::BadInput,
-            CliError::Plot { .. } | CliError::Stdout(_) | CliError::Signals(_) | CliError::ScratchDir { .. } => {
-                FailureKind::Internal
-            }
+            CliError::Stdout(_) | CliError::Signals(_) | CliError::ScratchDir { .. } => FailureKind::Internal,
             CliError::GuestExited(_) => FailureKind::GuestCrash,
         }
     }

@@ -275,3 +275,58 @@ fn snapshot_refuses_an_image_directory_whose_parent_is_missing() {
     );
     assert!(!std::path::Path::new("/nonexistent-mu2-dir").exists(), "nothing is created");
 }
+
+#[test]
+fn bench_keeps_samples_and_floors_in_every_mode_and_plot_overlays_runs() {
+    kvm_or_skip!();
+    let scratch = Scratch::new("bench");
+    let (cold_csv, cold_svg) = (scratch.path("cold.csv"), scratch.path("cold.svg"));
+    let out = mu2(&["bench", "--mode", "cold", "--requests", "3", "--csv", &cold_csv, "--plot", &cold_svg]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let fresh_csv = scratch.path("fresh.csv");
+    let out = mu2(&["bench", "--mode", "fresh", "--requests", "5", "--floor-samples", "4", "--csv", &fresh_csv]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let csv = std::fs::read_to_string(&fresh_csv).expect("the fresh CSV");
+    let mut lines = csv.lines();
+    let params = lines.next().unwrap_or_default();
+    assert!(params.starts_with("# mu2 bench mode=fresh function=echo requests=5 concurrency=1"), "{params}");
+    assert_eq!(lines.next(), Some("series,index,latency_us,fork_us,run_us,boot_us,teardown_us"));
+    let count = |series: &str| csv.lines().filter(|l| l.starts_with(&format!("{series},"))).count();
+    assert_eq!((count("request"), count("floor_fresh"), count("floor_reuse")), (5, 4, 4), "{csv}");
+    let cold = std::fs::read_to_string(&cold_csv).expect("the cold CSV, which --mode cold used to skip");
+    assert_eq!(cold.lines().filter(|l| l.starts_with("request,")).count(), 3, "{cold}");
+    assert!(cold.lines().any(|l| l.starts_with("floor_fresh,")), "{cold}");
+    let svg = std::fs::read_to_string(&cold_svg).expect("the cold plot");
+    assert!(svg.contains("floor_fresh") && svg.contains("p99"), "floors and quantiles drawn");
+
+    let png = scratch.path("cmp.png");
+    let out = mu2(&["plot", &cold_csv, &fresh_csv, "-o", &png]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let bytes = std::fs::read(&png).expect("the PNG");
+    assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n") && bytes.len() > 10_000, "a PNG of {} bytes", bytes.len());
+    let svg_path = scratch.path("cmp.svg");
+    let out = mu2(&["plot", &cold_csv, &fresh_csv, "-o", &svg_path]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let svg = std::fs::read_to_string(&svg_path).expect("the SVG");
+    assert!(svg.contains("cold: cold") && svg.contains("fresh: fresh, concurrency 1"), "both runs in the legend");
+}
+
+#[test]
+fn bench_refuses_what_it_cannot_report_before_it_runs() {
+    // The hang guest would make a run end in a timeout (exit 4): refusals come first.
+    for (args, expected) in [
+        (&["--plot", "/nonexistent-mu2-dir/latency.svg"][..], "its directory /nonexistent-mu2-dir does not exist"),
+        (&["--plot", "latency.pdf"], "a plot is .svg or .png"),
+        (&["--csv", "/nonexistent-mu2-dir/samples.csv"], "its directory /nonexistent-mu2-dir does not exist"),
+        (&["--floor-samples", "0"], "--floor-samples must be at least 1"),
+    ] {
+        for mode in ["cold", "fresh"] {
+            let mut all = vec!["bench", "--function", "hang", "--timeout", "20s", "--mode", mode];
+            all.extend_from_slice(args);
+            let out = mu2(&all);
+            assert_eq!(out.status.code(), Some(2), "{all:?}: {}", stderr(&out));
+            assert!(stderr(&out).contains(expected), "{all:?}: {}", stderr(&out));
+        }
+    }
+}

@@ -7,6 +7,7 @@ mod build;
 mod guests;
 mod invoke;
 mod new;
+mod plot;
 mod run;
 mod serve;
 mod snapshot;
@@ -41,6 +42,8 @@ pub enum Command {
     New(new::NewArgs),
     /// Build a function crate into a guest ELF and print the ELF's path.
     Build(build::BuildArgs),
+    /// Draw benchmark runs from their CSV files (`mu2 bench --csv`) on one latency plot.
+    Plot(plot::PlotArgs),
     /// Run the daemon: the control API on a Unix socket, the HTTP dispatcher on TCP.
     Serve(serve::ServeArgs),
 }
@@ -55,6 +58,7 @@ pub fn run(command: &Command) -> Result<(), Failure> {
         Command::Guests => guests::list(),
         Command::New(args) => new::new(args),
         Command::Build(args) => build::build(args),
+        Command::Plot(args) => plot::plot(args),
         Command::Serve(args) => serve::serve(args),
     }
 }

@@ -104,9 +104,9 @@ pub enum ServeError {
         prefix: String,
         /// The image it names.
         image: String,
-        /// Why the image could not be made.
+        /// Why the image could not be made (boxed: the error is large, and rare).
         #[source]
-        source: crate::source::SourceError,
+        source: Box<crate::source::SourceError>,
     },
     /// A socket or directory could not be set up.
     #[error("{what} {path}")]

@@ -138,7 +138,9 @@ impl Handlers {
             let (prefix, image) = (prefix.to_string(), image.to_string());
             match self.registry.entry(&image) {
                 Ok(_) => {}
-                Err(RegistryError::Build { source, .. }) => return Err(ServeError::Route { prefix, image, source }),
+                Err(RegistryError::Build { source, .. }) => {
+                    return Err(ServeError::Route { prefix, image, source: Box::new(source) })
+                }
                 Err(e) => return Err(ServeError::Config(format!("--route {prefix}={image}: {}", error_chain(&e)))),
             }
         }
