@@ -473,21 +473,26 @@ fn a_failed_http_bind_leaves_no_socket_or_directory_behind() {
     kvm_or_skip!();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
     let addr = taken.local_addr().expect("address").to_string();
-    let sock = std::env::temp_dir().join(format!("mu2-api-bind-{}.sock", std::process::id()));
+    // The daemon makes its images directory in TMPDIR: one of the test's own, to see it go.
+    let tmp = std::env::temp_dir().join(format!("mu2-api-bind-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).expect("temp dir");
+    let sock = tmp.join("api.sock");
     let child = Command::new(env!("CARGO_BIN_EXE_mu2"))
         .arg("serve")
         .arg("--api-sock")
         .arg(&sock)
         .args(["--http", &addr])
+        .env("TMPDIR", &tmp)
         .stderr(Stdio::piped())
         .spawn()
         .expect("starting mu2 serve");
-    let pid = child.id();
     let out = child.wait_with_output().expect("waiting for mu2 serve");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains(&format!("binding {addr}")), "{err}");
     assert!(!sock.exists(), "the API socket is removed");
-    let images = std::env::temp_dir().join(format!("mu2-serve-{pid}"));
-    assert!(!images.exists(), "{} is removed", images.display());
+    let left: Vec<_> = std::fs::read_dir(&tmp).expect("temp dir").filter_map(Result::ok).map(|e| e.path()).collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    std::fs::remove_dir_all(&tmp).expect("removing the temp dir");
 }

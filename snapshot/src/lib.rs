@@ -366,8 +366,17 @@ pub fn write_image<T: Serialize + Versioned>(
 }
 
 fn create_truncated(path: &Path) -> Result<File, SnapshotError> {
+    use std::os::unix::fs::OpenOptionsExt;
     // Truncate rather than create_new: a `.partial` file left by a crashed writer is garbage.
-    OpenOptions::new().write(true).create(true).truncate(true).open(path).map_err(io_err("create", path))
+    // Mode 0600, and a symbolic link planted at the name is refused, not written through.
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(io_err("create", path))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
@@ -498,8 +507,9 @@ fn open_image_file(dir: &Path, path: &Path) -> Result<File, SnapshotError> {
         }
         Err(e) => return Err(io_err("stat", dir)(e)),
     }
-    // Checked before opening too, so that a FIFO in the image cannot block the open.
-    match fs::metadata(path) {
+    // Checked before opening too, so that a FIFO in the image cannot block the open; a
+    // symbolic link is not one of an image's files.
+    match fs::symlink_metadata(path) {
         Ok(meta) if meta.is_file() => {}
         Ok(_) => return Err(SnapshotError::NotAFile { path: path.to_owned() }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -507,7 +517,12 @@ fn open_image_file(dir: &Path, path: &Path) -> Result<File, SnapshotError> {
         }
         Err(e) => return Err(io_err("stat", path)(e)),
     }
-    let file = match File::open(path) {
+    // Not through a symbolic link swapped in since, and not blocking on a FIFO.
+    let opened = {
+        use std::os::unix::fs::OpenOptionsExt;
+        OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC).open(path)
+    };
+    let file = match opened {
         Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return Err(SnapshotError::MissingFile { path: path.to_owned() })

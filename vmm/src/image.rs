@@ -53,6 +53,15 @@ pub enum ImageError {
     /// KVM refused something while preparing restores.
     #[error("preparing restores")]
     Arch(#[source] arch::ArchError),
+    /// The memory file could not be copied into the sealed memory forks map.
+    #[error("image {path}")]
+    Memory {
+        /// The image directory.
+        path: PathBuf,
+        /// What went wrong.
+        #[source]
+        source: crate::memory::MemoryError,
+    },
 }
 
 /// Boots `config`, waits until the guest is ready and idle, freezes it and writes the image
@@ -134,7 +143,11 @@ impl Image {
         if state.vcpus.is_empty() || state.vcpus.len() > hv.max_vcpus() {
             return Err(invalid(format!("{} vCPUs (this host allows 1 to {})", state.vcpus.len(), hv.max_vcpus())));
         }
-        let memory = mu2_snapshot::open_memory(dir, state.mem_size).map_err(snapshot)?;
+        let file = mu2_snapshot::open_memory(dir, state.mem_size).map_err(snapshot)?;
+        // Forks map a sealed copy, never the file: an image is immutable once loaded.
+        let memory = crate::memory::sealed_copy(&file, state.mem_size)
+            .map_err(|source| ImageError::Memory { path: dir.to_path_buf(), source })?;
+        drop(file);
         let restores = Self::plan(hv, &state)?;
         let structural_pages = {
             use std::os::unix::fs::FileExt;
@@ -196,7 +209,7 @@ impl Image {
         &self.state
     }
 
-    /// The memory file, for copy-on-write mappings.
+    /// The image's memory (a sealed copy of its memory file), for copy-on-write mappings.
     pub fn memory_file(&self) -> &File {
         &self.memory
     }
@@ -240,6 +253,7 @@ impl crate::error::Classify for ImageError {
             ImageError::Snapshot { source, .. } => snapshot_kind(source),
             ImageError::Invalid { .. } => FailureKind::BadInput,
             ImageError::Arch(e) => e.kind(),
+            ImageError::Memory { source, .. } => source.kind(),
         }
     }
 }

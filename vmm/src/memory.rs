@@ -26,6 +26,79 @@ pub enum MemoryError {
     /// vm-memory refused the region layout.
     #[error("building the guest memory map")]
     Layout(#[source] vm_memory::GuestRegionCollectionError),
+    /// The image's memory could not be copied into sealed memory.
+    #[error("copying the image's memory into sealed memory")]
+    SealedCopy(#[source] std::io::Error),
+    /// The memory file changed size while it was copied.
+    #[error("the memory file changed while it was copied ({expected} bytes, now {actual})")]
+    Changed {
+        /// The size the image's state records.
+        expected: u64,
+        /// The file's size after the copy.
+        actual: u64,
+    },
+}
+
+/// A copy of a frozen image's memory file in sealed anonymous memory (a memfd whose size and
+/// contents can never change again): forks map the copy, so nothing done to the file on disk
+/// afterwards — truncated (which would make a fork's access fault with SIGBUS), rewritten in
+/// place — reaches a fork. Only the file's data extents are read (SEEK_DATA/SEEK_HOLE), and
+/// all-zero pages are left as holes, so a sparse image costs what its data costs.
+pub(crate) fn sealed_copy(source: &std::fs::File, size: u64) -> Result<std::fs::File, MemoryError> {
+    use std::os::unix::fs::FileExt;
+    const PAGE: usize = 4096;
+    let io = MemoryError::SealedCopy;
+    let copy = crate::sys::sealable_memfd(c"mu2-image-memory").map_err(io)?;
+    copy.set_len(size).map_err(io)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut offset = 0;
+    while let Some((start, end)) = crate::sys::next_data_extent(source, offset).map_err(io)? {
+        let end = end.min(size);
+        if start >= end {
+            break;
+        }
+        let mut at = start;
+        while at < end {
+            let n = ((end - at) as usize).min(buf.len());
+            let chunk = &mut buf[..n];
+            // A file cut short meanwhile ends the copy here with an error, not with zeros.
+            source.read_exact_at(chunk, at).map_err(io)?;
+            let mut run: Option<usize> = None;
+            for (i, page) in chunk.chunks(PAGE).enumerate() {
+                match (page.iter().all(|&b| b == 0), run) {
+                    (false, None) => run = Some(i * PAGE),
+                    (true, Some(from)) => {
+                        copy.write_all_at(&chunk[from..i * PAGE], at + from as u64).map_err(io)?;
+                        run = None;
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(from) = run {
+                copy.write_all_at(&chunk[from..], at + from as u64).map_err(io)?;
+            }
+            at += n as u64;
+        }
+        offset = end;
+    }
+    let actual = source.metadata().map_err(io)?.len();
+    if actual != size {
+        return Err(MemoryError::Changed { expected: size, actual });
+    }
+    crate::sys::seal_contents(&copy).map_err(io)?;
+    Ok(copy)
+}
+
+/// This process's /proc/self/pagemap, opened once and kept: the sandbox opens it before the
+/// daemon gives up its user id, after which the kernel would refuse to open it again (a
+/// process that changed its ids is not dumpable, and pagemap then belongs to root), while the
+/// open descriptor keeps working.
+pub(crate) fn pagemap() -> std::io::Result<&'static std::fs::File> {
+    static PAGEMAP: std::sync::OnceLock<Result<std::fs::File, i32>> = std::sync::OnceLock::new();
+    let opened = PAGEMAP.get_or_init(|| {
+        std::fs::File::open("/proc/self/pagemap").map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
+    });
+    opened.as_ref().map_err(|&errno| std::io::Error::from_raw_os_error(errno))
 }
 
 /// A host mapping owned by mu2, unmapped on drop.
@@ -255,7 +328,7 @@ impl GuestRam {
             category_anyof_mask: u64,
             return_mask: u64,
         }
-        let file = std::fs::File::open("/proc/self/pagemap")?;
+        let file = pagemap()?;
         let base = self.host_address();
         let end = base + self.mapping.size as u64;
         let mut regions = [PageRegion::default(); 256];
@@ -300,7 +373,7 @@ impl GuestRam {
         use std::os::unix::fs::FileExt;
         const PAGE: u64 = 4096;
         let pages = self.mapping.size as u64 / PAGE;
-        let file = std::fs::File::open("/proc/self/pagemap")?;
+        let file = pagemap()?;
         let mut raw = vec![0u8; pages as usize * 8];
         file.read_exact_at(&mut raw, self.host_address() / PAGE * 8)?;
         Ok((0..pages as usize).map(move |i| {
@@ -372,7 +445,9 @@ impl GuestRam {
 impl crate::error::Classify for MemoryError {
     fn kind(&self) -> crate::error::FailureKind {
         match self {
-            MemoryError::Map { source, .. } => crate::error::io_kind(source),
+            MemoryError::Map { source, .. } | MemoryError::SealedCopy(source) => crate::error::io_kind(source),
+            // A file that changes while it is loaded is not a usable image.
+            MemoryError::Changed { .. } => crate::error::FailureKind::BadInput,
             MemoryError::Region(_) | MemoryError::Layout(_) => crate::error::FailureKind::Internal,
         }
     }

@@ -1,9 +1,11 @@
 //! Small safe wrappers over the few libc calls the VMM makes outside memory mapping (`memory`)
 //! and deadline signals (`kick`), so `unsafe` stays in one reviewed place.
 
-use std::ffi::CStr;
+use std::ffi::{CStr, CString};
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
 
 /// Fills `buf` from the kernel's random source (getrandom, blocking until it is seeded).
 pub(crate) fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
@@ -27,13 +29,169 @@ pub(crate) fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
 
 /// A new anonymous in-memory file (memfd), closed on exec.
 pub(crate) fn memfd(name: &CStr) -> std::io::Result<File> {
+    memfd_with(name, libc::MFD_CLOEXEC)
+}
+
+/// A new memfd that can be sealed (see [`seal_contents`]), closed on exec.
+pub(crate) fn sealable_memfd(name: &CStr) -> std::io::Result<File> {
+    memfd_with(name, libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+}
+
+fn memfd_with(name: &CStr, flags: libc::c_uint) -> std::io::Result<File> {
     // SAFETY: `name` is a NUL-terminated string that outlives the call; the result is checked.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: `fd` is a descriptor just created for this call and owned by nothing else.
     Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Seals a memfd made by [`sealable_memfd`] so that its size and contents never change again
+/// (F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE, and F_SEAL_SEAL so the seals stay). Private
+/// (copy-on-write) mappings of it stay writable; shared writable ones are refused.
+pub(crate) fn seal_contents(file: &File) -> std::io::Result<()> {
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS takes an integer argument and touches no memory; the result is checked.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The seals on a file (F_GET_SEALS); for tests of [`seal_contents`].
+#[cfg(test)]
+pub(crate) fn seals(file: &File) -> std::io::Result<libc::c_int> {
+    // SAFETY: F_GET_SEALS takes no argument and touches no memory; the result is checked.
+    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    if seals < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(seals)
+}
+
+/// The next data extent of `file` at or after `offset`: `(start, end)`, or `None` past the last
+/// one (SEEK_DATA, then SEEK_HOLE). A file system without hole support reports the whole file
+/// as data.
+pub(crate) fn next_data_extent(file: &File, offset: u64) -> std::io::Result<Option<(u64, u64)>> {
+    let seek = |offset: u64, whence| -> std::io::Result<Option<u64>> {
+        let offset = libc::off_t::try_from(offset).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+        // SAFETY: lseek only moves the file offset of a descriptor `file` owns; the result is
+        // checked. Callers read with pread, so the moved offset disturbs nothing.
+        let at = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
+        match at {
+            -1 if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) => Ok(None),
+            -1 => Err(std::io::Error::last_os_error()),
+            at => Ok(Some(at as u64)),
+        }
+    };
+    let Some(start) = seek(offset, libc::SEEK_DATA)? else { return Ok(None) };
+    let end = seek(start, libc::SEEK_HOLE)?.unwrap_or(start);
+    Ok(Some((start, end)))
+}
+
+fn c_path(path: &Path) -> std::io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| std::io::ErrorKind::InvalidInput.into())
+}
+
+/// A name inside a [`Dir`]: one path component, neither `.` nor `..`.
+fn c_name(name: &str) -> std::io::Result<CString> {
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') {
+        return Err(std::io::ErrorKind::InvalidInput.into());
+    }
+    CString::new(name).map_err(|_| std::io::ErrorKind::InvalidInput.into())
+}
+
+/// Makes a new directory `prefix` + six random characters in `parent`, mode 0700 (mkdtemp):
+/// its name cannot be guessed, so nobody can have made it, or anything in it, beforehand.
+pub(crate) fn make_temp_dir(parent: &Path, prefix: &str) -> std::io::Result<PathBuf> {
+    let mut template = c_path(&parent.join(format!("{prefix}XXXXXX")))?.into_bytes_with_nul();
+    // SAFETY: `template` is a writable NUL-terminated buffer ending in XXXXXX that outlives the
+    // call; mkdtemp replaces the Xs in place. The result is checked.
+    let made = unsafe { libc::mkdtemp(template.as_mut_ptr().cast()) };
+    if made.is_null() {
+        return Err(std::io::Error::last_os_error());
+    }
+    template.pop();
+    Ok(PathBuf::from(std::ffi::OsString::from_vec(template)))
+}
+
+/// A directory held open: every operation is relative to its descriptor (the `*at` calls) and
+/// none follows a symbolic link, so a link planted where a name is expected is an error, never
+/// a way to make the daemon write elsewhere.
+#[derive(Debug)]
+pub(crate) struct Dir {
+    fd: OwnedFd,
+}
+
+impl Dir {
+    /// Opens the directory `path`, refusing a symbolic link in its last component.
+    pub(crate) fn open(path: &Path) -> std::io::Result<Dir> {
+        let path = c_path(path)?;
+        // SAFETY: `path` is NUL-terminated and outlives the call; the result is checked.
+        let fd = unsafe {
+            libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        };
+        Self::owned(fd).map(|fd| Dir { fd })
+    }
+
+    fn owned(fd: libc::c_int) -> std::io::Result<OwnedFd> {
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by the kernel for this call and is owned by nothing else.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    fn openat(&self, name: &str, flags: libc::c_int, mode: libc::c_uint) -> std::io::Result<OwnedFd> {
+        let name = c_name(name)?;
+        let flags = flags | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        // SAFETY: `name` is NUL-terminated and outlives the call; the descriptor is this
+        // directory's, open for as long as `self`; the result is checked.
+        Self::owned(unsafe { libc::openat(self.fd.as_raw_fd(), name.as_ptr(), flags, mode) })
+    }
+
+    /// Makes the directory `name` in this one, mode `mode`; fails if anything has that name.
+    pub(crate) fn make_dir(&self, name: &str, mode: libc::mode_t) -> std::io::Result<()> {
+        let name = c_name(name)?;
+        // SAFETY: as in `openat`.
+        if unsafe { libc::mkdirat(self.fd.as_raw_fd(), name.as_ptr(), mode) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Opens the directory `name` in this one, refusing a symbolic link.
+    pub(crate) fn open_dir(&self, name: &str) -> std::io::Result<Dir> {
+        self.openat(name, libc::O_RDONLY | libc::O_DIRECTORY, 0).map(|fd| Dir { fd })
+    }
+
+    /// Creates (or truncates) the regular file `name`, mode 0600, for writing; a symbolic link
+    /// there is refused.
+    pub(crate) fn create_file(&self, name: &str) -> std::io::Result<File> {
+        self.openat(name, libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC, 0o600).map(File::from)
+    }
+
+    /// Opens `name` for reading without blocking (a FIFO cannot stall the open) and without
+    /// following a symbolic link; the caller checks what it opened.
+    pub(crate) fn open_file(&self, name: &str) -> std::io::Result<File> {
+        self.openat(name, libc::O_RDONLY | libc::O_NONBLOCK, 0).map(File::from)
+    }
+
+    /// Changes the owner of this directory (fchown).
+    pub(crate) fn chown(&self, uid: libc::uid_t, gid: libc::gid_t) -> std::io::Result<()> {
+        // SAFETY: fchown on a descriptor this value owns; the result is checked.
+        if unsafe { libc::fchown(self.fd.as_raw_fd(), uid, gid) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// The directory's metadata (fstat).
+    pub(crate) fn metadata(&self) -> std::io::Result<std::fs::Metadata> {
+        let file = File::from(self.fd.try_clone()?);
+        file.metadata()
+    }
 }
 
 /// Runs `f` with the process's file-creation mask set to `mask`, then puts the old mask back.
@@ -47,11 +205,16 @@ pub(crate) fn with_umask<T>(mask: libc::mode_t, f: impl FnOnce() -> T) -> T {
     result
 }
 
+/// This process's effective user id.
+pub(crate) fn effective_uid() -> libc::uid_t {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 /// Makes a FIFO at `path`, mode 0600 (for tests of what refuses one).
 #[cfg(test)]
 pub(crate) fn mkfifo(path: &std::path::Path) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let path = c_path(path)?;
     // SAFETY: `path` is NUL-terminated and outlives the call; the result is checked.
     if unsafe { libc::mkfifo(path.as_ptr(), 0o600) } != 0 {
         return Err(std::io::Error::last_os_error());
@@ -70,6 +233,54 @@ mod tests {
         fill_random(&mut b).unwrap();
         assert_ne!(a, b);
         fill_random(&mut []).unwrap();
+    }
+
+    #[test]
+    fn a_sealed_memfd_keeps_its_size_and_contents() {
+        use std::os::unix::fs::FileExt;
+        let file = sealable_memfd(c"mu2-test").unwrap();
+        file.set_len(8192).unwrap();
+        file.write_all_at(b"frozen", 4096).unwrap();
+        seal_contents(&file).unwrap();
+        assert_ne!(seals(&file).unwrap() & libc::F_SEAL_WRITE, 0);
+        assert!(file.set_len(4096).is_err(), "shrinking is refused");
+        assert!(file.set_len(16384).is_err(), "growing is refused");
+        assert!(file.write_all_at(b"thawed", 4096).is_err(), "writing is refused");
+        let mut back = [0u8; 6];
+        file.read_exact_at(&mut back, 4096).unwrap();
+        assert_eq!(&back, b"frozen");
+    }
+
+    #[test]
+    fn extents_skip_holes() {
+        use std::os::unix::fs::FileExt;
+        let file = memfd(c"mu2-test").unwrap();
+        file.set_len(1 << 20).unwrap();
+        file.write_all_at(&[1; 4096], 64 << 10).unwrap();
+        let (start, end) = next_data_extent(&file, 0).unwrap().expect("one extent");
+        assert!(start <= 64 << 10 && end >= 68 << 10 && end - start < 1 << 20, "{start}..{end}");
+        assert_eq!(next_data_extent(&file, end).unwrap(), None, "nothing but a hole after it");
+    }
+
+    #[test]
+    fn a_dir_refuses_symbolic_links_and_makes_private_files() {
+        use std::os::unix::fs::PermissionsExt;
+        let parent = make_temp_dir(&std::env::temp_dir(), "mu2-sys-test-").unwrap();
+        assert_eq!(std::fs::metadata(&parent).unwrap().permissions().mode() & 0o777, 0o700);
+        let dir = Dir::open(&parent).unwrap();
+        std::os::unix::fs::symlink("/etc", parent.join("link")).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", parent.join("file-link")).unwrap();
+        // O_DIRECTORY | O_NOFOLLOW on a link: "not a directory".
+        assert_eq!(dir.open_dir("link").unwrap_err().raw_os_error(), Some(libc::ENOTDIR));
+        assert_eq!(dir.open_file("file-link").unwrap_err().raw_os_error(), Some(libc::ELOOP));
+        assert_eq!(dir.create_file("file-link").unwrap_err().raw_os_error(), Some(libc::ELOOP));
+        assert!(Dir::open(&parent.join("link")).is_err());
+        assert!(dir.make_dir("link", 0o700).is_err(), "a name in use is not made again");
+        dir.make_dir("sub", 0o700).unwrap();
+        let file = dir.open_dir("sub").unwrap().create_file("f").unwrap();
+        assert_eq!(file.metadata().unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(dir.open_file("../x").is_err() && dir.open_file("..").is_err());
+        std::fs::remove_dir_all(&parent).unwrap();
     }
 
     #[test]

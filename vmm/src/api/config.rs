@@ -108,6 +108,12 @@ pub enum ServeError {
         #[source]
         source: Box<crate::source::SourceError>,
     },
+    /// Something other than a stale socket is at the `--api-sock` path.
+    #[error("--api-sock {0}: something other than a socket is there; refusing to replace it")]
+    NotASocket(PathBuf),
+    /// The images directory is unusable.
+    #[error(transparent)]
+    Files(super::files::FilesError),
     /// A socket or directory could not be set up.
     #[error("{what} {path}")]
     Io {
@@ -135,6 +141,8 @@ impl Classify for ServeError {
             ServeError::Config(_) => FailureKind::BadInput,
             ServeError::Hypervisor(e) => e.kind(),
             ServeError::Route { source, .. } => source.kind(),
+            ServeError::NotASocket(_) => FailureKind::BadInput,
+            ServeError::Files(e) => e.kind(),
             ServeError::Io { source, .. } => crate::error::io_kind(source),
         }
     }

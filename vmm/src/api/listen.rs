@@ -210,14 +210,26 @@ fn serve_connection<S: Read + Write>(endpoint: &Endpoint, mut stream: S) {
 }
 
 /// Binds the Unix socket with mode 0600 from the start: the umask covers the bind, so the
-/// socket never exists with wider permissions.
+/// socket never exists with wider permissions. Only a stale socket is replaced: anything else
+/// at the path (a file, a directory, a symbolic link) is refused and left alone.
 pub(super) fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
-    if path.exists() {
-        // A socket left by a daemon that died can go; one that answers cannot.
-        if UnixStream::connect(path).is_ok() {
-            return Err(std::io::Error::new(std::io::ErrorKind::AddrInUse, "another daemon listens there"));
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            // A socket left by a daemon that died can go; one that answers cannot.
+            if UnixStream::connect(path).is_ok() {
+                return Err(std::io::Error::new(std::io::ErrorKind::AddrInUse, "another daemon listens there"));
+            }
+            std::fs::remove_file(path)?;
         }
-        std::fs::remove_file(path)?;
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "something other than a socket is there; refusing to replace it",
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
     }
     // The daemon has no other thread creating files while it binds.
     let result = crate::sys::with_umask(0o177, || UnixListener::bind(path));

@@ -17,6 +17,7 @@ pub mod client;
 mod config;
 pub mod dispatch;
 mod failure;
+mod files;
 mod handlers;
 pub mod http;
 mod listen;
@@ -32,6 +33,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub use config::{ServeConfig, ServeError};
+pub use files::{FilesError, PRIVATE_DIR_PREFIX};
 pub use registry::SIDECAR;
 
 use crate::hypervisor::Hypervisor;
@@ -82,14 +84,12 @@ impl Daemon {
         config.validate()?;
         let routes = Routes::new(config.routes.iter().cloned());
         let hv = Arc::new(Hypervisor::open().map_err(ServeError::Hypervisor)?);
-        let (images_dir, owns_images_dir) = match &config.images_dir {
-            Some(dir) => (dir.clone(), false),
-            None => (std::env::temp_dir().join(format!("mu2-serve-{}", std::process::id())), true),
-        };
-        std::fs::create_dir_all(&images_dir).map_err(ServeError::io("creating", images_dir.display()))?;
-        let mut made = Made { images_dir: owns_images_dir.then(|| images_dir.clone()), api_sock: None };
-        let api =
-            listen::bind_private(&config.api_sock).map_err(ServeError::io("binding", config.api_sock.display()))?;
+        let images = files::ImagesDir::prepare(config.images_dir.as_deref()).map_err(ServeError::Files)?;
+        let mut made = Made { images_dir: images.owned().then(|| images.path().to_path_buf()), api_sock: None };
+        let api = listen::bind_private(&config.api_sock).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => ServeError::NotASocket(config.api_sock.clone()),
+            _ => ServeError::io("binding", config.api_sock.display())(e),
+        })?;
         made.api_sock = Some(config.api_sock.clone());
         let tcp = match config.http {
             Some(addr) => Some(TcpListener::bind(addr).map_err(ServeError::io("binding", addr))?),
@@ -98,7 +98,7 @@ impl Daemon {
         let http_addr = tcp.as_ref().and_then(|t| t.local_addr().ok());
         let lifecycle = Arc::new(Lifecycle::default());
         let metrics = Arc::new(Metrics::new());
-        let registry = Registry::new(hv, &config, images_dir, owns_images_dir, lifecycle.clone());
+        let registry = Registry::new(hv, &config, images, lifecycle.clone());
         let (api_sock, timeout, max_body) = (config.api_sock.clone(), config.timeout, config.max_body);
         let handlers = Arc::new(Handlers::new(config, routes, registry, metrics.clone(), lifecycle.clone()));
         if let Err(e) = handlers.prepare_routes() {

@@ -16,6 +16,7 @@ use serde_json::json;
 
 use super::config::ServeConfig;
 use super::failure;
+use super::files::{self, ImagesDir};
 use super::listen::{lock, Lifecycle};
 use super::model::{self, ImageSpec};
 use crate::error::Classify;
@@ -121,6 +122,15 @@ pub(super) enum RegistryError {
     /// The daemon is shutting down.
     #[error("the daemon is shutting down")]
     Stopping,
+    /// No directory could be made for the image.
+    #[error("image `{name}`: making its directory")]
+    Dir {
+        /// The image.
+        name: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The image could not be made or loaded.
     #[error("image `{name}`")]
     Build {
@@ -139,6 +149,7 @@ impl RegistryError {
             RegistryError::NotFound(_) => 404,
             RegistryError::Exists(_) | RegistryError::InUse { .. } => 409,
             RegistryError::Stopping => 503,
+            RegistryError::Dir { source, .. } => failure::status(crate::error::io_kind(source)),
             RegistryError::Build { source, .. } => failure::status(source.kind()),
         }
     }
@@ -192,15 +203,12 @@ pub(super) struct Registry {
     hv: Arc<Hypervisor>,
     engine_config: EngineConfig,
     max_vms: usize,
-    images_dir: PathBuf,
-    /// The daemon made `images_dir`: it removes it at shutdown.
-    owns_images_dir: bool,
+    images_dir: ImagesDir,
     images: Mutex<BTreeMap<String, Arc<Entry>>>,
     /// Serializes image builds, so that 200 first requests to a built-in build it once.
     building: Mutex<()>,
     /// Requests holding a VM.
     in_flight: AtomicUsize,
-    next_dir: AtomicU64,
     lifecycle: Arc<Lifecycle>,
 }
 
@@ -209,8 +217,7 @@ impl Registry {
     pub(super) fn new(
         hv: Arc<Hypervisor>,
         config: &ServeConfig,
-        images_dir: PathBuf,
-        owns_images_dir: bool,
+        images_dir: ImagesDir,
         lifecycle: Arc<Lifecycle>,
     ) -> Self {
         Registry {
@@ -218,11 +225,9 @@ impl Registry {
             engine_config: config.engine_config(),
             max_vms: config.max_vms,
             images_dir,
-            owns_images_dir,
             images: Mutex::new(BTreeMap::new()),
             building: Mutex::new(()),
             in_flight: AtomicUsize::new(0),
-            next_dir: AtomicU64::new(1),
             lifecycle,
         }
     }
@@ -328,9 +333,7 @@ impl Registry {
         for entry in images.into_values() {
             entry.destroy();
         }
-        if self.owns_images_dir {
-            let _ = std::fs::remove_dir_all(&self.images_dir);
-        }
+        self.images_dir.remove_if_owned();
     }
 
     /// Makes (or, for an image directory, loads) the image `name` and starts its engine. The
@@ -345,8 +348,11 @@ impl Registry {
         let (dir, owned) = match &source {
             ImageSource::Dir(path) => (path.clone(), false),
             ImageSource::Builtin(_) | ImageSource::Kernel(_) => {
-                let n = self.next_dir.fetch_add(1, Ordering::Relaxed);
-                (self.images_dir.join(format!("{name}.{n}")), true)
+                let dir = self
+                    .images_dir
+                    .make_image_dir(name)
+                    .map_err(|source| RegistryError::Dir { name: name.to_string(), source })?;
+                (dir, true)
             }
         };
         let settings = GuestSettings { mem_mib, cmdline: GUEST_CMDLINE.into(), ..GuestSettings::default() };
@@ -388,14 +394,14 @@ impl Registry {
 /// Records in an image the daemon made whether its guest speaks the HTTP framing, so that
 /// registering the directory later (`{"path": …}`) knows.
 fn write_sidecar(dir: &Path, http: bool) {
-    if let Err(e) = std::fs::write(dir.join(SIDECAR), json!({ "http": http }).to_string()) {
+    if let Err(e) = files::write_file_in(dir, SIDECAR, json!({ "http": http }).to_string().as_bytes()) {
         log::warn!("writing {}: {e}", dir.join(SIDECAR).display());
     }
 }
 
 /// What an image directory's sidecar records, if it has a readable one.
 fn read_sidecar(dir: &Path) -> Option<bool> {
-    let bytes = std::fs::read(dir.join(SIDECAR)).ok()?;
+    let bytes = files::read_small_file_in(dir, SIDECAR).ok()?;
     serde_json::from_slice::<serde_json::Value>(&bytes).ok()?["http"].as_bool()
 }
 

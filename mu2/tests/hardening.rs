@@ -1,0 +1,225 @@
+//! The daemon against hostile files and its own compromise: images immutable once loaded,
+//! planted links not followed, the socket path not clobbered, and the sandbox (seccomp per
+//! thread class, user, mount namespace, landlock) in force. Real daemon, real KVM.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mu2_vmm::api::client::Client;
+
+/// A scratch directory of one test, removed when it ends.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("mu2-hardening-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        // The sandboxed daemon runs as nobody: it must be able to reach its socket here.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        Scratch(dir)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `mu2 serve` on a socket in `scratch`, killed if the test ends without stopping it.
+struct Daemon {
+    child: Option<Child>,
+    sock: PathBuf,
+}
+
+impl Daemon {
+    fn start(scratch: &Scratch, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let sock = scratch.path("api.sock");
+        let child = Command::new(env!("CARGO_BIN_EXE_mu2"))
+            .arg("serve")
+            .arg("--api-sock")
+            .arg(&sock)
+            .args(args)
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting mu2 serve");
+        let mut daemon = Daemon { child: Some(child), sock };
+        let until = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < until {
+            if daemon.client().health().is_ok() {
+                return daemon;
+            }
+            if let Some(status) = daemon.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("mu2 serve exited with {status} before answering: {}", daemon.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the daemon did not answer /health");
+    }
+
+    fn client(&self) -> Client {
+        Client::new(&self.sock)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    fn invoke(&self, image: &str, body: &[u8]) -> (u16, Vec<u8>) {
+        let r = self.client().request("POST", &format!("/images/{image}/invoke"), body).expect("invoke");
+        (r.status, r.body)
+    }
+
+    /// Waits for the daemon to exit by itself.
+    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        let until = Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(Instant::now() < until, "the daemon is still running");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then the exit status.
+    fn stop(&mut self) -> std::process::ExitStatus {
+        let pid = self.pid().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());
+        self.wait_exit(Duration::from_secs(60))
+    }
+
+    /// What it wrote on stderr (once it has exited).
+    fn stderr(&mut self) -> String {
+        use std::io::Read;
+        let mut text = String::new();
+        if let Some(err) = self.child.as_mut().and_then(|c| c.stderr.as_mut()) {
+            let _ = err.read_to_string(&mut text);
+        }
+        text
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn mu2(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_mu2")).args(args).output().expect("running mu2")
+}
+
+/// An echo image made by `mu2 snapshot` in `dir`.
+fn echo_image(dir: &Path) {
+    let out = mu2(&["snapshot", "--function", "echo", "--out", dir.to_str().expect("utf-8 path")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn a_loaded_image_is_immune_to_its_files_changing() {
+    kvm_or_skip!();
+    let scratch = Scratch::new("immutable");
+    let image = scratch.path("echo.img");
+    echo_image(&image);
+    let d = Daemon::start(&scratch, &["--mode", "fresh"], &[]);
+    let put = d.client().request("PUT", "/images/e", format!(r#"{{"path": "{}"}}"#, image.display()).as_bytes());
+    assert_eq!(put.expect("PUT").status, 201);
+    assert_eq!(d.invoke("e", b"before"), (200, b"before".to_vec()));
+    let memory = image.join("memory");
+    let size = std::fs::metadata(&memory).expect("memory file").len();
+    // Cut to nothing: a fork mapping the file itself would die of SIGBUS on its first page.
+    std::fs::OpenOptions::new().write(true).open(&memory).and_then(|f| f.set_len(0)).expect("truncate");
+    for i in 0..5 {
+        let body = format!("after truncation {i}");
+        assert_eq!(d.invoke("e", body.as_bytes()), (200, body.into_bytes()));
+    }
+    // Rewritten in place with other bytes, as `cp other memory` would.
+    let garbage: Vec<u8> = (0..size).map(|i| (i * 7 + 13) as u8).collect();
+    std::fs::write(&memory, &garbage).expect("rewrite");
+    for i in 0..5 {
+        let body = format!("after rewriting {i}");
+        assert_eq!(d.invoke("e", body.as_bytes()), (200, body.into_bytes()));
+    }
+    let health = d.client().health().expect("health");
+    assert_eq!(health["status"], "ok");
+}
+
+#[test]
+fn a_link_planted_in_the_images_directory_is_not_followed() {
+    kvm_or_skip!();
+    let scratch = Scratch::new("planted");
+    let images = scratch.path("images");
+    let victim = scratch.path("victim");
+    std::fs::create_dir(&victim).expect("victim dir");
+    std::fs::create_dir(&images).expect("images dir");
+    std::fs::set_permissions(&images, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    // The names the daemon gives its first images, each a link to the victim.
+    for n in 1..=3 {
+        std::os::unix::fs::symlink(&victim, images.join(format!("echo.{n}"))).expect("plant");
+    }
+    let d = Daemon::start(&scratch, &["--mode", "fresh", "--images-dir", images.to_str().expect("utf-8")], &[]);
+    assert_eq!(d.invoke("echo", b"hi"), (200, b"hi".to_vec()));
+    assert_eq!(std::fs::read_dir(&victim).expect("victim").count(), 0, "nothing was written through a link");
+    for n in 1..=3 {
+        let link = images.join(format!("echo.{n}"));
+        assert!(std::fs::symlink_metadata(&link).expect("link").file_type().is_symlink(), "{} kept", link.display());
+    }
+    let made = images.join("echo.4");
+    assert!(made.join("state").is_file(), "the image went to a name of its own");
+    for file in ["state", "memory"] {
+        let mode = std::fs::metadata(made.join(file)).expect("image file").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{file}");
+    }
+}
+
+#[test]
+fn the_default_images_directory_is_private() {
+    kvm_or_skip!();
+    let scratch = Scratch::new("private");
+    let tmp = scratch.path("tmp");
+    std::fs::create_dir(&tmp).expect("tmp");
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+    let mut d = Daemon::start(&scratch, &["--mode", "fresh"], &[("TMPDIR", tmp.to_str().expect("utf-8"))]);
+    assert_eq!(d.invoke("echo", b"hi"), (200, b"hi".to_vec()));
+    let dirs: Vec<PathBuf> = std::fs::read_dir(&tmp)
+        .expect("tmp")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("mu2-serve-")))
+        .collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    let name = dirs[0].file_name().and_then(|n| n.to_str()).expect("name");
+    assert_ne!(name, format!("mu2-serve-{}", d.pid()), "the name is not the predictable one");
+    assert_eq!(std::fs::metadata(&dirs[0]).expect("dir").permissions().mode() & 0o777, 0o700);
+    assert!(d.stop().success());
+    assert!(!dirs[0].exists(), "removed at shutdown");
+}
+
+#[test]
+fn api_sock_does_not_replace_a_regular_file() {
+    kvm_or_skip!();
+    let scratch = Scratch::new("sockfile");
+    let file = scratch.path("precious");
+    std::fs::write(&file, b"keep me").expect("write");
+    let out = mu2(&["serve", "--api-sock", file.to_str().expect("utf-8")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("refusing to replace it"), "{err}");
+    assert_eq!(std::fs::read(&file).expect("the file survives"), b"keep me");
+}
