@@ -33,6 +33,15 @@ impl<E: Classify + Send + Sync + 'static> From<E> for Failure {
 }
 
 impl Failure {
+    /// The exit code of a failure a child process already reported (the sandboxed daemon,
+    /// whose code came from [`exit_code`] there): passed through as it is, printed once.
+    pub fn reported_code(&self) -> Option<u8> {
+        match self.error.downcast_ref() {
+            Some(CliError::Reported(code)) => Some(*code),
+            _ => None,
+        }
+    }
+
     /// Whether this is standard output's reader having gone (EPIPE): not a failure of the
     /// command, which ends quietly with success (see `out`).
     pub fn is_reader_gone(&self) -> bool {
@@ -87,6 +96,9 @@ pub enum CliError {
     /// The guest ran to its end but reported failure.
     #[error("guest exited with code {0}")]
     GuestExited(u32),
+    /// A child process (the sandboxed daemon) failed and said why itself.
+    #[error("exited with code {0}")]
+    Reported(u8),
 }
 
 /// Refuses to write `path` in a directory that does not exist, before any work is done (a
@@ -110,6 +122,7 @@ impl Classify for CliError {
             | CliError::Argument(_) => FailureKind::BadInput,
             CliError::Stdout(_) | CliError::Signals(_) | CliError::ScratchDir { .. } => FailureKind::Internal,
             CliError::GuestExited(_) => FailureKind::GuestCrash,
+            CliError::Reported(_) => FailureKind::Internal,
         }
     }
 }

@@ -29,9 +29,13 @@ fn main() -> ExitCode {
     match cli::run(&cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) if failure.is_reader_gone() => ExitCode::SUCCESS,
-        Err(Failure { kind, error }) => {
-            eprintln!("mu2: {}", error_chain(&*error));
-            ExitCode::from(exit_code(kind))
-        }
+        Err(failure) => match failure.reported_code() {
+            Some(code) => ExitCode::from(code),
+            None => {
+                let Failure { kind, error } = failure;
+                eprintln!("mu2: {}", error_chain(&*error));
+                ExitCode::from(exit_code(kind))
+            }
+        },
     }
 }

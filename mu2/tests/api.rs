@@ -90,6 +90,13 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            // SIGTERM first: the sandbox's supervisor removes the daemon's cgroup and
+            // directories only when it is not killed outright.
+            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+            let until = Instant::now() + Duration::from_secs(30);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let _ = child.kill();
             let _ = child.wait();
         }

@@ -115,6 +115,13 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            // SIGTERM first: the sandbox's supervisor removes the daemon's cgroup and
+            // directories only when it is not killed outright.
+            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+            let until = Instant::now() + Duration::from_secs(30);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -137,9 +144,15 @@ fn a_loaded_image_is_immune_to_its_files_changing() {
     let scratch = Scratch::new("immutable");
     let image = scratch.path("echo.img");
     echo_image(&image);
-    let d = Daemon::start(&scratch, &["--mode", "fresh"], &[]);
+    // The daemon runs as nobody: what it registers must be readable by it.
+    for (path, mode) in [(image.clone(), 0o755), (image.join("state"), 0o644), (image.join("memory"), 0o644)] {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+    let allowed = scratch.path("");
+    let d = Daemon::start(&scratch, &["--mode", "fresh", "--allow-dir", allowed.to_str().expect("utf-8")], &[]);
     let put = d.client().request("PUT", "/images/e", format!(r#"{{"path": "{}"}}"#, image.display()).as_bytes());
-    assert_eq!(put.expect("PUT").status, 201);
+    let put = put.expect("PUT");
+    assert_eq!(put.status, 201, "{}", String::from_utf8_lossy(&put.body));
     assert_eq!(d.invoke("e", b"before"), (200, b"before".to_vec()));
     let memory = image.join("memory");
     let size = std::fs::metadata(&memory).expect("memory file").len();
@@ -222,4 +235,133 @@ fn api_sock_does_not_replace_a_regular_file() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("refusing to replace it"), "{err}");
     assert_eq!(std::fs::read(&file).expect("the file survives"), b"keep me");
+}
+
+/// The pid of the sandboxed daemon: the supervisor's one child.
+fn daemon_pid(supervisor: u32) -> u32 {
+    let children = std::fs::read_to_string(format!("/proc/{supervisor}/task/{supervisor}/children")).expect("children");
+    let pids: Vec<u32> = children.split_whitespace().filter_map(|p| p.parse().ok()).collect();
+    assert_eq!(pids.len(), 1, "the supervisor has one child: {pids:?}");
+    pids[0]
+}
+
+fn status_field(pid: u32, task: &str, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{task}/status")).unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix(field)).map(|v| v.trim().to_string()).unwrap_or_default()
+}
+
+#[test]
+fn every_thread_of_a_running_daemon_is_filtered_and_unprivileged() {
+    kvm_or_skip!();
+    let scratch = Scratch::new("filtered");
+    let args = ["--http", "127.0.0.1:0", "--route", "/echo=echo", "--pool-size", "2"];
+    let d = Daemon::start(&scratch, &args, &[]);
+    assert_eq!(d.invoke("echo", b"hi"), (200, b"hi".to_vec()));
+    // A connection held open, so that a connection thread is among them.
+    let held = std::os::unix::net::UnixStream::connect(&d.sock).expect("connect");
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = daemon_pid(d.pid());
+    let tasks: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("tasks")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let names: Vec<String> = tasks
+        .iter()
+        .map(|t| std::fs::read_to_string(format!("/proc/{pid}/task/{t}/comm")).unwrap_or_default().trim().to_string())
+        .collect();
+    assert!(names.iter().all(|n| !n.is_empty()), "every thread is still there: {names:?}");
+    for wanted in ["mu2", "mu2-spawner", "mu2-api-accept", "mu2-http-accept", "mu2-conn", "mu2-pool-0", "mu2-reaper"] {
+        assert!(names.iter().any(|n| n == wanted), "no {wanted} thread among {names:?}");
+    }
+    for (task, name) in tasks.iter().zip(&names) {
+        assert_eq!(status_field(pid, task, "Seccomp:"), "2", "thread {task} ({name}) runs without a filter");
+        assert_eq!(status_field(pid, task, "NoNewPrivs:"), "1", "thread {task} ({name})");
+        assert_eq!(status_field(pid, task, "CapEff:"), "0000000000000000", "thread {task} ({name})");
+        let uid = status_field(pid, task, "Uid:");
+        assert!(uid.split_whitespace().all(|id| id == "65534"), "thread {task} ({name}) runs as {uid}");
+    }
+    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/mnt")).expect("mount namespace");
+    assert_ne!(ns(&pid.to_string()), ns("self"), "the daemon has its own mount namespace");
+    drop(held);
+}
+
+#[test]
+fn the_sandboxed_daemon_reads_nothing_outside_its_tree() {
+    kvm_or_skip!();
+    let scratch = Scratch::new("tree");
+    let allowed = scratch.path("allowed");
+    std::fs::create_dir(&allowed).expect("allowed dir");
+    std::fs::set_permissions(&allowed, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    // Inside the allowed directory, but pointing out of it.
+    std::os::unix::fs::symlink("/etc/passwd", allowed.join("passwd")).expect("link");
+    let d = Daemon::start(&scratch, &["--mode", "fresh", "--allow-dir", allowed.to_str().expect("utf-8")], &[]);
+    let put = |name: &str, body: String| {
+        let r = d.client().request("PUT", &format!("/images/{name}"), body.as_bytes()).expect("PUT");
+        (r.status, String::from_utf8_lossy(&r.body).into_owned())
+    };
+    let (status, body) = put("a", r#"{"kernel": "/etc/passwd"}"#.to_string());
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("outside the directories the daemon may read"), "{body}");
+    let (status, body) = put("b", format!(r#"{{"kernel": "{}/../../../etc/passwd"}}"#, allowed.display()));
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("outside the directories the daemon may read"), "{body}");
+    // Allowed by name; the file it leads to does not exist in the daemon's root.
+    let (status, body) = put("c", format!(r#"{{"kernel": "{}"}}"#, allowed.join("passwd").display()));
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("No such file or directory"), "{body}");
+    assert_eq!(d.client().health().expect("health")["status"], "ok");
+}
+
+/// Starts a daemon whose threads of `class` make a forbidden system call (the test hook),
+/// drives it until they have, and returns its exit status, its stderr and whether its socket
+/// is still there.
+fn daemon_with_forbidden_call(class: &str, extra: &[&str]) -> (std::process::ExitStatus, String, bool) {
+    let scratch = Scratch::new(&format!("forbidden-{class}"));
+    let sock = scratch.path("api.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mu2"))
+        .arg("serve")
+        .arg("--api-sock")
+        .arg(&sock)
+        .args(["--http", "127.0.0.1:0", "--route", "/echo=echo", "--pool-size", "2"])
+        .args(extra)
+        .env("MU2_TEST_FORBIDDEN_SYSCALL", class)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting mu2 serve");
+    let until = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < until, "the {class} thread's forbidden call did not end the daemon");
+        // Connections, for the classes that need a request to run.
+        let _ = Client::new(&sock).request("POST", "/images/echo/invoke", b"x");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    use std::io::Read;
+    let _ = child.stderr.take().expect("stderr").read_to_string(&mut stderr);
+    (status, stderr, sock.exists())
+}
+
+#[test]
+fn a_forbidden_system_call_in_any_thread_class_kills_the_daemon() {
+    kvm_or_skip!();
+    for class in ["main", "acceptor", "connection", "pool-builder", "recycler", "spawner"] {
+        let (status, stderr, socket_left) = daemon_with_forbidden_call(class, &[]);
+        assert_eq!(status.code(), Some(1), "{class}: {stderr}");
+        assert!(stderr.contains("was killed by signal 31 (SIGSYS"), "{class}: {stderr}");
+        assert!(!socket_left, "{class}: the supervisor removes the socket");
+    }
+}
+
+#[test]
+fn without_the_sandbox_the_hooked_call_goes_through() {
+    kvm_or_skip!();
+    // The control: the hook really makes the call (execve of /bin/true, which exits 0).
+    let (status, stderr, _) = daemon_with_forbidden_call("acceptor", &["--no-sandbox"]);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("mu2 serve: sandbox: none (--no-sandbox)") || stderr.is_empty(), "{stderr}");
 }

@@ -21,6 +21,7 @@ use crate::hypervisor::Hypervisor;
 use crate::image::Image;
 use crate::invoke::{self, InvokeError};
 use crate::restore::{ResetKind, RestoreError};
+use crate::sandbox::{self, ThreadClass};
 use crate::vm::Vm;
 
 /// How a request gets its VM.
@@ -104,14 +105,12 @@ struct Reaper {
 impl Reaper {
     fn start() -> Reaper {
         let (tx, rx) = mpsc::channel::<Vm>();
-        let thread = std::thread::Builder::new()
-            .name("mu2-reaper".into())
-            .spawn(move || {
-                for vm in rx {
-                    drop(vm);
-                }
-            })
-            .ok();
+        let thread = sandbox::spawn(ThreadClass::Recycler, "mu2-reaper".into(), move || {
+            for vm in rx {
+                drop(vm);
+            }
+        })
+        .ok();
         Reaper { tx: Some(tx), thread }
     }
 
@@ -176,39 +175,37 @@ impl Pool {
                 let (hv, image, tx, stop, depth) = (hv.clone(), image.clone(), tx.clone(), stop.clone(), depth.clone());
                 let written = written.clone();
                 let filling = filling.clone();
-                std::thread::Builder::new()
-                    .name(format!("mu2-pool-{i}"))
-                    .spawn(move || {
-                        while !stop.load(Ordering::Relaxed) {
-                            // Refill in bursts: once the pool is full, wait until it is down to
-                            // half. Building a VM competes with the VM serving a request (for
-                            // the cores, and for the process's mmap lock, which VM creation
-                            // takes and the serving VM's page faults need), so most requests
-                            // then run with nothing being built beside them.
-                            if !filling.load(Ordering::Relaxed) {
-                                if depth.load(Ordering::Relaxed) > low_water {
-                                    std::thread::sleep(Duration::from_millis(1));
-                                    continue;
-                                }
-                                filling.store(true, Ordering::Relaxed);
+                sandbox::spawn(ThreadClass::PoolBuilder, format!("mu2-pool-{i}"), move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        // Refill in bursts: once the pool is full, wait until it is down to
+                        // half. Building a VM competes with the VM serving a request (for
+                        // the cores, and for the process's mmap lock, which VM creation
+                        // takes and the serving VM's page faults need), so most requests
+                        // then run with nothing being built beside them.
+                        if !filling.load(Ordering::Relaxed) {
+                            if depth.load(Ordering::Relaxed) > low_water {
+                                std::thread::sleep(Duration::from_millis(1));
+                                continue;
                             }
-                            let vm = Vm::restore(&hv, &image).and_then(|vm| warmed(&hv, vm, &image, &written));
-                            let failed = vm.is_err();
-                            depth.fetch_add(1, Ordering::Relaxed);
-                            if tx.send(vm).is_err() {
-                                depth.fetch_sub(1, Ordering::Relaxed);
-                                break;
-                            }
-                            if depth.load(Ordering::Relaxed) >= size {
-                                filling.store(false, Ordering::Relaxed);
-                            }
-                            if failed {
-                                // Do not spin on a persistent failure; the taker sees it.
-                                std::thread::sleep(Duration::from_millis(100));
-                            }
+                            filling.store(true, Ordering::Relaxed);
                         }
-                    })
-                    .ok()
+                        let vm = Vm::restore(&hv, &image).and_then(|vm| warmed(&hv, vm, &image, &written));
+                        let failed = vm.is_err();
+                        depth.fetch_add(1, Ordering::Relaxed);
+                        if tx.send(vm).is_err() {
+                            depth.fetch_sub(1, Ordering::Relaxed);
+                            break;
+                        }
+                        if depth.load(Ordering::Relaxed) >= size {
+                            filling.store(false, Ordering::Relaxed);
+                        }
+                        if failed {
+                            // Do not spin on a persistent failure; the taker sees it.
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                    }
+                })
+                .ok()
             })
             .collect();
         Pool { ready: Mutex::new(rx), stop, builders, depth }
@@ -276,25 +273,23 @@ struct Resetter {
 impl Resetter {
     fn start(image: Arc<Image>, kept: Arc<Kept>, reaper: Sender<Vm>, counts: Arc<[AtomicUsize; 2]>) -> Resetter {
         let (tx, rx) = mpsc::channel::<(Vm, bool)>();
-        let thread = std::thread::Builder::new()
-            .name("mu2-resetter".into())
-            .spawn(move || {
-                for (mut vm, clean) in rx {
-                    match vm.reset_to(&image, clean) {
-                        Ok(kind) => {
-                            let slot = usize::from(kind == ResetKind::Remapped);
-                            counts[slot].fetch_add(1, Ordering::Relaxed);
-                            kept.put_back(vm);
-                        }
-                        Err(e) => {
-                            log::warn!("resetting VM {} failed, destroying it: {}", vm.id(), error_chain(&e));
-                            kept.forget_one();
-                            let _ = reaper.send(vm);
-                        }
+        let thread = sandbox::spawn(ThreadClass::Recycler, "mu2-resetter".into(), move || {
+            for (mut vm, clean) in rx {
+                match vm.reset_to(&image, clean) {
+                    Ok(kind) => {
+                        let slot = usize::from(kind == ResetKind::Remapped);
+                        counts[slot].fetch_add(1, Ordering::Relaxed);
+                        kept.put_back(vm);
+                    }
+                    Err(e) => {
+                        log::warn!("resetting VM {} failed, destroying it: {}", vm.id(), error_chain(&e));
+                        kept.forget_one();
+                        let _ = reaper.send(vm);
                     }
                 }
-            })
-            .ok();
+            }
+        })
+        .ok();
         Resetter { tx: Some(tx), thread }
     }
 }

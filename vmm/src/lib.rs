@@ -22,6 +22,7 @@ pub mod fork;
 pub mod guests;
 pub mod image;
 pub mod invoke;
+pub mod sandbox;
 pub mod source;
 pub mod uds;
 

@@ -95,9 +95,8 @@ pub(crate) fn sealed_copy(source: &std::fs::File, size: u64) -> Result<std::fs::
 /// open descriptor keeps working.
 pub(crate) fn pagemap() -> std::io::Result<&'static std::fs::File> {
     static PAGEMAP: std::sync::OnceLock<Result<std::fs::File, i32>> = std::sync::OnceLock::new();
-    let opened = PAGEMAP.get_or_init(|| {
-        std::fs::File::open("/proc/self/pagemap").map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
-    });
+    let opened = PAGEMAP
+        .get_or_init(|| std::fs::File::open("/proc/self/pagemap").map_err(|e| e.raw_os_error().unwrap_or(libc::EIO)));
     opened.as_ref().map_err(|&errno| std::io::Error::from_raw_os_error(errno))
 }
 

@@ -161,11 +161,6 @@ impl Dir {
         Ok(())
     }
 
-    /// Opens the directory `name` in this one, refusing a symbolic link.
-    pub(crate) fn open_dir(&self, name: &str) -> std::io::Result<Dir> {
-        self.openat(name, libc::O_RDONLY | libc::O_DIRECTORY, 0).map(|fd| Dir { fd })
-    }
-
     /// Creates (or truncates) the regular file `name`, mode 0600, for writing; a symbolic link
     /// there is refused.
     pub(crate) fn create_file(&self, name: &str) -> std::io::Result<File> {
@@ -209,6 +204,210 @@ pub(crate) fn with_umask<T>(mask: libc::mode_t, f: impl FnOnce() -> T) -> T {
 pub(crate) fn effective_uid() -> libc::uid_t {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() }
+}
+
+/// Threads of this process (`Threads:` in /proc/self/status).
+pub(crate) fn thread_count() -> std::io::Result<usize> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .ok_or_else(|| std::io::ErrorKind::InvalidData.into())
+}
+
+fn check(rc: libc::c_int) -> std::io::Result<()> {
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Gives up root for good: no supplementary groups, then `gid` and `uid` as real, effective
+/// and saved ids (which also clears every capability), and checks that root cannot be had
+/// back. Call it while the process has one thread.
+pub(crate) fn become_user(uid: libc::uid_t, gid: libc::gid_t) -> std::io::Result<()> {
+    // SAFETY: setgroups with a count of 0 reads no memory; the result is checked.
+    check(unsafe { libc::setgroups(0, std::ptr::null()) })?;
+    // SAFETY: plain integer arguments; the results are checked.
+    check(unsafe { libc::setresgid(gid, gid, gid) })?;
+    // SAFETY: as above.
+    check(unsafe { libc::setresuid(uid, uid, uid) })?;
+    // SAFETY: as above; a call that must fail now.
+    if uid != 0 && unsafe { libc::setuid(0) } == 0 {
+        return Err(std::io::Error::other("root could be regained after dropping it"));
+    }
+    Ok(())
+}
+
+/// Has the kernel kill this process when `parent`, the process that forked it, ends; fails if
+/// it has ended already. (A change of user clears the setting: call it after [`become_user`].)
+pub(crate) fn die_with_parent(parent: libc::pid_t) -> std::io::Result<()> {
+    // SAFETY: PR_SET_PDEATHSIG takes a signal number and touches no memory; result checked.
+    check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) })?;
+    // SAFETY: getppid has no preconditions and cannot fail.
+    if unsafe { libc::getppid() } != parent {
+        return Err(std::io::Error::other("the supervisor has ended"));
+    }
+    Ok(())
+}
+
+/// Gives this process its own mount namespace (unshare CLONE_NEWNS).
+pub(crate) fn unshare_mounts() -> std::io::Result<()> {
+    // SAFETY: unshare takes a flag word and touches no memory; the result is checked.
+    check(unsafe { libc::unshare(libc::CLONE_NEWNS) })
+}
+
+/// The mounts the sandbox makes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum MountKind {
+    /// Every mount under the target becomes private (no propagation to or from the host).
+    PrivateTree,
+    /// A small tmpfs (the new root), mode 0755.
+    Tmpfs,
+    /// A bind mount of a directory, without devices, set-uid programs or execution, and
+    /// read-only unless `writable`.
+    Bind {
+        /// Whether it stays writable.
+        writable: bool,
+    },
+    /// A recursive bind mount of /proc.
+    ProcTree,
+    /// The root, remounted read-only.
+    ReadOnlyRoot,
+}
+
+/// Mounts `source` on `target` the way `kind` says.
+pub(crate) fn mount(kind: MountKind, source: &Path, target: &Path) -> std::io::Result<()> {
+    let (source, target) = (c_path(source)?, c_path(target)?);
+    let hardened = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    let call = |source: *const libc::c_char, fstype: &CStr, flags: libc::c_ulong, data: &CStr| {
+        // SAFETY: every pointer is a NUL-terminated string (or null, where mount(2) allows it)
+        // that outlives the call; the result is checked.
+        check(unsafe { libc::mount(source, target.as_ptr(), fstype.as_ptr(), flags, data.as_ptr().cast()) })
+    };
+    let none = std::ptr::null();
+    match kind {
+        MountKind::PrivateTree => call(none, c"", libc::MS_REC | libc::MS_PRIVATE, c""),
+        MountKind::Tmpfs => call(source.as_ptr(), c"tmpfs", hardened, c"mode=0755,size=1m,nr_inodes=256"),
+        MountKind::Bind { writable } => {
+            call(source.as_ptr(), c"", libc::MS_BIND, c"")?;
+            let read_only = if writable { 0 } else { libc::MS_RDONLY };
+            call(none, c"", libc::MS_REMOUNT | libc::MS_BIND | hardened | read_only, c"")
+        }
+        MountKind::ProcTree => call(source.as_ptr(), c"", libc::MS_BIND | libc::MS_REC, c""),
+        MountKind::ReadOnlyRoot => call(none, c"", libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | hardened, c""),
+    }
+}
+
+/// Makes `root` this process's root directory (pivot_root, the old root stacked under the new
+/// one and then detached) and moves into it.
+pub(crate) fn pivot_into(root: &Path) -> std::io::Result<()> {
+    std::env::set_current_dir(root)?;
+    // SAFETY: "." is a NUL-terminated string; pivot_root with the same directory twice puts
+    // the old root on top of the new one, which the detach below removes. Results checked.
+    check(unsafe { libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) } as libc::c_int)?;
+    // SAFETY: as above.
+    check(unsafe { libc::umount2(c".".as_ptr(), libc::MNT_DETACH) })?;
+    std::env::set_current_dir("/")
+}
+
+/// Stops a listening socket's accept calls: a thread blocked in accept(2) on it returns
+/// (EINVAL), without a connection being made to it.
+pub(crate) fn shutdown_listener(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+    // SAFETY: shutdown on a descriptor the caller keeps open; it touches no memory.
+    check(unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) })
+}
+
+/// The user `name`'s id and primary group, if it exists (getpwnam_r).
+pub(crate) fn lookup_user(name: &str) -> std::io::Result<Option<(libc::uid_t, libc::gid_t)>> {
+    let name = CString::new(name).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+    let mut buf = vec![0u8; 16 << 10];
+    // SAFETY: passwd is plain data; zero is a valid starting value.
+    let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call: `buf` for its length; getpwnam_r writes the
+    // entry's strings into `buf` and `found` points at `entry` or is null. Result checked.
+    let rc = unsafe { libc::getpwnam_r(name.as_ptr(), &mut entry, buf.as_mut_ptr().cast(), buf.len(), &mut found) };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc));
+    }
+    Ok((!found.is_null()).then_some((entry.pw_uid, entry.pw_gid)))
+}
+
+/// The group `name`'s id, if it exists (getgrnam_r).
+pub(crate) fn lookup_group(name: &str) -> std::io::Result<Option<libc::gid_t>> {
+    let name = CString::new(name).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+    let mut buf = vec![0u8; 64 << 10];
+    // SAFETY: group is plain data; zero is a valid starting value.
+    let mut entry: libc::group = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: as in `lookup_user`.
+    let rc = unsafe { libc::getgrnam_r(name.as_ptr(), &mut entry, buf.as_mut_ptr().cast(), buf.len(), &mut found) };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc));
+    }
+    Ok((!found.is_null()).then_some(entry.gr_gid))
+}
+
+/// Forks this process (which must have a single thread): `Ok(None)` in the child,
+/// `Ok(Some(pid))` in the parent.
+pub(crate) fn fork_process() -> std::io::Result<Option<libc::pid_t>> {
+    // SAFETY: the caller guarantees a single thread, so the child's memory (locks included)
+    // is in a consistent state; the result is checked.
+    match unsafe { libc::fork() } {
+        -1 => Err(std::io::Error::last_os_error()),
+        0 => Ok(None),
+        pid => Ok(Some(pid)),
+    }
+}
+
+/// How a child process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ChildEnd {
+    /// It exited with this code.
+    Exited(i32),
+    /// A signal killed it.
+    Killed(i32),
+}
+
+/// Waits for the child `pid` to end.
+pub(crate) fn wait_child(pid: libc::pid_t) -> std::io::Result<ChildEnd> {
+    loop {
+        let mut status = 0;
+        // SAFETY: `status` is a valid place for waitpid to write; the result is checked.
+        let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if rc == -1 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if libc::WIFEXITED(status) {
+            return Ok(ChildEnd::Exited(libc::WEXITSTATUS(status)));
+        }
+        if libc::WIFSIGNALED(status) {
+            return Ok(ChildEnd::Killed(libc::WTERMSIG(status)));
+        }
+    }
+}
+
+/// Sends `signal` to the process `pid`.
+pub(crate) fn send_signal(pid: libc::pid_t, signal: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: kill takes plain integers; the result is checked.
+    check(unsafe { libc::kill(pid, signal) })
+}
+
+/// Makes a system call that no seccomp filter of the daemon allows (execve of /bin/true), for
+/// the test that each thread class dies of one. Without a filter it replaces the process.
+#[cfg(feature = "test-hooks")]
+pub(crate) fn forbidden_execve() {
+    let argv = [c"/bin/true".as_ptr(), std::ptr::null()];
+    let envp = [std::ptr::null()];
+    // SAFETY: the path, argv and envp are NUL-terminated and null-terminated arrays that
+    // outlive the call; if it returns, it failed, which the test then sees.
+    unsafe { libc::execve(c"/bin/true".as_ptr(), argv.as_ptr(), envp.as_ptr()) };
 }
 
 /// Makes a FIFO at `path`, mode 0600 (for tests of what refuses one).
@@ -270,14 +469,12 @@ mod tests {
         let dir = Dir::open(&parent).unwrap();
         std::os::unix::fs::symlink("/etc", parent.join("link")).unwrap();
         std::os::unix::fs::symlink("/etc/hostname", parent.join("file-link")).unwrap();
-        // O_DIRECTORY | O_NOFOLLOW on a link: "not a directory".
-        assert_eq!(dir.open_dir("link").unwrap_err().raw_os_error(), Some(libc::ENOTDIR));
         assert_eq!(dir.open_file("file-link").unwrap_err().raw_os_error(), Some(libc::ELOOP));
         assert_eq!(dir.create_file("file-link").unwrap_err().raw_os_error(), Some(libc::ELOOP));
         assert!(Dir::open(&parent.join("link")).is_err());
         assert!(dir.make_dir("link", 0o700).is_err(), "a name in use is not made again");
         dir.make_dir("sub", 0o700).unwrap();
-        let file = dir.open_dir("sub").unwrap().create_file("f").unwrap();
+        let file = Dir::open(&parent.join("sub")).unwrap().create_file("f").unwrap();
         assert_eq!(file.metadata().unwrap().permissions().mode() & 0o777, 0o600);
         assert!(dir.open_file("../x").is_err() && dir.open_file("..").is_err());
         std::fs::remove_dir_all(&parent).unwrap();

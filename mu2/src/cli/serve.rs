@@ -4,10 +4,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use mu2_vmm::api::ServeConfig;
+use mu2_vmm::api::{DaemonEnd, SandboxSettings, ServeConfig, ServeError};
+use mu2_vmm::sandbox::OnForbidden;
 
 use super::args::parse_duration;
-use crate::failure::Failure;
+use crate::failure::{CliError, Failure};
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -38,6 +39,67 @@ pub struct ServeArgs {
     /// Largest request body, bytes (413 beyond).
     #[arg(long, value_name = "BYTES", default_value_t = 8 << 20)]
     max_body: usize,
+    /// Run without the sandbox (seccomp filters, own user, mount namespace, cgroup, landlock):
+    /// for debugging only.
+    #[arg(long)]
+    no_sandbox: bool,
+    /// The user the daemon runs as once started, when started as root (name or number).
+    #[arg(long, value_name = "USER", default_value = "nobody")]
+    uid: String,
+    /// The group the daemon runs as once started, when started as root (name or number).
+    #[arg(long, value_name = "GROUP", default_value = "nogroup")]
+    gid: String,
+    /// The daemon's cgroup memory limit (e.g. 8G, 512M), when started as root.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value = "8G")]
+    memory_max: u64,
+    /// The daemon's cgroup task limit (every thread counts), when started as root.
+    #[arg(long, value_name = "N", default_value_t = 4096)]
+    pids_max: u64,
+    /// A directory `PUT /images` may name guest ELFs and images in (repeatable); the sandboxed
+    /// daemon reads nothing else.
+    #[arg(long = "allow-dir", value_name = "DIR")]
+    allow_dirs: Vec<PathBuf>,
+    /// Log system calls the seccomp filters forbid to the kernel log instead of killing the
+    /// daemon: for finding what a new code path needs.
+    #[arg(long)]
+    seccomp_log: bool,
+}
+
+/// A size in bytes with an optional K, M or G suffix (powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (number, shift) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 20),
+        Some((i, 'G' | 'g')) => (&s[..i], 30),
+        _ => (s, 0),
+    };
+    let value: u64 = number.parse().map_err(|_| format!("`{s}` is not a size like 512M or 8G"))?;
+    value.checked_mul(1 << shift).ok_or_else(|| format!("`{s}` is too large"))
+}
+
+/// The sandbox the flags ask for.
+fn sandbox_settings(args: &ServeArgs) -> Result<Option<SandboxSettings>, Failure> {
+    if args.no_sandbox {
+        return Ok(None);
+    }
+    let uid = mu2_vmm::api::user_id(&args.uid).ok_or(CliError::Argument("--uid: no such user"))?;
+    let gid = mu2_vmm::api::group_id(&args.gid).ok_or(CliError::Argument("--gid: no such group"))?;
+    let mut allow_dirs = Vec::with_capacity(args.allow_dirs.len());
+    for dir in &args.allow_dirs {
+        let dir = std::fs::canonicalize(dir).map_err(|_| CliError::Argument("--allow-dir: no such directory"))?;
+        if !dir.is_dir() {
+            return Err(CliError::Argument("--allow-dir: not a directory").into());
+        }
+        allow_dirs.push(dir);
+    }
+    Ok(Some(SandboxSettings {
+        user: (uid, gid),
+        memory_max: args.memory_max,
+        pids_max: args.pids_max,
+        allow_dirs,
+        on_forbidden: if args.seccomp_log { OnForbidden::Log } else { OnForbidden::KillProcess },
+    }))
 }
 
 pub fn serve(args: &ServeArgs) -> Result<(), Failure> {
@@ -50,14 +112,25 @@ pub fn serve(args: &ServeArgs) -> Result<(), Failure> {
         max_vms: args.max_vms,
         timeout: args.timeout,
         max_body: args.max_body,
+        sandbox: sandbox_settings(args)?,
         ..ServeConfig::new(args.api_sock.clone())
     };
     let announce = |daemon: &mu2_vmm::api::Daemon| {
         for line in startup_lines(args, daemon.http_addr()) {
             eprintln!("{line}");
         }
+        match args.no_sandbox {
+            true => eprintln!("mu2 serve: sandbox: none (--no-sandbox)"),
+            false => eprintln!("mu2 serve: sandbox: {} (pid {})", daemon.sandbox(), std::process::id()),
+        }
     };
-    Ok(mu2_vmm::api::run_until_signal(config, announce)?)
+    match mu2_vmm::api::run_until_signal(config, announce) {
+        // The sandboxed daemon said why itself; its exit code passes through.
+        Err(ServeError::Daemon(DaemonEnd::Failed(code))) => {
+            Err(CliError::Reported(u8::try_from(code).unwrap_or(u8::MAX)).into())
+        }
+        result => Ok(result?),
+    }
 }
 
 /// What `mu2 serve` says on stderr once it accepts requests, one line each: the API socket, the

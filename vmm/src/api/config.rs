@@ -33,6 +33,8 @@ pub struct ServeConfig {
     pub max_body: usize,
     /// Largest response from a guest.
     pub max_response: usize,
+    /// The sandbox, if any (`mu2 serve` has one unless `--no-sandbox`).
+    pub sandbox: Option<super::SandboxSettings>,
 }
 
 impl ServeConfig {
@@ -49,6 +51,7 @@ impl ServeConfig {
             timeout: Duration::from_secs(10),
             max_body: 8 << 20,
             max_response: invoke::DEFAULT_MAX_RESPONSE,
+            sandbox: None,
         }
     }
 
@@ -114,6 +117,12 @@ pub enum ServeError {
     /// The images directory is unusable.
     #[error(transparent)]
     Files(super::files::FilesError),
+    /// The sandbox could not be set up.
+    #[error("sandbox")]
+    Sandbox(#[source] crate::sandbox::SandboxError),
+    /// The sandboxed daemon, a child process, did not end cleanly.
+    #[error(transparent)]
+    Daemon(super::DaemonEnd),
     /// A socket or directory could not be set up.
     #[error("{what} {path}")]
     Io {
@@ -143,6 +152,8 @@ impl Classify for ServeError {
             ServeError::Route { source, .. } => source.kind(),
             ServeError::NotASocket(_) => FailureKind::BadInput,
             ServeError::Files(e) => e.kind(),
+            ServeError::Sandbox(e) => e.kind(),
+            ServeError::Daemon(_) => FailureKind::Internal,
             ServeError::Io { source, .. } => crate::error::io_kind(source),
         }
     }

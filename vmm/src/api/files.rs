@@ -80,7 +80,10 @@ impl ImagesDir {
         let (path, owned) = match given {
             None => {
                 let tmp = std::env::temp_dir();
-                (crate::sys::make_temp_dir(&tmp, PRIVATE_DIR_PREFIX).map_err(io("creating a directory in", &tmp))?, true)
+                (
+                    crate::sys::make_temp_dir(&tmp, PRIVATE_DIR_PREFIX).map_err(io("creating a directory in", &tmp))?,
+                    true,
+                )
             }
             Some(path) => {
                 if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {

@@ -21,6 +21,7 @@ use super::http::{self, Request, Response};
 use super::metrics::Metrics;
 use super::model::ApiResponse;
 use crate::error::error_chain;
+use crate::sandbox::ThreadClass;
 
 /// Read timeout of client sockets: how often an idle connection looks at the stop flag.
 const POLL: Duration = Duration::from_millis(200);
@@ -147,7 +148,7 @@ impl std::fmt::Debug for Endpoint {
 /// connection accepted once the daemon stops (the daemon makes one to wake it).
 pub(super) fn spawn_acceptor<L: Listen>(listener: L, endpoint: Endpoint) -> std::io::Result<JoinHandle<()>> {
     let endpoint = Arc::new(endpoint);
-    std::thread::Builder::new().name(format!("mu2-{}-accept", endpoint.label)).spawn(move || loop {
+    crate::sandbox::spawn(ThreadClass::Acceptor, format!("mu2-{}-accept", endpoint.label), move || loop {
         let accepted = listener.accept_next();
         if endpoint.lifecycle.stopping() {
             break;
@@ -165,7 +166,7 @@ pub(super) fn spawn_acceptor<L: Listen>(listener: L, endpoint: Endpoint) -> std:
 fn spawn_connection<S: Read + Write + Send + 'static>(endpoint: &Arc<Endpoint>, stream: S) {
     let open = OpenConnection::new(&endpoint.lifecycle);
     let endpoint = endpoint.clone();
-    let spawned = std::thread::Builder::new().name("mu2-conn".into()).spawn(move || {
+    let spawned = crate::sandbox::spawn(ThreadClass::Connection, "mu2-conn".into(), move || {
         serve_connection(&endpoint, stream);
         drop(open);
     });

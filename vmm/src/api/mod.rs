@@ -24,9 +24,9 @@ mod listen;
 pub mod metrics;
 pub mod model;
 mod registry;
+mod sandboxed;
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::net::UnixStream;
+use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -35,8 +35,10 @@ use std::time::{Duration, Instant};
 pub use config::{ServeConfig, ServeError};
 pub use files::{FilesError, PRIVATE_DIR_PREFIX};
 pub use registry::SIDECAR;
+pub use sandboxed::{group_id, user_id, DaemonEnd, SandboxSettings};
 
 use crate::hypervisor::Hypervisor;
+use crate::sandbox::ThreadClass;
 use dispatch::Routes;
 use handlers::Handlers;
 use listen::{lock, Endpoint, Lifecycle};
@@ -53,9 +55,12 @@ pub struct Daemon {
     lifecycle: Arc<Lifecycle>,
     stop_request: Arc<StopRequest>,
     acceptors: Vec<JoinHandle<()>>,
+    /// Descriptors of the listeners, to stop their accept loops with shutdown(2).
+    wakers: Vec<std::os::fd::OwnedFd>,
     api_sock: PathBuf,
     http_addr: Option<SocketAddr>,
     timeout: Duration,
+    sandbox: String,
 }
 
 /// Set once by a [`Stopper`]; [`Daemon::wait`] waits for it.
@@ -81,6 +86,12 @@ impl Daemon {
     /// Opens KVM, binds the listeners, builds the routes' built-in images, and starts
     /// accepting.
     pub fn start(config: ServeConfig) -> Result<Daemon, ServeError> {
+        Self::start_prepared(config, &sandboxed::Prepared::default())
+    }
+
+    /// [`Daemon::start`], confined at the end of its start-up as `config.sandbox` and what a
+    /// supervisor `prepared` say.
+    fn start_prepared(config: ServeConfig, prepared: &sandboxed::Prepared) -> Result<Daemon, ServeError> {
         config.validate()?;
         let routes = Routes::new(config.routes.iter().cloned());
         let hv = Arc::new(Hypervisor::open().map_err(ServeError::Hypervisor)?);
@@ -96,6 +107,15 @@ impl Daemon {
             None => None,
         };
         let http_addr = tcp.as_ref().and_then(|t| t.local_addr().ok());
+        let mut wakers = vec![api.try_clone().map_err(ServeError::io("duplicating", "the API socket"))?.into()];
+        if let Some(tcp) = &tcp {
+            wakers.push(tcp.try_clone().map_err(ServeError::io("duplicating", "the HTTP socket"))?.into());
+        }
+        // Confined now, before the daemon starts a thread: everything it needs is open.
+        let sandbox = match &config.sandbox {
+            Some(settings) => sandboxed::enter(settings, prepared, &images, http_addr.map(|a| a.port()))?,
+            None => "none".to_string(),
+        };
         let lifecycle = Arc::new(Lifecycle::default());
         let metrics = Arc::new(Metrics::new());
         let registry = Registry::new(hv, &config, images, lifecycle.clone());
@@ -126,7 +146,22 @@ impl Daemon {
             );
         }
         made.keep();
-        Ok(Daemon { handlers, lifecycle, stop_request: Arc::default(), acceptors, api_sock, http_addr, timeout })
+        Ok(Daemon {
+            handlers,
+            lifecycle,
+            stop_request: Arc::default(),
+            acceptors,
+            wakers,
+            api_sock,
+            http_addr,
+            timeout,
+            sandbox,
+        })
+    }
+
+    /// The sandbox in force, in words (`none` without one).
+    pub fn sandbox(&self) -> &str {
+        &self.sandbox
     }
 
     /// The dispatcher's bound address (useful with port 0).
@@ -150,10 +185,12 @@ impl Daemon {
         }
         log::info!("shutting down");
         self.lifecycle.stop();
-        // Wake the acceptors, blocked in accept, with one connection each.
-        let _ = UnixStream::connect(&self.api_sock);
-        if let Some(addr) = self.http_addr {
-            let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
+        // Wake the acceptors, blocked in accept: shut down, their sockets accept no more.
+        for waker in &self.wakers {
+            use std::os::fd::AsFd;
+            if let Err(e) = crate::sys::shutdown_listener(waker.as_fd()) {
+                log::warn!("stopping an accept loop: {e}");
+            }
         }
         for acceptor in self.acceptors {
             let _ = acceptor.join();
@@ -196,23 +233,36 @@ impl Drop for Made {
 }
 
 /// Runs the daemon until SIGINT or SIGTERM; `started` is called once it accepts requests.
+/// Sandboxed and started as root, the daemon runs in a child process under a supervisor (see
+/// `sandboxed`), and a failure of the child is [`ServeError::Daemon`].
 pub fn run_until_signal(config: ServeConfig, started: impl FnOnce(&Daemon)) -> Result<(), ServeError> {
+    if sandboxed::supervised(&config) {
+        return sandboxed::supervise(config, |config, prepared| serve_until_signal(config, &prepared, started));
+    }
+    serve_until_signal(config, &sandboxed::Prepared::default(), started)
+}
+
+fn serve_until_signal(
+    config: ServeConfig,
+    prepared: &sandboxed::Prepared,
+    started: impl FnOnce(&Daemon),
+) -> Result<(), ServeError> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     // Registered first, so that a signal during startup is not lost.
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
         .map_err(ServeError::io("installing", "signal handlers"))?;
     let handle = signals.handle();
-    let daemon = Daemon::start(config)?;
+    let daemon = Daemon::start_prepared(config, prepared)?;
     started(&daemon);
+    // From here the main thread only waits and shuts down.
+    crate::sandbox::enter(ThreadClass::Main);
     let stopper = daemon.stopper();
-    let watcher = std::thread::Builder::new()
-        .name("mu2-signals".into())
-        .spawn(move || {
-            if signals.forever().next().is_some() {
-                stopper.stop();
-            }
-        })
-        .map_err(ServeError::io("spawning", "the signal thread"))?;
+    let watcher = crate::sandbox::spawn(ThreadClass::Main, "mu2-signals".into(), move || {
+        if signals.forever().next().is_some() {
+            stopper.stop();
+        }
+    })
+    .map_err(ServeError::io("spawning", "the signal thread"))?;
     daemon.wait();
     handle.close();
     let _ = watcher.join();

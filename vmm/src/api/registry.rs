@@ -131,6 +131,14 @@ pub(super) enum RegistryError {
         #[source]
         source: std::io::Error,
     },
+    /// A kernel or image path outside the directories the sandboxed daemon may read.
+    #[error("image `{name}`: {} is outside the directories the daemon may read (--allow-dir)", path.display())]
+    NotAllowed {
+        /// The image.
+        name: String,
+        /// The path asked for.
+        path: PathBuf,
+    },
     /// The image could not be made or loaded.
     #[error("image `{name}`")]
     Build {
@@ -149,6 +157,7 @@ impl RegistryError {
             RegistryError::NotFound(_) => 404,
             RegistryError::Exists(_) | RegistryError::InUse { .. } => 409,
             RegistryError::Stopping => 503,
+            RegistryError::NotAllowed { .. } => 400,
             RegistryError::Dir { source, .. } => failure::status(crate::error::io_kind(source)),
             RegistryError::Build { source, .. } => failure::status(source.kind()),
         }
@@ -203,6 +212,8 @@ pub(super) struct Registry {
     hv: Arc<Hypervisor>,
     engine_config: EngineConfig,
     max_vms: usize,
+    /// What the daemon may read, when sandboxed.
+    sandbox: Option<super::SandboxSettings>,
     images_dir: ImagesDir,
     images: Mutex<BTreeMap<String, Arc<Entry>>>,
     /// Serializes image builds, so that 200 first requests to a built-in build it once.
@@ -224,6 +235,7 @@ impl Registry {
             hv,
             engine_config: config.engine_config(),
             max_vms: config.max_vms,
+            sandbox: config.sandbox.clone(),
             images_dir,
             images: Mutex::new(BTreeMap::new()),
             building: Mutex::new(()),
@@ -345,6 +357,11 @@ impl Registry {
             ImageSpec::Kernel { kernel, mem_mib } => (ImageSource::Kernel(kernel.clone()), *mem_mib),
             ImageSpec::Path { path, .. } => (ImageSource::Dir(path.clone()), model::DEFAULT_MEM_MIB),
         };
+        if let (Some(sandbox), ImageSource::Kernel(path) | ImageSource::Dir(path)) = (&self.sandbox, &source) {
+            if !sandbox.allows(path) {
+                return Err(RegistryError::NotAllowed { name: name.to_string(), path: path.clone() });
+            }
+        }
         let (dir, owned) = match &source {
             ImageSource::Dir(path) => (path.clone(), false),
             ImageSource::Builtin(_) | ImageSource::Kernel(_) => {

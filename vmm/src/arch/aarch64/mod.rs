@@ -13,6 +13,7 @@
 mod elf;
 mod fdt;
 mod regs;
+mod seccomp;
 mod state;
 mod tables;
 
@@ -25,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 pub use elf::ElfError;
+pub use seccomp::{SECCOMP_ARCH, SECCOMP_PATH_SYSCALLS};
 pub use state::{saved_msr_indices, RestorePlan, VcpuState};
 
 /// Errors of the aarch64 setup code.

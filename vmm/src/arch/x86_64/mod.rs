@@ -5,6 +5,7 @@
 
 mod confine;
 mod cpuid;
+mod seccomp;
 mod state;
 mod tables;
 
@@ -19,6 +20,7 @@ pub use confine::structural_pages;
 pub use cpuid::{supported_cpuid, vcpu_cpuid};
 /// The vCPU configuration set before anything else (aarch64: its KVM_ARM_VCPU_INIT).
 pub use kvm_bindings::CpuId;
+pub use seccomp::{SECCOMP_ARCH, SECCOMP_PATH_SYSCALLS};
 pub use state::{saved_msr_indices, RestorePlan, VcpuState};
 
 /// Errors of the x86_64 setup code.
