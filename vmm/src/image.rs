@@ -38,9 +38,9 @@ pub enum ImageError {
     Snapshot {
         /// The image directory.
         path: PathBuf,
-        /// What went wrong.
+        /// What went wrong (boxed: it is large, and errors travel by value).
         #[source]
-        source: mu2_snapshot::SnapshotError,
+        source: Box<mu2_snapshot::SnapshotError>,
     },
     /// The image's state is inconsistent.
     #[error("image {path}: {reason}")]
@@ -75,7 +75,7 @@ pub fn create(
     }
     let state = vm.freeze()?;
     mu2_snapshot::write_image(dir, mu2_snapshot::Arch::host(), &state, vm.frozen_memory())
-        .map_err(|source| ImageError::Snapshot { path: dir.to_path_buf(), source })?;
+        .map_err(|source| ImageError::Snapshot { path: dir.to_path_buf(), source: Box::new(source) })?;
     Ok(ready)
 }
 
@@ -124,12 +124,19 @@ pub struct Image {
 impl Image {
     /// Reads and validates the image in `dir`, and works out the cheapest restore.
     pub fn load(hv: &Hypervisor, dir: &Path) -> Result<Image, ImageError> {
-        let snapshot = |source| ImageError::Snapshot { path: dir.to_path_buf(), source };
+        let snapshot = |source| ImageError::Snapshot { path: dir.to_path_buf(), source: Box::new(source) };
         let invalid = |reason: String| ImageError::Invalid { path: dir.to_path_buf(), reason };
-        let state: VmState = mu2_snapshot::read_state(dir, mu2_snapshot::Arch::host()).map_err(snapshot)?;
+        let (header, state): (_, VmState) =
+            mu2_snapshot::read_state(dir, mu2_snapshot::Arch::host()).map_err(snapshot)?;
         let layout = mu2_abi::layout::MIN_MEM..=mu2_abi::layout::MAX_MEM;
         if !layout.contains(&state.mem_size) || state.mem_size % (2 << 20) != 0 {
             return Err(invalid(format!("guest memory of {} bytes", state.mem_size)));
+        }
+        if header.memory_size != state.mem_size {
+            return Err(invalid(format!(
+                "the header records {} bytes of memory, the state {}",
+                header.memory_size, state.mem_size
+            )));
         }
         if state.vcpus.is_empty() || state.vcpus.len() > hv.max_vcpus() {
             return Err(invalid(format!("{} vCPUs (this host allows 1 to {})", state.vcpus.len(), hv.max_vcpus())));

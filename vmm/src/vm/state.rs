@@ -62,7 +62,7 @@ pub struct VmState {
 impl mu2_snapshot::Versioned for VmState {
     // Each architecture describes its own vCPU state (see `arch::VM_STATE_SCHEMA`).
     const SCHEMA: &'static str = arch::VM_STATE_SCHEMA;
-    const RECORDED_VERSION: u32 = 1;
+    const RECORDED_VERSION: u32 = 2;
     const RECORDED_FINGERPRINT: u64 = arch::VM_STATE_FINGERPRINT;
 }
 mu2_snapshot::assert_schema!(VmState);
