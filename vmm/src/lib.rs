@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod arch;
+pub mod cpu;
 pub mod error;
 pub mod floor;
 pub mod fork;
@@ -19,6 +20,7 @@ mod sys;
 pub mod uds;
 pub mod vm;
 
+pub use cpu::CpuTemplate;
 pub use hypervisor::{Hypervisor, HypervisorError};
 pub use restore::{ResetKind, RestoreError};
 pub use vm::{BuildError, ExitStats, GuestError, RunStop, Vm, VmConfig};
