@@ -1,17 +1,19 @@
 //! Frozen images: a booted guest, frozen when it is ready, stored as a state file and a
 //! memory file (see docs/image-format.md), and loaded once to serve many forks; what an image
-//! says about itself ([`ImageInfo`]: its content id, CPU features, readiness flags).
+//! says about itself ([`ImageInfo`]: its content id, CPU features, readiness flags); and packs,
+//! which move an image between hosts as one file.
 //!
 //! What is checked when: [`Image::load`] (the request path) checks the state file's header and
 //! CRC, the recorded CPU features against the vCPUs' CPUID tables and against this host's, and
-//! the memory file's size, but takes the content id as recorded.
+//! the memory file's size, but takes the content id as recorded. [`verify`] and [`unpack`]
+//! recompute the content id from every data page.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-pub use mu2_snapshot::ContentId;
+pub use mu2_snapshot::{ContentId, PackSummary};
 
 use crate::arch::{self, CpuId, RestorePlan, VcpuState};
 use crate::cpu::CpuTemplate;
@@ -79,6 +81,24 @@ pub enum ImageError {
         path: PathBuf,
         /// The features, by name.
         missing: Vec<String>,
+    },
+    /// The image could not be packed.
+    #[error("packing image {path}")]
+    Pack {
+        /// The image directory.
+        path: PathBuf,
+        /// Why (boxed: it is large).
+        #[source]
+        source: Box<mu2_snapshot::PackError>,
+    },
+    /// The pack could not be unpacked.
+    #[error("unpacking {path}")]
+    Unpack {
+        /// The pack file.
+        path: PathBuf,
+        /// Why (boxed: it is large).
+        #[source]
+        source: Box<mu2_snapshot::PackError>,
     },
     /// KVM refused something while preparing restores.
     #[error("preparing restores")]
@@ -153,7 +173,7 @@ pub struct Image {
 impl Image {
     /// Reads and validates the image in `dir`, checks that this host has the CPU features it
     /// needs, and works out the cheapest restore. The content id is taken as recorded (the
-    /// header's CRC covers it).
+    /// header's CRC covers it); [`verify`] recomputes it.
     pub fn load(hv: &Hypervisor, dir: &Path) -> Result<Image, ImageError> {
         let snapshot = |source| ImageError::Snapshot { path: dir.to_path_buf(), source: Box::new(source) };
         let invalid = |reason: String| ImageError::Invalid { path: dir.to_path_buf(), reason };
@@ -360,6 +380,36 @@ impl ImageInfo {
     }
 }
 
+/// Recomputes the content id of the image in `dir` from its state and every data page of its
+/// memory, and checks it against the recorded one; returns it.
+pub fn verify(dir: &Path) -> Result<ContentId, ImageError> {
+    mu2_snapshot::verify_image(dir)
+        .map_err(|source| ImageError::Snapshot { path: dir.to_path_buf(), source: Box::new(source) })
+}
+
+/// Packs the image in `dir` into one file, `out` (see docs/image-format.md): sparse-aware,
+/// compressed, carrying the content id, which is checked against the image on the way.
+pub fn pack(dir: &Path, out: &Path) -> Result<PackSummary, ImageError> {
+    mu2_snapshot::pack(dir, out)
+        .map_err(|source| ImageError::Pack { path: dir.to_path_buf(), source: Box::new(source) })
+}
+
+/// Unpacks the pack `file` into `dir` (new or empty), checking everything [`ImageInfo::read`]
+/// checks and the content id before anything is in place; on failure `dir` is left as it was.
+pub fn unpack(file: &Path, dir: &Path) -> Result<ImageInfo, ImageError> {
+    let mut info = None;
+    let check = |header: &StateHeader, state: &VmState| -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        validate(dir, header, state)?;
+        info = Some(ImageInfo::of(header, state));
+        Ok(())
+    };
+    let unpack_error = |source| ImageError::Unpack { path: file.to_path_buf(), source: Box::new(source) };
+    mu2_snapshot::unpack(file, dir, mu2_snapshot::Arch::host(), mu2_abi::layout::MAX_MEM, check)
+        .map_err(unpack_error)?;
+    // `check` ran on success.
+    info.ok_or_else(|| ImageError::Invalid { path: dir.to_path_buf(), reason: "no state was checked".into() })
+}
+
 impl crate::error::Classify for ImageError {
     fn kind(&self) -> crate::error::FailureKind {
         use crate::error::FailureKind;
@@ -373,6 +423,7 @@ impl crate::error::Classify for ImageError {
             ImageError::Invalid { .. } | ImageError::CpuRecord { .. } | ImageError::CpuIncompatible { .. } => {
                 FailureKind::BadInput
             }
+            ImageError::Pack { source, .. } | ImageError::Unpack { source, .. } => pack_kind(source),
             ImageError::Arch(e) => e.kind(),
         }
     }
@@ -387,6 +438,17 @@ fn snapshot_kind(e: &mu2_snapshot::SnapshotError) -> crate::error::FailureKind {
         SnapshotError::Io { op, source, .. } => file_kind(op, source),
         SnapshotError::Encode { .. } | SnapshotError::EncodedTooLarge { .. } => FailureKind::Internal,
         _ => FailureKind::BadInput,
+    }
+}
+
+/// A pack or an image that is damaged, hostile or the wrong thing is the caller's input; so is
+/// a destination that is in use or unusable. A full disk is a resource limit.
+fn pack_kind(e: &mu2_snapshot::PackError) -> crate::error::FailureKind {
+    use mu2_snapshot::PackError;
+    match e {
+        PackError::Image { source, .. } => snapshot_kind(source),
+        PackError::Io { op, source, .. } => file_kind(op, source),
+        _ => crate::error::FailureKind::BadInput,
     }
 }
 
