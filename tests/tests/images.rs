@@ -1,5 +1,5 @@
 //! Images that move between hosts, on real KVM with real guests: packs carry an image and its
-//! content id.
+//! content id, and an image keeps the readiness flags its guest announced.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,4 +50,15 @@ fn a_packed_image_unpacks_to_the_same_content_and_serves() {
     let error = image::unpack(&file, &again).expect_err("a corrupt pack unpacked");
     assert_eq!(error.kind(), FailureKind::BadInput, "{}", error_chain(&error));
     assert!(!again.exists());
+}
+
+#[test]
+fn an_image_keeps_the_readiness_flags_its_guest_announced() {
+    let hv = kvm_or_skip!();
+    let (_http_dir, http) = make_image(&hv, "hello-http");
+    assert!(http.info().http());
+    assert_eq!(http.info().ready_flag_names(), ["http"]);
+    let (_echo_dir, echo) = make_image(&hv, "echo");
+    assert!(!echo.info().http());
+    assert_eq!(echo.state().ready_info().flags, 0);
 }
