@@ -86,7 +86,7 @@ fn a_cpu_record_that_does_not_match_the_vcpus_is_refused() {
     let hv = kvm_or_skip!();
     let (dir, image) = make_image(&hv, "echo");
     let memory = std::fs::read(dir.path().join(mu2_snapshot::MEMORY_FILE)).expect("memory");
-    let rewrite = |state: &mu2_vmm::vm::VmState| {
+    let rewrite = |state: &mu2_vmm::VmState| {
         mu2_snapshot::write_image(dir.path(), mu2_snapshot::Arch::host(), state, &memory).expect("write");
     };
     let refused = || match Image::load(&hv, dir.path()) {

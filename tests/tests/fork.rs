@@ -22,7 +22,7 @@ fn the_frozen_state_round_trips_through_the_image_file() {
     let dir = TempDir::new("roundtrip");
     let id =
         mu2_snapshot::write_image(dir.path(), mu2_snapshot::Arch::host(), &state, vm.memory_bytes()).expect("write");
-    let (header, read): (_, mu2_vmm::vm::VmState) =
+    let (header, read): (_, mu2_vmm::VmState) =
         mu2_snapshot::read_state(dir.path(), mu2_snapshot::Arch::host()).expect("read");
     assert_eq!(header.content_id, id);
     assert_eq!(header.memory_size, read.mem_size);

@@ -56,6 +56,9 @@ pub enum ArchError {
     /// A saved state is inconsistent.
     #[error("invalid saved vCPU state: {0}")]
     BadState(String),
+    /// A saved CPUID table does not fit KVM's.
+    #[error("invalid saved CPUID table")]
+    CpuidTable(#[source] vmm_sys_util::fam::Error),
     /// A CPU feature name this build does not know.
     #[error("unknown CPU feature `{0}`")]
     UnknownFeature(String),
@@ -370,7 +373,7 @@ impl crate::error::Classify for ArchError {
         match self {
             ArchError::Kvm { source, .. } => crate::error::kvm_kind(source),
             ArchError::Memory { .. } | ArchError::Load(_) | ArchError::ImagePlacement { .. } => FailureKind::BadInput,
-            ArchError::BadState(_) | ArchError::UnknownFeature(_) => FailureKind::BadInput,
+            ArchError::BadState(_) | ArchError::CpuidTable(_) | ArchError::UnknownFeature(_) => FailureKind::BadInput,
             ArchError::TooManyMsrs(_) | ArchError::MsrRefused(_) => FailureKind::Internal,
         }
     }
