@@ -73,6 +73,7 @@ pub fn check_recorded(_recorded: &CpuFeatures, template: CpuTemplate, _vcpus: &[
 }
 
 /// No feature can be removed: none is named on aarch64.
+#[cfg(feature = "inspect")]
 pub fn remove_features(_cpuid: &mut CpuId, names: &[&str]) -> Result<(), ArchError> {
     match names.first() {
         Some(name) => Err(ArchError::UnknownFeature((*name).to_string())),

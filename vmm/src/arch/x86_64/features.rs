@@ -482,6 +482,7 @@ pub fn check_recorded(
 }
 
 /// Clears the named features from a CPUID table; for tests that pretend a host lacks them.
+#[cfg(any(test, feature = "inspect"))]
 pub fn remove_features(cpuid: &mut CpuId, names: &[&str]) -> Result<(), ArchError> {
     for &wanted in names {
         let (word, bit) = lookup(wanted)?;
