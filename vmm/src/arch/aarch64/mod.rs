@@ -26,9 +26,9 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 pub use elf::ElfError;
-pub use features::{apply_template, check_recorded, guest_features, table_features, vcpu_features, CpuFeatures};
 #[cfg(feature = "inspect")]
 pub use features::remove_features;
+pub use features::{apply_template, check_recorded, guest_features, table_features, vcpu_features, CpuFeatures};
 pub use state::{saved_msr_indices, RestorePlan, VcpuState};
 
 /// Errors of the aarch64 setup code.

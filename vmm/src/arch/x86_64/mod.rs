@@ -18,9 +18,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 pub use confine::structural_pages;
 pub use cpuid::{supported_cpuid, vcpu_cpuid};
-pub use features::{apply_template, check_recorded, CpuFeatures};
 #[cfg(feature = "inspect")]
 pub use features::remove_features;
+pub use features::{apply_template, check_recorded, CpuFeatures};
 /// The vCPU configuration set before anything else (aarch64: its KVM_ARM_VCPU_INIT).
 pub use kvm_bindings::CpuId;
 pub use state::{saved_msr_indices, RestorePlan, VcpuState};
