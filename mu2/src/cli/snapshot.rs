@@ -13,7 +13,7 @@ use crate::failure::Failure;
 pub struct SnapshotArgs {
     #[command(flatten)]
     guest: GuestArgs,
-    /// The image directory to write.
+    /// The image directory to write (its parent directory must exist).
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
     /// Give up if the guest is not ready after this long.
@@ -38,6 +38,7 @@ pub fn snapshot(args: &SnapshotArgs) -> Result<(), Failure> {
         Template::Host => CpuTemplate::Host,
         Template::Baseline => CpuTemplate::Baseline,
     };
+    crate::failure::parent_exists("image directory", &args.out)?;
     let hv = Hypervisor::open()?;
     let start = Instant::now();
     mu2_vmm::image::create(&hv, &config, &args.out, Some(start + args.timeout))?;
