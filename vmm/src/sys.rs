@@ -116,9 +116,9 @@ pub(crate) fn make_temp_dir(parent: &Path, prefix: &str) -> std::io::Result<Path
     Ok(PathBuf::from(std::ffi::OsString::from_vec(template)))
 }
 
-/// A directory held open: every operation is relative to its descriptor (the `*at` calls) and
-/// none follows a symbolic link, so a link planted where a name is expected is an error, never
-/// a way to make the daemon write elsewhere.
+/// A directory held open: what is made in it is made relative to its descriptor (mkdirat),
+/// and it is opened without following a symbolic link, so a link planted where a name is
+/// expected is an error, never a way to make the daemon write elsewhere.
 #[derive(Debug)]
 pub(crate) struct Dir {
     fd: OwnedFd,
@@ -143,14 +143,6 @@ impl Dir {
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     }
 
-    fn openat(&self, name: &str, flags: libc::c_int, mode: libc::c_uint) -> std::io::Result<OwnedFd> {
-        let name = c_name(name)?;
-        let flags = flags | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-        // SAFETY: `name` is NUL-terminated and outlives the call; the descriptor is this
-        // directory's, open for as long as `self`; the result is checked.
-        Self::owned(unsafe { libc::openat(self.fd.as_raw_fd(), name.as_ptr(), flags, mode) })
-    }
-
     /// Makes the directory `name` in this one, mode `mode`; fails if anything has that name.
     pub(crate) fn make_dir(&self, name: &str, mode: libc::mode_t) -> std::io::Result<()> {
         let name = c_name(name)?;
@@ -159,18 +151,6 @@ impl Dir {
             return Err(std::io::Error::last_os_error());
         }
         Ok(())
-    }
-
-    /// Creates (or truncates) the regular file `name`, mode 0600, for writing; a symbolic link
-    /// there is refused.
-    pub(crate) fn create_file(&self, name: &str) -> std::io::Result<File> {
-        self.openat(name, libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC, 0o600).map(File::from)
-    }
-
-    /// Opens `name` for reading without blocking (a FIFO cannot stall the open) and without
-    /// following a symbolic link; the caller checks what it opened.
-    pub(crate) fn open_file(&self, name: &str) -> std::io::Result<File> {
-        self.openat(name, libc::O_RDONLY | libc::O_NONBLOCK, 0).map(File::from)
     }
 
     /// Changes the owner of this directory (fchown).
@@ -462,21 +442,17 @@ mod tests {
     }
 
     #[test]
-    fn a_dir_refuses_symbolic_links_and_makes_private_files() {
+    fn a_dir_refuses_symbolic_links_and_makes_private_directories() {
         use std::os::unix::fs::PermissionsExt;
         let parent = make_temp_dir(&std::env::temp_dir(), "mu2-sys-test-").unwrap();
         assert_eq!(std::fs::metadata(&parent).unwrap().permissions().mode() & 0o777, 0o700);
         let dir = Dir::open(&parent).unwrap();
         std::os::unix::fs::symlink("/etc", parent.join("link")).unwrap();
-        std::os::unix::fs::symlink("/etc/hostname", parent.join("file-link")).unwrap();
-        assert_eq!(dir.open_file("file-link").unwrap_err().raw_os_error(), Some(libc::ELOOP));
-        assert_eq!(dir.create_file("file-link").unwrap_err().raw_os_error(), Some(libc::ELOOP));
-        assert!(Dir::open(&parent.join("link")).is_err());
+        assert!(Dir::open(&parent.join("link")).is_err(), "a link is not opened as a directory");
         assert!(dir.make_dir("link", 0o700).is_err(), "a name in use is not made again");
+        assert!(dir.make_dir("..", 0o700).is_err() && dir.make_dir("a/b", 0o700).is_err());
         dir.make_dir("sub", 0o700).unwrap();
-        let file = Dir::open(&parent.join("sub")).unwrap().create_file("f").unwrap();
-        assert_eq!(file.metadata().unwrap().permissions().mode() & 0o777, 0o600);
-        assert!(dir.open_file("../x").is_err() && dir.open_file("..").is_err());
+        assert_eq!(std::fs::metadata(parent.join("sub")).unwrap().permissions().mode() & 0o777, 0o700);
         std::fs::remove_dir_all(&parent).unwrap();
     }
 

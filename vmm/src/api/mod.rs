@@ -34,7 +34,6 @@ use std::time::{Duration, Instant};
 
 pub use config::{ServeConfig, ServeError};
 pub use files::{FilesError, PRIVATE_DIR_PREFIX};
-pub use registry::SIDECAR;
 pub use sandboxed::{group_id, user_id, DaemonEnd, SandboxSettings};
 
 use crate::hypervisor::Hypervisor;

@@ -140,6 +140,9 @@ fn enter_new_root(root: &Path, plan: &Confinement) -> Result<(), ConfineError> {
     let mut binds: Vec<(&Path, bool)> = Vec::new();
     binds.extend(plan.read_write.iter().map(|d| (d.as_path(), true)));
     binds.extend(plan.read_only.iter().map(|d| (d.as_path(), false)));
+    // Outer directories first: one inside another (the images directory in an allowed one)
+    // is mounted over it, not hidden under it.
+    binds.sort_by_key(|(dir, _)| dir.components().count());
     for (dir, writable) in binds {
         let target = inside(dir);
         std::fs::create_dir_all(&target).map_err(step(format!("making {}", target.display())))?;
