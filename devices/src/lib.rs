@@ -9,6 +9,8 @@
 //! Devices never hold guest memory: every call that touches the guest gets it as an argument,
 //! so one device object works across a memory remap and its saved state stays plain data.
 
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod persist;
 pub mod serial;
 pub mod sysdev;

@@ -512,6 +512,19 @@ pub fn read_state<T: DeserializeOwned + Versioned>(dir: &Path, arch: Arch) -> Re
     Ok((header, state))
 }
 
+/// Checks and decodes the bytes of a whole state file, as [`read_state`] does once it has read
+/// them: for fuzzing, and for tools that hold the bytes already.
+pub fn decode_state<T: DeserializeOwned + Versioned>(
+    bytes: &[u8],
+    arch: Arch,
+) -> Result<(StateHeader, T), SnapshotError> {
+    const { check_schema::<T>() };
+    let path = Path::new(STATE_FILE);
+    let header = check_state(path, Some(arch), bytes, bytes.len() as u64)?;
+    let state = decode_payload(path, bytes.get(HEADER_LEN..).unwrap_or_default())?;
+    Ok((header, state))
+}
+
 /// Reads and checks the header of the image in `dir`, of any architecture, without decoding the
 /// payload (the CRC is still checked, so the whole state file is read).
 pub fn read_header(dir: &Path) -> Result<StateHeader, SnapshotError> {

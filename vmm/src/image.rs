@@ -307,7 +307,7 @@ impl Image {
 
 /// Checks a decoded state as untrusted input, as far as that needs no KVM: the memory size (in
 /// range, and the header's), at least one vCPU, and the CPU record against the vCPUs.
-fn validate(dir: &Path, header: &StateHeader, state: &VmState) -> Result<(), ImageError> {
+pub(crate) fn validate(dir: &Path, header: &StateHeader, state: &VmState) -> Result<(), ImageError> {
     let invalid = |reason: String| ImageError::Invalid { path: dir.to_path_buf(), reason };
     let layout = mu2_abi::layout::MIN_MEM..=mu2_abi::layout::MAX_MEM;
     if !layout.contains(&state.mem_size) || state.mem_size % (2 << 20) != 0 {

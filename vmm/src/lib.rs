@@ -19,6 +19,8 @@ pub mod api;
 pub mod error;
 pub mod floor;
 pub mod fork;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod guests;
 pub mod image;
 pub mod invoke;

@@ -105,7 +105,7 @@ pub enum ResetKind {
 }
 
 /// The image's devices, rebuilt from its state (validated: a state file is untrusted input).
-fn devices_of(state: &VmState) -> Result<(SerialConsole, MmioTransport<Vsock>), RestoreError> {
+pub(crate) fn devices_of(state: &VmState) -> Result<(SerialConsole, MmioTransport<Vsock>), RestoreError> {
     let serial = SerialConsole::restore(Box::new(std::io::sink()), &state.serial).map_err(RestoreError::Serial)?;
     let vsock = MmioTransport::restore((), &state.vsock).map_err(RestoreError::Vsock)?;
     Ok((serial, vsock))

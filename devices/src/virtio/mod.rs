@@ -85,5 +85,5 @@ pub(crate) fn driver_wants_interrupt(queue: &mut Queue, mem: &GuestMemoryMmap) -
     needed && !suppressed
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) mod test_utils;

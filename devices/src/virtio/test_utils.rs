@@ -1,4 +1,6 @@
-//! Test helper: the driver side of a split virtqueue, on top of virtio-queue's mock.
+//! Test helper: the driver side of a split virtqueue, on top of virtio-queue's mock. The fuzz
+//! targets (feature `fuzzing`) use part of it.
+#![cfg_attr(not(test), allow(dead_code))]
 
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::{Descriptor, VirtqUsedElem};
