@@ -80,7 +80,14 @@ impl Failure {
     }
 
     fn response(&self) -> ApiResponse {
-        ApiResponse::error(self.status(), error_chain(self))
+        let response = ApiResponse::error(self.status(), error_chain(self));
+        match self {
+            Failure::Request(e) => match e.allowed_methods() {
+                Some(allowed) => response.with_header("allow", allowed),
+                None => response,
+            },
+            _ => response,
+        }
     }
 }
 

@@ -103,6 +103,14 @@ pub enum ModelError {
 }
 
 impl ModelError {
+    /// The methods the endpoint allows, for the `allow` header a 405 must carry (RFC 9110).
+    pub fn allowed_methods(&self) -> Option<&'static str> {
+        match self {
+            ModelError::MethodNotAllowed { allowed, .. } => Some(allowed),
+            _ => None,
+        }
+    }
+
     /// The HTTP status for this error.
     pub fn status(&self) -> u16 {
         match self {
@@ -159,18 +167,18 @@ pub fn parse(method: &str, target: &str, body: Vec<u8>) -> Result<ApiRequest, Mo
     let not_allowed = |allowed| ModelError::MethodNotAllowed { method: method.into(), path: path.into(), allowed };
     match (segments.as_slice(), method) {
         (["health"], "GET" | "HEAD") => Ok(ApiRequest::Health),
-        (["health"], _) => Err(not_allowed("GET")),
+        (["health"], _) => Err(not_allowed("GET, HEAD")),
         (["metrics"], "GET" | "HEAD") => Ok(ApiRequest::Metrics),
-        (["metrics"], _) => Err(not_allowed("GET")),
+        (["metrics"], _) => Err(not_allowed("GET, HEAD")),
         (["images"], "GET" | "HEAD") => Ok(ApiRequest::ListImages),
-        (["images"], _) => Err(not_allowed("GET")),
+        (["images"], _) => Err(not_allowed("GET, HEAD")),
         (["images", name], "GET" | "HEAD") => Ok(ApiRequest::GetImage { name: image_name(name)? }),
         (["images", name], "DELETE") => Ok(ApiRequest::DeleteImage { name: image_name(name)? }),
         (["images", name], "PUT") => {
             let name = image_name(name)?;
             Ok(ApiRequest::PutImage { name, spec: parse_spec(&body)? })
         }
-        (["images", _], _) => Err(not_allowed("GET, PUT, DELETE")),
+        (["images", _], _) => Err(not_allowed("GET, HEAD, PUT, DELETE")),
         (["images", name, "invoke"], "POST") => Ok(ApiRequest::Invoke { name: image_name(name)?, body }),
         (["images", _, "invoke"], _) => Err(not_allowed("POST")),
         _ => Err(ModelError::NotFound(path.chars().take(200).collect())),
@@ -267,6 +275,7 @@ mod tests {
     fn refuses_what_it_must() {
         assert_eq!(parse("GET", "/nope", vec![]).map_err(|e| e.status()), Err(404));
         assert_eq!(parse("POST", "/health", vec![]).map_err(|e| e.status()), Err(405));
+        assert_eq!(parse("TRACE", "/images/e", vec![]).unwrap_err().allowed_methods(), Some("GET, HEAD, PUT, DELETE"));
         assert_eq!(parse("GET", "/images/e/invoke", vec![]).map_err(|e| e.status()), Err(405));
         assert_eq!(parse("GET", "/images/..", vec![]).map_err(|e| e.status()), Err(400));
         assert_eq!(parse("GET", "/images/a%2Fb", vec![]).map_err(|e| e.status()), Err(400));
