@@ -112,7 +112,7 @@ impl Daemon {
         }
         // Confined now, before the daemon starts a thread: everything it needs is open.
         let sandbox = match &config.sandbox {
-            Some(settings) => sandboxed::enter(settings, prepared, &images, http_addr.map(|a| a.port()))?,
+            Some(settings) => sandboxed::enter(settings, prepared, &images)?,
             None => "none".to_string(),
         };
         let lifecycle = Arc::new(Lifecycle::default());

@@ -91,12 +91,7 @@ pub(super) struct Prepared {
 
 /// Confines the daemon at the end of its start-up, before it starts a thread; returns the
 /// sandbox line `mu2 serve` prints.
-pub(super) fn enter(
-    settings: &SandboxSettings,
-    prepared: &Prepared,
-    images: &ImagesDir,
-    http_port: Option<u16>,
-) -> Result<String, ServeError> {
+pub(super) fn enter(settings: &SandboxSettings, prepared: &Prepared, images: &ImagesDir) -> Result<String, ServeError> {
     if let Some((uid, gid)) = prepared.user {
         images.chown(uid, gid).map_err(ServeError::io("handing to the sandbox user", images.path().display()))?;
     }
@@ -106,7 +101,6 @@ pub(super) fn enter(
         read_write: vec![images.path().to_path_buf()],
         read_only: settings.allow_dirs.clone(),
         cgroups: prepared.cgroups.clone(),
-        tcp_port: http_port,
         supervisor: prepared.supervisor,
     };
     let confined = sandbox::confine(&plan).map_err(|e| ServeError::Sandbox(e.into()))?;

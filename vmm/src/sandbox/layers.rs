@@ -32,8 +32,6 @@ pub struct Confinement {
     pub read_only: Vec<PathBuf>,
     /// cgroup directories to join (made and limited by the supervisor).
     pub cgroups: Vec<PathBuf>,
-    /// The only TCP port connections may go to (landlock), the dispatcher's own.
-    pub tcp_port: Option<u16>,
     /// The supervisor that forked this process: the process dies with it.
     pub supervisor: Option<libc::pid_t>,
 }
@@ -156,12 +154,10 @@ fn enter_new_root(root: &Path, plan: &Confinement) -> Result<(), ConfineError> {
     Ok(())
 }
 
-/// Landlock over the plan's directories and the dispatcher's port; `None` where the kernel
-/// has no landlock, else what it enforced.
+/// Landlock over the plan's directories, with every TCP connect and bind and every signal
+/// out of the domain refused; `None` where the kernel has no landlock, else what it enforced.
 fn restrict_files(plan: &Confinement) -> Result<Option<String>, ConfineError> {
-    use landlock::{
-        Access, AccessFs, AccessNet, NetPort, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
-    };
+    use landlock::{Access, AccessFs, AccessNet, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope, ABI};
     let abi = ABI::V6;
     let rules = || -> Result<landlock::RestrictionStatus, landlock::RulesetError> {
         let mut ruleset = Ruleset::default()
@@ -172,9 +168,6 @@ fn restrict_files(plan: &Confinement) -> Result<Option<String>, ConfineError> {
         ruleset = ruleset.add_rules(landlock::path_beneath_rules(&plan.read_write, AccessFs::from_all(abi)))?;
         ruleset = ruleset.add_rules(landlock::path_beneath_rules(&plan.read_only, AccessFs::from_read(abi)))?;
         ruleset = ruleset.add_rules(landlock::path_beneath_rules(["/proc"], AccessFs::from_read(abi)))?;
-        if let Some(port) = plan.tcp_port {
-            ruleset = ruleset.add_rule(NetPort::new(port, AccessNet::ConnectTcp))?;
-        }
         ruleset.restrict_self()
     };
     let status = rules().map_err(ConfineError::Landlock)?;
