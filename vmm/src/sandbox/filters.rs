@@ -301,10 +301,32 @@ mod tests {
     }
 
     #[test]
-    fn no_class_may_start_programs_trace_or_remount() {
+    fn no_class_may_start_programs_trace_remount_open_sockets_or_change_ids() {
+        let forbidden = [
+            libc::SYS_execve,
+            libc::SYS_execveat,
+            libc::SYS_ptrace,
+            libc::SYS_process_vm_writev,
+            libc::SYS_mount,
+            libc::SYS_umount2,
+            libc::SYS_pivot_root,
+            libc::SYS_unshare,
+            libc::SYS_setns,
+            libc::SYS_socket,
+            libc::SYS_connect,
+            libc::SYS_bind,
+            libc::SYS_setuid,
+            libc::SYS_setgid,
+            libc::SYS_setresuid,
+            libc::SYS_setresgid,
+            libc::SYS_setgroups,
+            libc::SYS_bpf,
+            libc::SYS_init_module,
+            libc::SYS_kexec_load,
+        ];
         for class in ThreadClass::ALL {
             let allowed = allowed(class);
-            for nr in [libc::SYS_execve, libc::SYS_execveat, libc::SYS_ptrace, libc::SYS_mount, libc::SYS_setuid] {
+            for nr in forbidden {
                 assert!(!allowed.contains_key(&nr), "{} allows syscall {nr}", class.name());
             }
         }
