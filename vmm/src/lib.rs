@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod arch;
+pub mod duration;
 pub mod error;
 pub mod floor;
 pub mod fork;
