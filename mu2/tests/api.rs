@@ -169,6 +169,53 @@ fn images_are_created_invoked_listed_and_deleted_and_metrics_move() {
     assert_eq!(status_of(c.request("DELETE", "/images/e2", b"")), 404);
 }
 
+/// What a `PUT` sets is what its image gets: boot settings in the frozen guest, serving
+/// settings in its engine, a pool within `--max-vms` beside the other images' pools.
+#[test]
+fn per_image_settings_are_applied_and_validated() {
+    kvm_or_skip!();
+    let d = Daemon::start("settings", &["--mode", "fresh", "--max-vms", "5", "--timeout", "10s"]);
+    let c = d.client();
+    let body_of = |r: &client::Response| String::from_utf8_lossy(&r.body).into_owned();
+
+    let booted = c
+        .put_image("booted", &json!({ "function": "echo", "mem_mib": 32, "vcpus": 2, "cmdline": "mu2.port=6000" }))
+        .expect("PUT with boot settings");
+    assert_eq!(
+        (&booted["mem_mib"], &booted["vcpus"], &booted["port"]),
+        (&json!(32), &json!(2), &json!(6000)),
+        "{booted}"
+    );
+    assert_eq!(c.invoke("booted", b"on port 6000").expect("invoke").body, b"on port 6000");
+
+    // The image's own deadline, not the daemon's 10 s.
+    c.put_image("quick", &json!({ "function": "work", "timeout": "100ms" })).expect("PUT quick");
+    let start = Instant::now();
+    let r = c.request("POST", "/images/quick/invoke", b"spin_us=5000000").expect("invoke quick");
+    assert_eq!(r.status, 504, "{}", body_of(&r));
+    assert!(start.elapsed() < Duration::from_secs(3), "the 100 ms deadline held: {:?}", start.elapsed());
+
+    c.put_image("small", &json!({ "function": "echo", "max_response": 8 })).expect("PUT small");
+    assert_eq!(c.invoke("small", b"8 bytes!").expect("fits").body, b"8 bytes!");
+    let r = c.request("POST", "/images/small/invoke", b"nine byte").expect("invoke small");
+    assert_eq!(r.status, 502, "{}", body_of(&r));
+    assert!(body_of(&r).contains("8-byte limit"), "{}", body_of(&r));
+
+    // Pools count against --max-vms 5: each must leave room for a request, beside the others.
+    let pool = |size: u64| json!({ "function": "echo", "mode": "pool", "pool_size": size });
+    let r = c.request("PUT", "/images/p5", pool(5).to_string().as_bytes()).expect("PUT p5");
+    assert_eq!(r.status, 400, "{}", body_of(&r));
+    assert!(body_of(&r).contains("`pool_size` must be below --max-vms 5"), "{}", body_of(&r));
+    let p3 = c.put_image("p3", &pool(3)).expect("PUT p3");
+    assert_eq!((&p3["mode"], &p3["pool_size"]), (&json!("pool"), &json!(3)));
+    let r = c.request("PUT", "/images/p2", pool(2).to_string().as_bytes()).expect("PUT p2");
+    assert_eq!(r.status, 409, "{}", body_of(&r));
+    assert!(body_of(&r).contains("hold 3 of --max-vms 5"), "{}", body_of(&r));
+    assert_eq!(c.invoke("p3", b"pooled").expect("invoke p3").body, b"pooled");
+    c.delete_image("p3").expect("DELETE p3");
+    c.put_image("p2", &pool(2)).expect("PUT p2 once p3 is gone");
+}
+
 /// A failure gives the same status and message whichever way the request came in.
 #[test]
 fn a_guest_crash_is_502_through_invoke_and_through_a_route() {
@@ -303,6 +350,38 @@ fn openapi_document_matches_the_server() {
     let r = c.request("POST", "/images/oa-echo/invoke", b"x").expect("request");
     assert!(doc["paths"]["/images/{name}/invoke"]["post"]["responses"].get(r.status.to_string()).is_some());
     assert_eq!(r.status, 404);
+
+    // The PUT fields documented are the ones the server takes, and an image made with every
+    // one that applies to a built-in shows only documented fields, with the values given.
+    let spec = doc["components"]["schemas"]["ImageSpec"]["properties"].as_object().expect("ImageSpec");
+    let mut documented: Vec<&str> = spec.keys().map(String::as_str).collect();
+    let mut accepted = mu2_vmm::api::model::PUT_FIELDS.to_vec();
+    documented.sort_unstable();
+    accepted.sort_unstable();
+    assert_eq!(documented, accepted, "ImageSpec lists every PUT field");
+    let body = json!({ "function": "echo", "mem_mib": 32, "vcpus": 1, "cmdline": "mu2.x=1", "entry": "native",
+                       "mode": "reuse", "pool_size": 2, "timeout": "3s", "max_response": 4096 });
+    let created = c.put_image("oa-all", &body).expect("PUT with every setting");
+    let shown = doc["components"]["schemas"]["Image"]["properties"].as_object().expect("Image");
+    for key in created.as_object().expect("an object").keys() {
+        assert!(shown.contains_key(key), "GET shows `{key}`, which the Image schema does not document");
+    }
+    for (key, want) in [
+        ("mem_mib", json!(32)),
+        ("vcpus", json!(1)),
+        ("cmdline", json!("mu2.x=1")),
+        ("entry", json!("native")),
+        ("mode", json!("reuse")),
+        ("pool_size", json!(2)),
+        ("timeout", json!("3000ms")),
+        ("max_response", json!(4096)),
+    ] {
+        assert_eq!(created[key], want, "{key} in {created}");
+    }
+    let r = c.request("PUT", "/images/oa-bad", br#"{"function":"echo","pool_size":0}"#).expect("request");
+    assert!(doc["paths"]["/images/{name}"]["put"]["responses"].get(r.status.to_string()).is_some());
+    assert_eq!(r.status, 400);
+    assert!(String::from_utf8_lossy(&r.body).contains("`pool_size` must be an integer from 1 to 1024"));
 }
 
 #[test]

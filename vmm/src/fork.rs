@@ -382,6 +382,11 @@ impl Engine {
         self.config.mode
     }
 
+    /// The settings it was started with.
+    pub fn config(&self) -> EngineConfig {
+        self.config
+    }
+
     /// Reuse-mode resets so far: (pages copied back, memory remapped).
     pub fn reset_counts(&self) -> (usize, usize) {
         (self.resets[0].load(Ordering::Relaxed), self.resets[1].load(Ordering::Relaxed))

@@ -180,8 +180,8 @@ impl Handlers {
                 self.registry.delete(&name)?;
                 Ok(ApiResponse::json(200, &json!({ "deleted": name })))
             }
-            ApiRequest::PutImage { name, spec } => {
-                let entry = self.registry.create(&name, &spec)?;
+            ApiRequest::PutImage { name, spec, serve } => {
+                let entry = self.registry.create(&name, &spec, &serve)?;
                 Ok(ApiResponse::json(201, &entry.describe()))
             }
             ApiRequest::Invoke { name, body } => {
@@ -213,7 +213,7 @@ impl Handlers {
             let input =
                 dispatch::encode_request(&request.method, &request.target, &request.headers, prefix, &request.body);
             self.run(&entry, &input, |answer| {
-                dispatch::decode_response(&answer, self.config.max_response)
+                dispatch::decode_response(&answer, entry.engine().config().max_response)
                     .map_err(|source| Failure::Answer { image: image.to_string(), source })
             })?
         } else {
@@ -243,7 +243,7 @@ impl Handlers {
                 return Err(failure);
             }
         };
-        let served = entry.engine().serve(input, self.config.timeout);
+        let served = entry.engine().serve(input, entry.timeout());
         drop(lease);
         entry.count_request();
         let (result, fork_run) = match served {
