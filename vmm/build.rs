@@ -1,9 +1,9 @@
-//! Builds the guest runtime's binaries and embeds them in the VMM.
+//! Builds the guest binaries and embeds them in the VMM.
 //!
 //! The guests are bare-metal programs with their own target flags and profile, so they are a
-//! workspace of their own (`guest/runtime`) built by nested cargo invocations into OUT_DIR:
-//! one for the runtime's example functions (`guest/runtime/src/bin`), one for the VMM's test
-//! guests (`guest/test-guests/src/bin`). Separate invocations keep the test guests' feature
+//! workspace of their own (`guest/`: the SDK, the examples, the test guests) built by nested
+//! cargo invocations into OUT_DIR: one for the example functions (`guest/examples/src/bin`),
+//! one for the VMM's test guests (`guest/test-guests/src/bin`). Separate invocations keep the test guests' feature
 //! (`test-hooks`) out of the examples: cargo unifies features within one build. The result is
 //! `guests.rs`: one `(name, bytes)` entry per binary of either package, used by
 //! `mu2_vmm::guests`.
@@ -15,21 +15,26 @@ use std::process::Command;
 
 /// The guest packages, by cargo name and directory below `guest/`, each built by its own
 /// cargo invocation.
-const PACKAGES: [(&str, &str); 2] = [("mu2-guest", "runtime"), ("mu2-test-guests", "test-guests")];
+const PACKAGES: [(&str, &str); 2] = [("mu2-examples", "examples"), ("mu2-test-guests", "test-guests")];
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("set by cargo"));
     let arch = env::var("CARGO_CFG_TARGET_ARCH").expect("set by cargo");
     let guests_dir = manifest_dir.join("../guest");
-    let workspace_dir = guests_dir.join("runtime");
+    let workspace_dir = guests_dir.clone();
     let abi_dir = guests_dir.join("abi");
-    for (_, dir) in PACKAGES {
+    for dir in PACKAGES.iter().map(|(_, dir)| *dir).chain(["sdk"]) {
         for file in ["src", "Cargo.toml", "build.rs"] {
             println!("cargo:rerun-if-changed={}", guests_dir.join(dir).join(file).display());
         }
     }
-    for path in [workspace_dir.join("Cargo.lock"), abi_dir.join("src"), abi_dir.join("Cargo.toml")] {
+    for path in [
+        workspace_dir.join("Cargo.toml"),
+        workspace_dir.join("Cargo.lock"),
+        abi_dir.join("src"),
+        abi_dir.join("Cargo.toml"),
+    ] {
         println!("cargo:rerun-if-changed={}", path.display());
     }
     println!("cargo:rerun-if-env-changed=MU2_GUEST_CARGO_ARGS");
@@ -57,7 +62,7 @@ fn main() {
     if let Some(twice) = names.windows(2).find(|w| w[0] == w[1]) {
         panic!("two guest packages have a binary called {:?}", twice[0]);
     }
-    let mut code = String::from("/// Guest binaries built from guest/runtime and guest/test-guests, by name.\n");
+    let mut code = String::from("/// Guest binaries built from guest/examples and guest/test-guests, by name.\n");
     code.push_str("pub static EMBEDDED: &[(&str, &[u8])] = &[\n");
     for name in &names {
         let path: &Path = &bin_dir.join(name);

@@ -1,4 +1,4 @@
-//! Links the test guests like the runtime's own binaries, with the arguments the runtime's
+//! Links the test guests as static, freestanding guests, with the arguments the SDK's
 //! build script hands on (its `links` metadata).
 fn main() {
     let args = std::env::var("DEP_MU2_GUEST_LINK_ARGS").expect("mu2-guest's build script passes its link arguments");

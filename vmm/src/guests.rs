@@ -1,4 +1,4 @@
-//! The guest binaries built from `guest/runtime` and embedded in the VMM, so that `mu2` runs
+//! The guest binaries built from `guest/examples` and `guest/test-guests` and embedded in the VMM, so that `mu2` runs
 //! its example functions with no file arguments.
 
 include!(concat!(env!("OUT_DIR"), "/guests.rs"));

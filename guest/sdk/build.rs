@@ -1,6 +1,6 @@
-//! Links every guest binary as a static, freestanding ELF placed by `linker.ld`: this
-//! package's binaries, and (through the `links` metadata, as `DEP_MU2_GUEST_LINK_ARGS`) those
-//! of packages that build guests on the runtime, such as `guest/test-guests`.
+//! Hands the link arguments of a guest (a static, freestanding ELF placed by `linker.ld`) on
+//! to the packages that build guests on the SDK, such as `guest/examples` and
+//! `guest/test-guests`, through the `links` metadata (`DEP_MU2_GUEST_LINK_ARGS`).
 fn main() {
     let dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
     let arch = std::env::var("CARGO_CFG_TARGET_ARCH").expect("cargo sets CARGO_CFG_TARGET_ARCH");
@@ -14,9 +14,6 @@ fn main() {
         "-Wl,-z,noexecstack",
         &format!("-Wl,-T{script}"),
     ];
-    for arg in args {
-        println!("cargo:rustc-link-arg-bins={arg}");
-    }
     // Separated by the ASCII unit separator: the script's path may hold spaces.
     println!("cargo:link_args={}", args.join("\x1f"));
 }
