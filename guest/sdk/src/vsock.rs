@@ -219,6 +219,8 @@ pub enum InitError {
     NotVirtioMmio,
     /// A virtio device, but not vsock.
     NotVsock,
+    /// The device's status did not read back as 0 after a reset.
+    Reset,
     /// The device lacks VIRTIO_F_VERSION_1 or refused FEATURES_OK.
     Features,
     /// A queue is missing.
@@ -253,6 +255,9 @@ fn event_buffer(i: u16) -> u64 {
     TX_HEADERS.addr() + (TX_SLOTS * HDR_STRIDE) as u64 + u64::from(i) * EVENT_LEN as u64
 }
 
+/// How many status reads a reset may take before the device counts as broken.
+const RESET_POLLS: u32 = 1000;
+
 /// Largest power of two ≤ min(wanted, device maximum), or None if the queue is missing.
 fn queue_size(transport: Transport, index: u16, wanted: u16) -> Option<u16> {
     transport.write(reg::QUEUE_SEL, u32::from(index));
@@ -261,12 +266,27 @@ fn queue_size(transport: Transport, index: u16, wanted: u16) -> Option<u16> {
 }
 
 impl Vsock {
-    /// Brings the device up (virtio 1.2 §3.1.1) and fills the RX and event queues. Call
-    /// once: the rings are static.
+    /// Brings the device up in the order of virtio 1.2 §3.1.1, one status bit per write (a
+    /// transport may refuse more, as Firecracker's does), and fills the RX and event queues.
+    /// Call once: the rings are static.
     pub(crate) fn init(transport: Transport, port: u32) -> Result<Self, InitError> {
         probe(transport)?;
+        // 1. Reset; a virtio-mmio driver waits until the status reads back as 0 (§4.2.3.1).
         transport.write(reg::STATUS, 0);
-        transport.write(reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        let mut polls = 0;
+        while transport.read(reg::STATUS) != 0 {
+            polls += 1;
+            if polls == RESET_POLLS {
+                return Err(InitError::Reset);
+            }
+            core::hint::spin_loop();
+        }
+        // 2. ACKNOWLEDGE, 3. DRIVER.
+        let mut status = status::ACKNOWLEDGE;
+        transport.write(reg::STATUS, status);
+        status |= status::DRIVER;
+        transport.write(reg::STATUS, status);
+        // 4. Read the device's features, accept the subset understood: VERSION_1 alone.
         transport.write(reg::DEVICE_FEATURES_SEL, 1);
         if transport.read(reg::DEVICE_FEATURES) & F_VERSION_1_HIGH == 0 {
             transport.write(reg::STATUS, status::FAILED);
@@ -276,13 +296,15 @@ impl Vsock {
         transport.write(reg::DRIVER_FEATURES, F_VERSION_1_HIGH);
         transport.write(reg::DRIVER_FEATURES_SEL, 0);
         transport.write(reg::DRIVER_FEATURES, 0);
-        let status = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+        // 5. FEATURES_OK, 6. read back: the device may not accept the features.
+        status |= status::FEATURES_OK;
         transport.write(reg::STATUS, status);
         if transport.read(reg::STATUS) & status::FEATURES_OK == 0 {
             transport.write(reg::STATUS, status::FAILED);
             return Err(InitError::Features);
         }
 
+        // 7. Device-specific setup: the queues, the configuration (the CID), the buffers.
         let sizes = [(RX_QUEUE, RX_SIZE), (TX_QUEUE, TX_SIZE), (EVENT_QUEUE, EVENT_SIZE)]
             .map(|(index, wanted)| queue_size(transport, index, wanted));
         let [Some(rx_size), Some(tx_size), Some(event_size)] = sizes else {
@@ -317,6 +339,7 @@ impl Vsock {
             rx_kick: true,
             tx_kick: false,
         };
+        dev.cid = dev.read_cid();
         for id in 0..rx_size {
             let (addr, len) = rx_buffer(id);
             dev.rx.set_desc(id, Desc { addr, len: len as u32, flags: F_WRITE, next: 0 });
@@ -326,8 +349,8 @@ impl Vsock {
             dev.event.set_desc(id, Desc { addr: event_buffer(id), len: EVENT_LEN as u32, flags: F_WRITE, next: 0 });
             dev.event.push(id);
         }
+        // 8. DRIVER_OK: the device is live.
         transport.write(reg::STATUS, status | status::DRIVER_OK);
-        dev.cid = dev.read_cid();
         dev.rx.kick();
         dev.event.kick();
         Ok(dev)

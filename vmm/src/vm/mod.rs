@@ -358,6 +358,12 @@ impl Vm {
 /// Inspection for tests, debuggers and research tools: what the guest and KVM hold.
 #[cfg(feature = "inspect")]
 impl Vm {
+    /// The vsock transport's record of driver misuse since the last call (a refused status
+    /// write, a bad register access, …).
+    pub fn vsock_transport_errors(&mut self) -> Vec<mu2_devices::virtio::mmio::MmioError> {
+        self.vsock_transport().take_errors()
+    }
+
     /// Guest memory.
     pub fn memory(&self) -> &GuestMemoryMmap {
         self.ram.memory()
