@@ -236,6 +236,53 @@ fn a_guest_crash_is_502_through_invoke_and_through_a_route() {
     assert_eq!(metric_value(&m, "mu2_requests_total", "image=\"crash\",outcome=\"guest_error\""), 2.0, "{m}");
 }
 
+/// A function's error is its own outcome: 500 with the function's message, through invoke and
+/// through a route, counted as `function_error`; a request larger than the guest can hold is
+/// refused with 413 before a VM is made for it, both ways.
+#[test]
+fn a_function_error_is_500_and_a_request_too_large_is_413_both_ways() {
+    kvm_or_skip!();
+    let d = Daemon::start(
+        "outcomes",
+        &["--route", "/work=work", "--route", "/small=small", "--mode", "fresh", "--max-body", "16777216"],
+    );
+    let c = d.client();
+    let error_of = |r: &client::Response| {
+        let body = r.json().unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&r.body)));
+        body["error"].as_str().map(str::to_string).unwrap_or_else(|| panic!("no error field: {body}"))
+    };
+    let invoked = c.request("POST", "/images/work/invoke", b"spin_us=soon").expect("invoke");
+    let routed = d.http("POST", "/work", &[], b"spin_us=soon");
+    assert_eq!((invoked.status, routed.status), (500, 500), "{}", error_of(&invoked));
+    let message = error_of(&invoked);
+    assert_eq!(message, "image `work`: the function failed: cannot parse \"spin_us=soon\": the request is `pages=N spin_us=M`, both optional");
+    assert_eq!(error_of(&routed), message);
+    assert_eq!(c.invoke("work", b"spin_us=1").expect("a good request").body, b"pages=0 spin_us=1");
+
+    let small = c.put_image("small", &json!({ "function": "echo", "mem_mib": 8 })).expect("PUT small");
+    let limit = small["max_request"].as_u64().expect("max_request shown");
+    assert!(limit > 1 << 20 && limit < 4 << 20, "half of an 8 MiB guest's free heap: {limit}");
+    let fits = vec![7u8; limit as usize];
+    assert_eq!(c.invoke("small", &fits).expect("a request at the limit").body.len(), fits.len());
+    let over = vec![7u8; limit as usize + 1];
+    let forks_before = metric_value(&c.metrics().expect("metrics"), "mu2_forks_total", "");
+    let invoked = c.request("POST", "/images/small/invoke", &over).expect("invoke");
+    let routed = d.http("POST", "/small", &[], &over);
+    assert_eq!((invoked.status, routed.status), (413, 413), "{}", error_of(&invoked));
+    let message = error_of(&invoked);
+    assert!(
+        message
+            .starts_with(&format!("image `small`: a request of {} bytes is larger than the {limit} bytes", over.len())),
+        "{message}"
+    );
+    assert!(message.contains("8 MiB") && message.contains("--mem-mib") && message.contains("`mem_mib`"), "{message}");
+
+    let m = c.metrics().expect("metrics");
+    assert_eq!(metric_value(&m, "mu2_forks_total", ""), forks_before, "no VM for a refused request: {m}");
+    assert_eq!(metric_value(&m, "mu2_requests_total", "image=\"work\",outcome=\"function_error\""), 2.0, "{m}");
+    assert_eq!(metric_value(&m, "mu2_requests_total", "image=\"small\",outcome=\"rejected\""), 2.0, "{m}");
+}
+
 #[test]
 fn max_vms_answers_429_while_full() {
     kvm_or_skip!();
@@ -448,7 +495,8 @@ fn a_forked_long_running_vm_gets_its_own_vsock_socket() {
 }
 
 /// Connects to a VM's vsock-over-UDS socket (waiting for it to appear), opens guest port 5000
-/// with `CONNECT`, sends `payload`, half-closes, and returns everything the guest sent back.
+/// with `CONNECT`, sends `payload` framed (its length first), and returns the response the
+/// guest framed back. Nothing is shut down: the frame says where each message ends.
 fn echo_over_vsock_uds(path: &std::path::Path, payload: &[u8]) -> Vec<u8> {
     use std::io::Read;
     let until = Instant::now() + Duration::from_secs(30);
@@ -468,9 +516,14 @@ fn echo_over_vsock_uds(path: &std::path::Path, payload: &[u8]) -> Vec<u8> {
         line.push(byte[0]);
     }
     assert!(line.starts_with(b"OK "), "{}", String::from_utf8_lossy(&line));
+    let header = mu2_abi::frame::RequestHeader { len: payload.len() as u32 };
+    stream.write_all(&header.encode()).expect("frame header");
     stream.write_all(payload).expect("payload");
-    stream.shutdown(std::net::Shutdown::Write).expect("half-close");
-    let mut back = Vec::new();
-    stream.read_to_end(&mut back).expect("echo");
+    let mut head = [0u8; mu2_abi::frame::ResponseHeader::SIZE];
+    stream.read_exact(&mut head).expect("response frame header");
+    let header = mu2_abi::frame::ResponseHeader::decode(head).expect("a known outcome");
+    assert_eq!(header.outcome, mu2_abi::frame::outcome::OK);
+    let mut back = vec![0u8; header.len as usize];
+    stream.read_exact(&mut back).expect("echo");
     back
 }

@@ -27,7 +27,7 @@ pub use schema::{check_schema, fingerprint, Versioned};
 
 /// The version written into every header; bump it whenever the header layout, the encoding or any
 /// payload schema changes (the [`Versioned`] tripwire enforces the last).
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// The versions [`read_state`] accepts. Frozen images are caches rebuilt from the guest, so there
 /// is no migration: only the current version is read.

@@ -44,7 +44,7 @@ impl Versioned for TestState {
         TestState { ram_size: u64, regs: [u64; 4], name: String, mode: Mode, devices: Vec<Device>, irq: Option<u32> }
         Mode { Real, Long { cr0: u64, efer: u64 } }
         Device { id: u16, data: Vec<u8> }";
-    const RECORDED_VERSION: u32 = 1;
+    const RECORDED_VERSION: u32 = 2;
     const RECORDED_FINGERPRINT: u64 = 0xe991_dc81_c13a_198c;
 }
 assert_schema!(TestState);
@@ -57,7 +57,7 @@ struct OtherState {
 
 impl Versioned for OtherState {
     const SCHEMA: &'static str = "OtherState { a: u64 }";
-    const RECORDED_VERSION: u32 = 1;
+    const RECORDED_VERSION: u32 = 2;
     const RECORDED_FINGERPRINT: u64 = fingerprint(Self::SCHEMA);
 }
 
@@ -273,7 +273,7 @@ fn future_version() {
     dir.edit_state(|b| set_u32(b, 8, FORMAT_VERSION + 1));
     let err = dir.read().unwrap_err();
     assert!(matches!(err, SnapshotError::UnsupportedVersion { found, .. } if found == FORMAT_VERSION + 1), "{err}");
-    assert!(err.to_string().contains("this build reads versions [1]"), "{err}");
+    assert!(err.to_string().contains(&format!("this build reads versions [{FORMAT_VERSION}]")), "{err}");
 }
 
 #[test]
@@ -392,7 +392,7 @@ fn encoded_state_over_the_cap_is_refused_on_write() {
     struct Big(Vec<u8>);
     impl Versioned for Big {
         const SCHEMA: &'static str = "Big(Vec<u8>)";
-        const RECORDED_VERSION: u32 = 1;
+        const RECORDED_VERSION: u32 = 2;
         const RECORDED_FINGERPRINT: u64 = fingerprint(Self::SCHEMA);
     }
     let dir = TempDir::new("too-big");

@@ -131,6 +131,9 @@ impl Image {
         if !layout.contains(&state.mem_size) || state.mem_size % (2 << 20) != 0 {
             return Err(invalid(format!("guest memory of {} bytes", state.mem_size)));
         }
+        if u64::from(state.max_request) > state.mem_size {
+            return Err(invalid(format!("a largest request of {} bytes, beyond guest memory", state.max_request)));
+        }
         if state.vcpus.is_empty() || state.vcpus.len() > hv.max_vcpus() {
             return Err(invalid(format!("{} vCPUs (this host allows 1 to {})", state.vcpus.len(), hv.max_vcpus())));
         }

@@ -19,6 +19,7 @@ use super::registry::{AdmissionError, Entry, Registry, RegistryError};
 use crate::error::{error_chain, Classify};
 use crate::fork::{ForkError, Served};
 use crate::guests;
+use crate::invoke::RequestTooLarge;
 
 /// Why a request was refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +36,15 @@ enum Failure {
     /// No dispatcher route matches the path.
     #[error("no route for {0}")]
     NoRoute(String),
+    /// The request is larger than the image's guest can hold.
+    #[error("image `{image}`")]
+    TooLarge {
+        /// The image.
+        image: String,
+        /// The limit, and how to raise it.
+        #[source]
+        source: RequestTooLarge,
+    },
     /// The engine could not serve it.
     #[error("image `{image}`")]
     Serve {
@@ -62,6 +72,7 @@ impl Failure {
             Failure::Registry(e) => e.status(),
             Failure::Admission(e) => e.status(),
             Failure::NoRoute(_) => 404,
+            Failure::TooLarge { .. } => 413,
             Failure::Serve { source, .. } => failure::status(source.kind()),
             Failure::Answer { source, .. } => failure::status(source.kind()),
         }
@@ -73,9 +84,11 @@ impl Failure {
             Failure::Serve { source, .. } => failure::outcome(source.kind()),
             Failure::Answer { source, .. } => failure::outcome(source.kind()),
             Failure::Registry(RegistryError::Build { source, .. }) => failure::outcome(source.kind()),
-            Failure::Request(_) | Failure::Registry(_) | Failure::Admission(_) | Failure::NoRoute(_) => {
-                Outcome::Rejected
-            }
+            Failure::Request(_)
+            | Failure::Registry(_)
+            | Failure::Admission(_)
+            | Failure::NoRoute(_)
+            | Failure::TooLarge { .. } => Outcome::Rejected,
         }
     }
 
@@ -235,10 +248,14 @@ impl Handlers {
         answer: impl FnOnce(Vec<u8>) -> Result<T, Failure>,
     ) -> Result<(T, Timing), Failure> {
         let start = Instant::now();
-        let lease = match self.registry.admit(entry) {
+        // Refused before a VM is made for it: the guest could not hold it.
+        let admitted = match entry.engine().check_request(input) {
+            Ok(()) => self.registry.admit(entry).map_err(Failure::from),
+            Err(source) => Err(Failure::TooLarge { image: entry.name().to_string(), source }),
+        };
+        let lease = match admitted {
             Ok(lease) => lease,
-            Err(e) => {
-                let failure = Failure::from(e);
+            Err(failure) => {
                 self.metrics.request(entry.name(), failure.outcome(), start.elapsed(), None);
                 return Err(failure);
             }

@@ -103,6 +103,7 @@ impl Entry {
             "pool_size": engine.pool_size,
             "timeout": crate::duration::format(self.timeout),
             "max_response": engine.max_response,
+            "max_request": self.engine.image().state().max_request,
             "pool_depth": self.engine.pool_depth(),
             "in_flight": self.in_flight.load(Ordering::Relaxed),
             "requests": self.requests.load(Ordering::Relaxed),

@@ -89,6 +89,14 @@ pub enum ProtocolError {
         /// This VMM's.
         vmm: u32,
     },
+    /// The readiness report announces a largest request beyond the guest's memory.
+    #[error("guest announced requests of up to {max_request} bytes with {mem_size} bytes of memory")]
+    MaxRequest {
+        /// What the guest announced.
+        max_request: u32,
+        /// Its memory.
+        mem_size: u64,
+    },
     /// KVM ran guest code where it was asked only to finish the last exit.
     #[error("the vCPU ran instead of stopping")]
     RanInsteadOfStopping,

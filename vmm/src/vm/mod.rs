@@ -305,6 +305,11 @@ impl Vm {
         self.ready
     }
 
+    /// Guest RAM size in bytes.
+    pub fn mem_size(&self) -> u64 {
+        self.ram.size() as u64
+    }
+
     /// Exit counters so far.
     pub fn stats(&self) -> ExitStats {
         self.stats

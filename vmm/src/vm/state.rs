@@ -52,6 +52,9 @@ pub struct VmState {
     pub port: u32,
     /// The receive buffer the guest grants a new connection.
     pub buf_alloc: u32,
+    /// The largest request the guest can hold, as it announced when it became ready; a fork
+    /// does not announce it again.
+    pub max_request: u32,
     /// The TSC frequency the guest was told.
     pub tsc_khz: Option<u32>,
 }
@@ -62,7 +65,7 @@ pub struct VmState {
 impl mu2_snapshot::Versioned for VmState {
     // Each architecture describes its own vCPU state (see `arch::VM_STATE_SCHEMA`).
     const SCHEMA: &'static str = arch::VM_STATE_SCHEMA;
-    const RECORDED_VERSION: u32 = 1;
+    const RECORDED_VERSION: u32 = 2;
     const RECORDED_FINGERPRINT: u64 = arch::VM_STATE_FINGERPRINT;
 }
 mu2_snapshot::assert_schema!(VmState);
@@ -74,6 +77,7 @@ impl VmState {
             abi_version: mu2_abi::ABI_VERSION,
             port: self.port,
             buf_alloc: self.buf_alloc,
+            max_request: self.max_request,
             ..Default::default()
         }
     }
@@ -101,6 +105,7 @@ impl Vm {
             vsock,
             port: ready.port,
             buf_alloc: ready.buf_alloc,
+            max_request: ready.max_request,
             tsc_khz: self.tsc_khz,
         })
     }

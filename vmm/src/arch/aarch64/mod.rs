@@ -381,10 +381,10 @@ pub const VM_STATE_SCHEMA: &str = "VmState {
         vcpus: Vec<VcpuState { index: u8, init: kvm_vcpu_init, regs: Vec<(u64, Vec<u8>)>, mp_state: u32 }>,
         serial: SerialConsole::State,
         vsock: MmioTransportState<VsockState>,
-        port: u32, buf_alloc: u32, tsc_khz: Option<u32>
+        port: u32, buf_alloc: u32, max_request: u32, tsc_khz: Option<u32>
     }";
 /// [`VM_STATE_SCHEMA`]'s recorded fingerprint.
-pub const VM_STATE_FINGERPRINT: u64 = 0xb906_360f_0e95_05c1;
+pub const VM_STATE_FINGERPRINT: u64 = 0x08c0_a519_1110_d26d;
 
 impl crate::error::Classify for ArchError {
     fn kind(&self) -> crate::error::FailureKind {

@@ -334,10 +334,10 @@ pub const VM_STATE_SCHEMA: &str = "VmState {
             debugregs: kvm_debugregs, mp_state: kvm_mp_state }>,
         serial: SerialConsole::State,
         vsock: MmioTransportState<VsockState>,
-        port: u32, buf_alloc: u32, tsc_khz: Option<u32>
+        port: u32, buf_alloc: u32, max_request: u32, tsc_khz: Option<u32>
     }";
 /// [`VM_STATE_SCHEMA`]'s recorded fingerprint.
-pub const VM_STATE_FINGERPRINT: u64 = 0xe2d0_bae9_2f7e_d58d;
+pub const VM_STATE_FINGERPRINT: u64 = 0xa585_f8f0_8ba9_d649;
 
 impl crate::error::Classify for ArchError {
     fn kind(&self) -> crate::error::FailureKind {
