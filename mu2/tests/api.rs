@@ -244,7 +244,7 @@ fn a_function_error_is_500_and_a_request_too_large_is_413_both_ways() {
     kvm_or_skip!();
     let d = Daemon::start(
         "outcomes",
-        &["--route", "/work=work", "--route", "/small=small", "--mode", "fresh", "--max-body", "16777216"],
+        &["--route", "/work=work", "--route", "/echo=echo", "--mode", "fresh", "--max-body", "41943040"],
     );
     let c = d.client();
     let error_of = |r: &client::Response| {
@@ -255,32 +255,38 @@ fn a_function_error_is_500_and_a_request_too_large_is_413_both_ways() {
     let routed = d.http("POST", "/work", &[], b"spin_us=soon");
     assert_eq!((invoked.status, routed.status), (500, 500), "{}", error_of(&invoked));
     let message = error_of(&invoked);
-    assert_eq!(message, "image `work`: the function failed: cannot parse \"spin_us=soon\": the request is `pages=N spin_us=M`, both optional");
+    assert_eq!(
+        message,
+        "image `work`: the function failed: cannot parse \"spin_us=soon\": the request is `pages=N spin_us=M`, both optional"
+    );
     assert_eq!(error_of(&routed), message);
     assert_eq!(c.invoke("work", b"spin_us=1").expect("a good request").body, b"pages=0 spin_us=1");
 
+    // An 8 MiB guest: a request at its limit goes through, one byte more is refused.
     let small = c.put_image("small", &json!({ "function": "echo", "mem_mib": 8 })).expect("PUT small");
     let limit = small["max_request"].as_u64().expect("max_request shown");
     assert!(limit > 1 << 20 && limit < 4 << 20, "half of an 8 MiB guest's free heap: {limit}");
     let fits = vec![7u8; limit as usize];
     assert_eq!(c.invoke("small", &fits).expect("a request at the limit").body.len(), fits.len());
-    let over = vec![7u8; limit as usize + 1];
     let forks_before = metric_value(&c.metrics().expect("metrics"), "mu2_forks_total", "");
+    let over = vec![7u8; limit as usize + 1];
     let invoked = c.request("POST", "/images/small/invoke", &over).expect("invoke");
-    let routed = d.http("POST", "/small", &[], &over);
-    assert_eq!((invoked.status, routed.status), (413, 413), "{}", error_of(&invoked));
+    assert_eq!(invoked.status, 413, "{}", error_of(&invoked));
     let message = error_of(&invoked);
-    assert!(
-        message
-            .starts_with(&format!("image `small`: a request of {} bytes is larger than the {limit} bytes", over.len())),
-        "{message}"
-    );
+    let start = format!("image `small`: a request of {} bytes is larger than the {limit} bytes", over.len());
+    assert!(message.starts_with(&start), "{message}");
     assert!(message.contains("8 MiB") && message.contains("--mem-mib") && message.contains("`mem_mib`"), "{message}");
+    // The dispatcher's echo route: a default 64 MiB guest.
+    let echo_limit = c.get_image("echo").expect("GET echo")["max_request"].as_u64().expect("max_request");
+    let routed = d.http("POST", "/echo", &[], &vec![7u8; echo_limit as usize + 1]);
+    assert_eq!(routed.status, 413, "{}", error_of(&routed));
+    assert!(error_of(&routed).contains("with 64 MiB of memory"), "{}", error_of(&routed));
 
     let m = c.metrics().expect("metrics");
     assert_eq!(metric_value(&m, "mu2_forks_total", ""), forks_before, "no VM for a refused request: {m}");
     assert_eq!(metric_value(&m, "mu2_requests_total", "image=\"work\",outcome=\"function_error\""), 2.0, "{m}");
-    assert_eq!(metric_value(&m, "mu2_requests_total", "image=\"small\",outcome=\"rejected\""), 2.0, "{m}");
+    assert_eq!(metric_value(&m, "mu2_requests_total", "image=\"small\",outcome=\"rejected\""), 1.0, "{m}");
+    assert_eq!(metric_value(&m, "mu2_requests_total", "image=\"echo\",outcome=\"rejected\""), 1.0, "{m}");
 }
 
 #[test]
@@ -526,4 +532,100 @@ fn echo_over_vsock_uds(path: &std::path::Path, payload: &[u8]) -> Vec<u8> {
     let mut back = vec![0u8; header.len as usize];
     stream.read_exact(&mut back).expect("echo");
     back
+}
+
+/// Lines of a child's stderr as they come, read on a thread.
+fn stderr_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    let stderr = child.stderr.take().expect("piped stderr");
+    let (send, receive) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            if send.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    receive
+}
+
+#[test]
+fn serve_says_where_it_listens_with_the_port_it_bound() {
+    kvm_or_skip!();
+    let dir = std::env::temp_dir().join(format!("mu2-api-announce-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let sock = dir.join("api.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mu2"))
+        .arg("serve")
+        .arg("--api-sock")
+        .arg(&sock)
+        .args(["--http", "127.0.0.1:0", "--route", "/echo=echo", "--mode", "fresh"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting mu2 serve");
+    let lines = stderr_lines(&mut child);
+    let mut seen = Vec::new();
+    while !seen.last().is_some_and(|l: &String| l.starts_with("mu2 serve: mode")) {
+        match lines.recv_timeout(Duration::from_secs(120)) {
+            Ok(line) => seen.push(line),
+            Err(e) => panic!("no startup lines ({e}): {seen:?}"),
+        }
+    }
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = seen.join("\n");
+    assert!(text.contains(&format!("control API on unix socket {}", sock.display())), "{text}");
+    assert!(text.contains("route /echo -> image echo"), "{text}");
+    assert!(text.contains("mode fresh, at most 256 VMs, 10s per request"), "{text}");
+    let port = text
+        .split("HTTP dispatcher on http://127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|p| p.parse::<u16>().ok())
+        .unwrap_or_else(|| panic!("the bound port: {text}"));
+    assert_ne!(port, 0, "{text}");
+}
+
+#[test]
+fn serve_refuses_routes_it_cannot_serve_as_bad_input() {
+    let sock = std::env::temp_dir().join(format!("mu2-api-refuse-{}.sock", std::process::id()));
+    let sock_arg = sock.to_str().expect("utf-8 path");
+    for (args, expected) in [
+        (&["--http", "127.0.0.1:0", "--route", "/x=no-such-image"][..], "no built-in guest `no-such-image`"),
+        (&["--route", "/echo=echo"], "--route /echo=echo without --http"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_mu2"))
+            .args(["serve", "--api-sock", sock_arg])
+            .args(args)
+            .output()
+            .expect("running mu2 serve");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(expected), "{args:?}: {err}");
+        assert!(!sock.exists(), "no socket left by a refused start");
+    }
+}
+
+#[test]
+fn a_failed_http_bind_leaves_no_socket_or_directory_behind() {
+    kvm_or_skip!();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+    let addr = taken.local_addr().expect("address").to_string();
+    let sock = std::env::temp_dir().join(format!("mu2-api-bind-{}.sock", std::process::id()));
+    let child = Command::new(env!("CARGO_BIN_EXE_mu2"))
+        .arg("serve")
+        .arg("--api-sock")
+        .arg(&sock)
+        .args(["--http", &addr])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting mu2 serve");
+    let pid = child.id();
+    let out = child.wait_with_output().expect("waiting for mu2 serve");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&format!("binding {addr}")), "{err}");
+    assert!(!sock.exists(), "the API socket is removed");
+    let images = std::env::temp_dir().join(format!("mu2-serve-{pid}"));
+    assert!(!images.exists(), "{} is removed", images.display());
 }

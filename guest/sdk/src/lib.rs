@@ -24,6 +24,8 @@
 extern crate alloc;
 
 mod arch;
+#[cfg(feature = "c")]
+pub mod c;
 pub mod cmdline;
 pub mod console;
 pub mod fault;

@@ -4,8 +4,8 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
-use mu2_vmm::arch::EntryMode;
 use mu2_vmm::source::{GuestSettings, ImageSource, SourceError};
+use mu2_vmm::EntryMode;
 use mu2_vmm::VmConfig;
 
 use crate::failure::{CliError, Failure};

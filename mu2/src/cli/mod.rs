@@ -3,8 +3,11 @@
 
 mod args;
 mod bench;
+mod build;
 mod guests;
 mod invoke;
+mod new;
+mod plot;
 mod run;
 mod serve;
 mod snapshot;
@@ -17,7 +20,8 @@ use crate::failure::Failure;
 #[command(name = "mu2", version, about = "Run every request in a brand-new micro-VM.")]
 #[command(after_help = "Exit codes: 0 ok, 1 other failure, 2 bad input, 3 guest crashed (fault, panic), \
                         4 timeout, 5 KVM unavailable, 6 guest broke the device protocol, \
-                        7 resource exhausted (memory, file descriptors), 8 the function returned an error.")]
+                        7 resource exhausted (memory, file descriptors), 8 the function returned an error. \
+                        Log messages go to stderr: RUST_LOG=info (or debug) for more than warnings.")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -35,6 +39,12 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// List the guests built into this binary.
     Guests,
+    /// Write a new function crate on the guest SDK (build it with `mu2 build`).
+    New(new::NewArgs),
+    /// Build a function crate into a guest ELF and print the ELF's path.
+    Build(build::BuildArgs),
+    /// Draw benchmark runs from their CSV files (`mu2 bench --csv`) on one latency plot.
+    Plot(plot::PlotArgs),
     /// Run the daemon: the control API on a Unix socket, the HTTP dispatcher on TCP.
     Serve(serve::ServeArgs),
 }
@@ -46,10 +56,10 @@ pub fn run(command: &Command) -> Result<(), Failure> {
         Command::Invoke(args) => invoke::invoke(args),
         Command::Snapshot(args) => snapshot::snapshot(args),
         Command::Bench(args) => bench::bench(args),
-        Command::Guests => {
-            guests::list();
-            Ok(())
-        }
+        Command::Guests => guests::list(),
+        Command::New(args) => new::new(args),
+        Command::Build(args) => build::build(args),
+        Command::Plot(args) => plot::plot(args),
         Command::Serve(args) => serve::serve(args),
     }
 }

@@ -52,5 +52,34 @@ pub fn serve(args: &ServeArgs) -> Result<(), Failure> {
         max_body: args.max_body,
         ..ServeConfig::new(args.api_sock.clone())
     };
-    Ok(mu2_vmm::api::run_until_signal(config)?)
+    let announce = |daemon: &mu2_vmm::api::Daemon| {
+        for line in startup_lines(args, daemon.http_addr()) {
+            eprintln!("{line}");
+        }
+    };
+    Ok(mu2_vmm::api::run_until_signal(config, announce)?)
+}
+
+/// What `mu2 serve` says on stderr once it accepts requests, one line each: the API socket, the
+/// dispatcher's address as bound (so `--http 127.0.0.1:0` tells its port), each route, the mode.
+fn startup_lines(args: &ServeArgs, http: Option<std::net::SocketAddr>) -> Vec<String> {
+    let mut lines = vec![format!("mu2 serve: control API on unix socket {}", args.api_sock.display())];
+    match http {
+        Some(addr) => lines.push(format!("mu2 serve: HTTP dispatcher on http://{addr}")),
+        None => lines.push("mu2 serve: no HTTP dispatcher (--http ADDR starts one)".to_string()),
+    }
+    for (prefix, image) in &args.routes {
+        lines.push(format!("mu2 serve: route {prefix} -> image {image}"));
+    }
+    let pool = match args.mode {
+        mu2_vmm::fork::Mode::Pool => format!(", {} VMs pooled per image", args.pool_size),
+        _ => String::new(),
+    };
+    lines.push(format!(
+        "mu2 serve: mode {}{pool}, at most {} VMs, {:?} per request; SIGINT or SIGTERM stops it",
+        format!("{:?}", args.mode).to_lowercase(),
+        args.max_vms,
+        args.timeout
+    ));
+    lines
 }

@@ -13,7 +13,7 @@ use crate::failure::Failure;
 pub struct SnapshotArgs {
     #[command(flatten)]
     guest: GuestArgs,
-    /// The image directory to write.
+    /// The image directory to write (its parent directory must exist).
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
     /// Give up if the guest is not ready after this long.
@@ -23,6 +23,7 @@ pub struct SnapshotArgs {
 
 pub fn snapshot(args: &SnapshotArgs) -> Result<(), Failure> {
     let config = args.guest.vm_config("quiet")?;
+    crate::failure::parent_exists("image directory", &args.out)?;
     let hv = Hypervisor::open()?;
     let start = Instant::now();
     mu2_vmm::image::create(&hv, &config, &args.out, Some(start + args.timeout))?;

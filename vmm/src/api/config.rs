@@ -66,6 +66,19 @@ impl ServeConfig {
         if let Some((_, image)) = self.routes.iter().find(|(_, image)| !model::valid_name(image)) {
             return Err(ServeError::Config(format!("route to invalid image name `{image}`")));
         }
+        // Routes are fixed at start, and only the built-in guests are images by then.
+        if let Some((prefix, image)) = self.routes.iter().find(|(_, image)| crate::guests::find(image).is_none()) {
+            return Err(ServeError::Config(format!(
+                "--route {prefix}={image}: no built-in guest `{image}` (a route names one of `mu2 guests`)"
+            )));
+        }
+        if self.http.is_none() {
+            if let Some((prefix, image)) = self.routes.first() {
+                return Err(ServeError::Config(format!(
+                    "--route {prefix}={image} without --http: routes belong to the HTTP dispatcher, which --http ADDR starts"
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -84,6 +97,17 @@ pub enum ServeError {
     /// /dev/kvm could not be opened.
     #[error("opening KVM")]
     Hypervisor(#[source] HypervisorError),
+    /// The image a route names could not be made.
+    #[error("--route {prefix}={image}")]
+    Route {
+        /// The route's path prefix.
+        prefix: String,
+        /// The image it names.
+        image: String,
+        /// Why the image could not be made (boxed: the error is large, and rare).
+        #[source]
+        source: Box<crate::source::SourceError>,
+    },
     /// A socket or directory could not be set up.
     #[error("{what} {path}")]
     Io {
@@ -110,6 +134,7 @@ impl Classify for ServeError {
         match self {
             ServeError::Config(_) => FailureKind::BadInput,
             ServeError::Hypervisor(e) => e.kind(),
+            ServeError::Route { source, .. } => source.kind(),
             ServeError::Io { source, .. } => crate::error::io_kind(source),
         }
     }

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use serde_json::json;
 
-use super::config::ServeConfig;
+use super::config::{ServeConfig, ServeError};
 use super::dispatch::{self, DispatchError, Routes};
 use super::failure;
 use super::http::{Request, Response};
@@ -145,13 +145,19 @@ impl Handlers {
     }
 
     /// Builds the built-in images behind routes, so that the first requests find them (and
-    /// their pools) ready. A failure leaves the route to fail per request.
-    pub(super) fn prepare_routes(&self) {
-        for (_, image) in self.routes.iter() {
-            if let Err(e) = self.registry.entry(image) {
-                log::warn!("route image `{image}`: {}", error_chain(&e));
+    /// their pools) ready. A route that cannot be served stops the start.
+    pub(super) fn prepare_routes(&self) -> Result<(), ServeError> {
+        for (prefix, image) in self.routes.iter() {
+            let (prefix, image) = (prefix.to_string(), image.to_string());
+            match self.registry.entry(&image) {
+                Ok(_) => {}
+                Err(RegistryError::Build { source, .. }) => {
+                    return Err(ServeError::Route { prefix, image, source: Box::new(source) })
+                }
+                Err(e) => return Err(ServeError::Config(format!("--route {prefix}={image}: {}", error_chain(&e)))),
             }
         }
+        Ok(())
     }
 
     /// Answers a request on the control API's socket.

@@ -87,8 +87,10 @@ impl Daemon {
             None => (std::env::temp_dir().join(format!("mu2-serve-{}", std::process::id())), true),
         };
         std::fs::create_dir_all(&images_dir).map_err(ServeError::io("creating", images_dir.display()))?;
+        let mut made = Made { images_dir: owns_images_dir.then(|| images_dir.clone()), api_sock: None };
         let api =
             listen::bind_private(&config.api_sock).map_err(ServeError::io("binding", config.api_sock.display()))?;
+        made.api_sock = Some(config.api_sock.clone());
         let tcp = match config.http {
             Some(addr) => Some(TcpListener::bind(addr).map_err(ServeError::io("binding", addr))?),
             None => None,
@@ -99,7 +101,10 @@ impl Daemon {
         let registry = Registry::new(hv, &config, images_dir, owns_images_dir, lifecycle.clone());
         let (api_sock, timeout, max_body) = (config.api_sock.clone(), config.timeout, config.max_body);
         let handlers = Arc::new(Handlers::new(config, routes, registry, metrics.clone(), lifecycle.clone()));
-        handlers.prepare_routes();
+        if let Err(e) = handlers.prepare_routes() {
+            handlers.registry().clear();
+            return Err(e);
+        }
         let endpoint = |label, handler: Arc<listen::Handler>| Endpoint {
             label,
             handler,
@@ -120,6 +125,7 @@ impl Daemon {
                     .map_err(ServeError::io("spawning", "the HTTP acceptor"))?,
             );
         }
+        made.keep();
         Ok(Daemon { handlers, lifecycle, stop_request: Arc::default(), acceptors, api_sock, http_addr, timeout })
     }
 
@@ -164,14 +170,41 @@ impl Daemon {
     }
 }
 
-/// Runs the daemon until SIGINT or SIGTERM.
-pub fn run_until_signal(config: ServeConfig) -> Result<(), ServeError> {
+/// What `Daemon::start` made on disk: removed again if the start fails half-way (a port in
+/// use, an image that cannot be built), so a failed start leaves nothing behind.
+struct Made {
+    images_dir: Option<PathBuf>,
+    api_sock: Option<PathBuf>,
+}
+
+impl Made {
+    /// The start succeeded: the daemon removes them when it stops.
+    fn keep(mut self) {
+        self.images_dir = None;
+        self.api_sock = None;
+    }
+}
+
+impl Drop for Made {
+    fn drop(&mut self) {
+        if let Some(sock) = &self.api_sock {
+            let _ = std::fs::remove_file(sock);
+        }
+        if let Some(dir) = &self.images_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Runs the daemon until SIGINT or SIGTERM; `started` is called once it accepts requests.
+pub fn run_until_signal(config: ServeConfig, started: impl FnOnce(&Daemon)) -> Result<(), ServeError> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     // Registered first, so that a signal during startup is not lost.
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
         .map_err(ServeError::io("installing", "signal handlers"))?;
     let handle = signals.handle();
     let daemon = Daemon::start(config)?;
+    started(&daemon);
     let stopper = daemon.stopper();
     let watcher = std::thread::Builder::new()
         .name("mu2-signals".into())

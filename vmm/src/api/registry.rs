@@ -301,8 +301,7 @@ impl Registry {
     pub(super) fn list(&self) -> (Vec<serde_json::Value>, Vec<&'static str>) {
         let images = lock(&self.images);
         let listed = images.values().map(|e| e.describe()).collect();
-        let available =
-            guests::EXAMPLES.iter().copied().chain(["hello-http"]).filter(|n| !images.contains_key(*n)).collect();
+        let available = guests::EXAMPLES.iter().copied().filter(|n| !images.contains_key(*n)).collect();
         (listed, available)
     }
 

@@ -61,8 +61,20 @@ pub enum ArchError {
     #[error("loading the guest ELF image")]
     Load(#[source] ElfError),
     /// The devicetree could not be built.
-    #[error("building the devicetree: {0}")]
-    Devicetree(String),
+    #[error("building the devicetree")]
+    Devicetree(#[source] vm_fdt::Error),
+    /// The command line is not text (the devicetree carries it as a string).
+    #[error("the kernel command line is not UTF-8")]
+    CmdlineNotText(#[source] std::str::Utf8Error),
+    /// The devicetree does not fit where it goes.
+    #[error("the devicetree of {len} bytes does not fit below the HostInfo page")]
+    DevicetreeTooLarge {
+        /// Its size.
+        len: usize,
+    },
+    /// KVM's register list could not be allocated.
+    #[error("allocating the register list")]
+    RegisterList(#[source] vmm_sys_util::fam::Error),
     /// The entry mode does not exist on this architecture.
     #[error("entry mode {0:?} is not supported on aarch64")]
     Unsupported(EntryMode),
@@ -176,12 +188,12 @@ pub fn write_boot_data(mem: &GuestMemoryMmap, mem_size: u64, cmdline: &[u8], mod
     }
     tables::write(mem, mem_size)?;
     let text = cmdline.split(|&b| b == 0).next().unwrap_or_default();
-    let text = std::str::from_utf8(text).map_err(|e| ArchError::Devicetree(format!("command line: {e}")))?;
+    let text = std::str::from_utf8(text).map_err(ArchError::CmdlineNotText)?;
     // The vCPU count is not known here; the guest reads only memory and bootargs, and
     // secondary vCPUs stay powered off.
     let blob = fdt::build(mem_size, 1, text)?;
     if blob.len() as u64 > layout::HOST_INFO - layout::BOOT_PARAMS {
-        return Err(ArchError::Devicetree(format!("{} bytes do not fit below HOST_INFO", blob.len())));
+        return Err(ArchError::DevicetreeTooLarge { len: blob.len() });
     }
     mem.write_slice(&blob, GuestAddress(layout::BOOT_PARAMS))
         .map_err(|source| ArchError::Memory { what: "devicetree", source })
@@ -391,7 +403,8 @@ impl crate::error::Classify for ArchError {
         use crate::error::FailureKind;
         match self {
             ArchError::Kvm { source, .. } => crate::error::kvm_kind(source),
-            ArchError::Register { .. } | ArchError::Devicetree(_) => FailureKind::Internal,
+            ArchError::Register { .. } | ArchError::Devicetree(_) | ArchError::RegisterList(_) => FailureKind::Internal,
+            ArchError::CmdlineNotText(_) | ArchError::DevicetreeTooLarge { .. } => FailureKind::BadInput,
             ArchError::Memory { .. } | ArchError::Load(_) | ArchError::ImagePlacement { .. } => FailureKind::BadInput,
             ArchError::Unsupported(_) | ArchError::BadState(_) => FailureKind::BadInput,
         }
