@@ -372,6 +372,45 @@ fn dispatcher_serves_200_concurrent_requests_and_shutdown_is_clean() {
 }
 
 #[test]
+fn an_image_from_mu2_snapshot_is_served_as_its_guest_announced_and_shows_its_content_id() {
+    kvm_or_skip!();
+    // Routes name built-in guests only (they are fixed at start), so the route names
+    // `hello-http`, and the built image is then replaced by one registered from a directory
+    // under the same name: what the dispatcher does with it comes from the registration.
+    let d = Daemon::start("snapshot-http", &["--route", "/web=hello-http", "--pool-size", "1"]);
+    let image = d.dir.join("hello-http.img");
+    let out = Command::new(env!("CARGO_BIN_EXE_mu2"))
+        .args(["snapshot", "--function", "hello-http", "--out"])
+        .arg(&image)
+        .output()
+        .expect("mu2 snapshot");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let info = Command::new(env!("CARGO_BIN_EXE_mu2")).args(["image", "info", "--json"]).arg(&image).output();
+    let info: serde_json::Value = serde_json::from_slice(&info.expect("mu2 image info").stdout).expect("JSON");
+    assert_eq!(info["ready_flags"], json!(["http"]));
+
+    // Registered without `http`: the image's own flags say it speaks HTTP.
+    let c = d.client();
+    c.delete_image("hello-http").expect("DELETE the built-in");
+    let created = c.put_image("hello-http", &json!({ "path": image })).expect("PUT");
+    assert_eq!(created["source"]["path"], json!(image));
+    assert_eq!(created["http"], true);
+    assert_eq!(created["content_id"], info["content_id"]);
+    assert_eq!(c.get_image("hello-http").expect("GET")["content_id"], info["content_id"]);
+    let r = d.http("GET", "/web/world?status=201", &[], b"");
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    assert!(String::from_utf8_lossy(&r.body).contains("path: /web/world\n"));
+
+    // The request's `http` still wins.
+    c.delete_image("hello-http").expect("DELETE");
+    let created = c.put_image("hello-http", &json!({ "path": image, "http": false })).expect("PUT");
+    assert_eq!(created["http"], false);
+    let r = d.http("GET", "/web/world?status=201", &[], b"");
+    assert_eq!(r.status, 200, "the guest's answer passed through as an opaque body");
+    assert!(String::from_utf8_lossy(&r.body).starts_with("HTTP/1.1 "), "{}", String::from_utf8_lossy(&r.body));
+}
+
+#[test]
 fn openapi_document_matches_the_server() {
     kvm_or_skip!();
     let doc: serde_json::Value = serde_json::from_str(include_str!("../../docs/openapi.json")).expect("openapi.json");

@@ -253,6 +253,93 @@ fn an_unreadable_kernel_is_bad_input_in_every_command() {
     assert!(!std::path::Path::new(&image).exists(), "no image is written");
 }
 
+#[test]
+fn image_info_shows_what_an_image_is_in_text_and_json() {
+    kvm_or_skip!();
+    let scratch = Scratch::new("info");
+    let image = scratch.path("echo.img");
+    let out = mu2(&["snapshot", "--function", "echo", "--cpu-template", "baseline", "--out", &image]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = mu2(&["image", "info", &image, "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let id = info["content_id"].as_str().expect("content id").to_string();
+    assert!(id.starts_with("sha256:") && id.len() == 71, "{id}");
+    assert!(stderr(&mu2(&["image", "info", &image])).is_empty());
+    assert_eq!(info["arch"], std::env::consts::ARCH);
+    assert_eq!(info["format_version"], 2);
+    assert_eq!(info["mem_size"], 64 << 20);
+    assert_eq!(info["vcpus"], 1);
+    assert_eq!(info["cpu_template"], "baseline");
+    assert_eq!(info["ready_flags"], serde_json::json!([]));
+    assert_eq!(info["http"], false);
+    if cfg!(target_arch = "x86_64") {
+        let features: Vec<&str> =
+            info["cpu_features"].as_array().expect("list").iter().flat_map(|f| f.as_str()).collect();
+        assert!(features.contains(&"sse4_2") && features.contains(&"lm"), "{features:?}");
+    }
+    let text = String::from_utf8(mu2(&["image", "info", &image]).stdout).expect("utf-8");
+    for line in [format!("content id     {id}"), "format         2".into(), "memory         64 MiB".into()] {
+        assert!(text.contains(&line), "{line:?} missing from\n{text}");
+    }
+    assert!(text.contains("cpu template   baseline"), "{text}");
+    // The id `snapshot` printed, `verify` recomputes.
+    let out = mu2(&["image", "verify", &image]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), id);
+    // Not an image: bad input.
+    let out = mu2(&["image", "info", &scratch.path("nothing")]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+}
+
+#[test]
+fn a_packed_image_unpacks_elsewhere_and_a_damaged_pack_is_refused_with_nothing_left() {
+    kvm_or_skip!();
+    let scratch = Scratch::new("pack");
+    let image = scratch.path("echo.img");
+    assert!(mu2(&["snapshot", "--function", "echo", "--out", &image]).status.success());
+    let pack = scratch.path("echo.pack");
+    let out = mu2(&["image", "pack", &image, "-o", &pack]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(id.starts_with("sha256:"), "{id}");
+
+    let moved = scratch.path("moved.img");
+    let out = mu2(&["image", "unpack", &pack, &moved]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), id);
+    let out = mu2(&["invoke", "--image", &moved, "--data", "moved"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(out.stdout, b"moved");
+    // Into an image directory that exists: refused, and it is untouched.
+    let out = mu2(&["image", "unpack", &pack, &moved]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("is not an empty directory"), "{}", stderr(&out));
+
+    let good = std::fs::read(&pack).expect("pack");
+    let damaged = scratch.path("damaged.pack");
+    let target = scratch.path("target.img");
+    let mut flipped = good.clone();
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 0x08;
+    let mut long = good.clone();
+    long.extend_from_slice(b"tail");
+    let mut other_id = good.clone();
+    other_id[40] ^= 1;
+    for (what, bytes, says) in [
+        ("truncated", &good[..good.len() - 9], "truncated"),
+        ("corrupted", &flipped[..], "corrupt"),
+        ("over-long", &long[..], "after the end"),
+        ("another id", &other_id[..], "content id"),
+    ] {
+        std::fs::write(&damaged, bytes).expect("write");
+        let out = mu2(&["image", "unpack", &damaged, &target]);
+        assert_eq!(out.status.code(), Some(2), "{what}: {}", stderr(&out));
+        assert!(stderr(&out).contains(says), "{what}: {}", stderr(&out));
+        assert!(!std::path::Path::new(&target).exists(), "{what}: something was left behind");
+    }
+}
+
 /// A running `mu2`, killed when dropped.
 struct Running(std::process::Child);
 

@@ -5,6 +5,7 @@ mod args;
 mod bench;
 mod build;
 mod guests;
+mod image;
 mod invoke;
 mod new;
 mod plot;
@@ -35,6 +36,8 @@ pub enum Command {
     Invoke(invoke::InvokeArgs),
     /// Boot a guest, wait until it is ready, freeze it into an image directory.
     Snapshot(snapshot::SnapshotArgs),
+    /// Inspect, verify, pack and unpack frozen images.
+    Image(image::ImageArgs),
     /// Measure request latency next to the raw KVM floor of this host.
     Bench(bench::BenchArgs),
     /// List the guests built into this binary.
@@ -55,6 +58,7 @@ pub fn run(command: &Command) -> Result<(), Failure> {
         Command::Run(args) => run::run(args),
         Command::Invoke(args) => invoke::invoke(args),
         Command::Snapshot(args) => snapshot::snapshot(args),
+        Command::Image(args) => image::image(args),
         Command::Bench(args) => bench::bench(args),
         Command::Guests => guests::list(),
         Command::New(args) => new::new(args),

@@ -32,7 +32,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub use config::{ServeConfig, ServeError};
-pub use registry::SIDECAR;
 
 use crate::hypervisor::Hypervisor;
 use dispatch::Routes;

@@ -8,6 +8,7 @@ use mu2_devices::virtio::vsock::Vsock;
 
 use super::{GuestError, Phase, Vm};
 use crate::arch;
+use crate::cpu::CpuTemplate;
 use crate::error::{Classify, FailureKind};
 
 /// Why a VM could not be frozen.
@@ -57,6 +58,14 @@ pub struct VmState {
     pub max_request: u32,
     /// The TSC frequency the guest was told.
     pub tsc_khz: Option<u32>,
+    /// The flags the guest announced when it became ready (`mu2_abi::ready_flags`), which a
+    /// restored guest does not announce again.
+    pub ready_flags: u32,
+    /// The CPU template the guest was booted with.
+    pub cpu_template: CpuTemplate,
+    /// The CPU features the guest saw (of vCPU 0's CPUID table; every vCPU's must be the same),
+    /// which a host must have to restore it.
+    pub cpu_features: arch::CpuFeatures,
 }
 
 // The image format's tripwire: describing every field that reaches the encoding, in order.
@@ -77,8 +86,8 @@ impl VmState {
             abi_version: mu2_abi::ABI_VERSION,
             port: self.port,
             buf_alloc: self.buf_alloc,
+            flags: self.ready_flags,
             max_request: self.max_request,
-            ..Default::default()
         }
     }
 }
@@ -98,6 +107,8 @@ impl Vm {
         let vcpus = self.save_vcpus().map_err(FreezeError::Arch)?;
         let serial = self.serial().save();
         let vsock = self.save_vsock();
+        // A VM always has a vCPU (checked when it is built).
+        let cpu_features = vcpus.first().map(arch::guest_features).unwrap_or_default();
         Ok(VmState {
             mem_size: self.ram.size() as u64,
             vcpus,
@@ -107,6 +118,9 @@ impl Vm {
             buf_alloc: ready.buf_alloc,
             max_request: ready.max_request,
             tsc_khz: self.tsc_khz,
+            ready_flags: ready.flags,
+            cpu_template: self.cpu_template,
+            cpu_features,
         })
     }
 

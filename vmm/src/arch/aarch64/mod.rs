@@ -12,6 +12,7 @@
 
 mod elf;
 mod fdt;
+mod features;
 mod regs;
 mod state;
 mod tables;
@@ -25,6 +26,9 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 pub use elf::ElfError;
+#[cfg(feature = "inspect")]
+pub use features::remove_features;
+pub use features::{apply_template, check_recorded, guest_features, table_features, vcpu_features, CpuFeatures};
 pub use state::{saved_msr_indices, RestorePlan, VcpuState};
 
 /// Errors of the aarch64 setup code.
@@ -81,6 +85,12 @@ pub enum ArchError {
     /// A saved state is inconsistent.
     #[error("invalid saved vCPU state: {0}")]
     BadState(String),
+    /// A CPU template that does not exist on this architecture.
+    #[error("the {0} CPU template is not supported on aarch64")]
+    TemplateUnsupported(crate::cpu::CpuTemplate),
+    /// A CPU feature name this build does not know.
+    #[error("unknown CPU feature `{0}`")]
+    UnknownFeature(String),
     /// The guest image would not fit where guest images go.
     #[error(
         "the guest image must be linked at or above {min:#x} and end below {max:#x}; it spans {start:#x}..{end:#x}"
@@ -393,10 +403,13 @@ pub const VM_STATE_SCHEMA: &str = "VmState {
         vcpus: Vec<VcpuState { index: u8, init: kvm_vcpu_init, regs: Vec<(u64, Vec<u8>)>, mp_state: u32 }>,
         serial: SerialConsole::State,
         vsock: MmioTransportState<VsockState>,
-        port: u32, buf_alloc: u32, max_request: u32, tsc_khz: Option<u32>
+        port: u32, buf_alloc: u32, max_request: u32, tsc_khz: Option<u32>,
+        ready_flags: u32,
+        cpu_template: CpuTemplate { Host, Baseline },
+        cpu_features: CpuFeatures {}
     }";
 /// [`VM_STATE_SCHEMA`]'s recorded fingerprint.
-pub const VM_STATE_FINGERPRINT: u64 = 0x08c0_a519_1110_d26d;
+pub const VM_STATE_FINGERPRINT: u64 = 0x2846_0f39_a7f9_e83f;
 
 impl crate::error::Classify for ArchError {
     fn kind(&self) -> crate::error::FailureKind {
@@ -407,6 +420,7 @@ impl crate::error::Classify for ArchError {
             ArchError::CmdlineNotText(_) | ArchError::DevicetreeTooLarge { .. } => FailureKind::BadInput,
             ArchError::Memory { .. } | ArchError::Load(_) | ArchError::ImagePlacement { .. } => FailureKind::BadInput,
             ArchError::Unsupported(_) | ArchError::BadState(_) => FailureKind::BadInput,
+            ArchError::TemplateUnsupported(_) | ArchError::UnknownFeature(_) => FailureKind::BadInput,
         }
     }
 }
