@@ -213,11 +213,13 @@ impl Vm {
             return Err(BuildError::VcpuCount { asked: config.vcpus, max: max_vcpus });
         }
         let kvm_err = |what| move |source| BuildError::Kvm { what, source };
-        let vm_fd = hv.kvm().create_vm().map_err(kvm_err("create a VM"))?;
-        // Validated above: the size fits in usize.
+        // Validated above: the size fits in usize. Mapped before the VM exists, so that on an
+        // early return below the VM's locals (declared later) are dropped before it.
         let ram = GuestRam::anonymous(config.mem_size as usize).map_err(BuildError::Memory)?;
-        // SAFETY: `ram` is kept in the returned `Vm`, whose field order drops the vCPUs and
-        // the VM before the memory.
+        let vm_fd = hv.kvm().create_vm().map_err(kvm_err("create a VM"))?;
+        // SAFETY: every KVM fd of this VM (`vm_fd`, and the vCPUs made below) is declared after
+        // `ram`, so an early return drops them first; on success they move into the `Vm`,
+        // whose field order drops the vCPUs and the VM before the memory.
         unsafe { ram.register(&vm_fd) }.map_err(kvm_err("register guest memory"))?;
 
         let mem = ram.memory();
