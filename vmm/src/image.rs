@@ -313,6 +313,10 @@ fn validate(dir: &Path, header: &StateHeader, state: &VmState) -> Result<(), Ima
     if state.vcpus.is_empty() {
         return Err(invalid("no vCPUs".to_string()));
     }
+    // Each vCPU is created under its saved index: they must be 0, 1, … in order.
+    if let Some((position, vcpu)) = state.vcpus.iter().enumerate().find(|(i, v)| usize::from(v.index) != *i) {
+        return Err(invalid(format!("vCPU {position} is saved with index {}", vcpu.index)));
+    }
     if u64::from(state.max_request) > state.mem_size {
         return Err(invalid(format!("a largest request of {} bytes, beyond guest memory", state.max_request)));
     }

@@ -13,7 +13,10 @@ use mu2_abi::ReadyInfo;
 use mu2_devices::virtio::vsock::{CloseReason, ConnId, ConnPhase, HostEndpoint, VsockError};
 
 use crate::error::{Classify, FailureKind};
-use crate::vm::{GuestError, RunStop, Vm};
+
+/// The most response buffer reserved on a guest's announcement alone.
+const INITIAL_BODY_RESERVE: usize = 1 << 20;
+use crate::vm::{printable, GuestError, RunStop, Vm};
 
 /// Largest response accepted unless the caller says otherwise.
 pub const DEFAULT_MAX_RESPONSE: usize = 64 << 20;
@@ -120,12 +123,6 @@ pub enum InvokeError {
     },
 }
 
-/// A guest's text as it may be shown: control characters (which could drive a terminal)
-/// replaced.
-fn printable(text: &str) -> String {
-    text.chars().map(|c| if c.is_control() { '\u{fffd}' } else { c }).collect()
-}
-
 impl InvokeError {
     /// Whether the failure is the guest running out of time.
     pub fn is_timeout(&self) -> bool {
@@ -190,8 +187,9 @@ impl ResponseFrame {
             if len > self.max_response {
                 return Err(InvokeError::ResponseTooLarge { limit: self.max_response });
             }
-            // Bounded by the caller's limit: at most what the guest could send anyway.
-            self.body.reserve_exact(len);
+            // The announced length is the guest's word: reserve at most a little up front and
+            // let the buffer grow with the bytes that actually arrive.
+            self.body.reserve_exact(len.min(INITIAL_BODY_RESERVE));
             self.header = Some(header);
         }
         let missing = self.expected() - self.received();

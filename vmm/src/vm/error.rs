@@ -29,6 +29,16 @@ pub enum BuildError {
         /// The most this host allows.
         max: usize,
     },
+    /// A vsock buffer or connection limit is out of range.
+    #[error("vsock limit {name} of {value} is out of range (at most {max})")]
+    VsockLimit {
+        /// Which limit.
+        name: &'static str,
+        /// The value asked for.
+        value: u64,
+        /// The most allowed.
+        max: u64,
+    },
     /// A KVM call failed.
     #[error("KVM could not {what}")]
     Kvm {
@@ -55,9 +65,10 @@ pub enum BuildError {
 impl Classify for BuildError {
     fn kind(&self) -> FailureKind {
         match self {
-            BuildError::MemorySize { .. } | BuildError::VcpuCount { .. } | BuildError::Cmdline(_) => {
-                FailureKind::BadInput
-            }
+            BuildError::MemorySize { .. }
+            | BuildError::VcpuCount { .. }
+            | BuildError::VsockLimit { .. }
+            | BuildError::Cmdline(_) => FailureKind::BadInput,
             BuildError::Kvm { source, .. } => kvm_kind(source),
             BuildError::Memory(e) => e.kind(),
             BuildError::Arch(e) => e.kind(),

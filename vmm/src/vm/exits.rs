@@ -184,7 +184,8 @@ impl Vm {
                 Ok(Some(RunStop::Exited(code)))
             }
             SysdevRequest::Panic(addr) => {
-                let message = self.read_text(addr).unwrap_or_else(|| "(unreadable message)".into());
+                let message =
+                    self.read_text(addr).map_or_else(|| "(unreadable message)".into(), |t| super::printable(&t));
                 self.phase = Phase::Stopped;
                 Err(GuestError::Panic(message))
             }

@@ -184,6 +184,12 @@ impl std::fmt::Debug for Vm {
     }
 }
 
+/// A guest's text as it may be shown: control characters (which could drive a terminal, or
+/// fake a log line) replaced.
+pub(crate) fn printable(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { '\u{fffd}' } else { c }).collect()
+}
+
 fn next_vm_id() -> u64 {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
@@ -211,6 +217,9 @@ impl Vm {
         let max_vcpus = hv.max_vcpus();
         if config.vcpus == 0 || usize::from(config.vcpus) > max_vcpus {
             return Err(BuildError::VcpuCount { asked: config.vcpus, max: max_vcpus });
+        }
+        if let Some((name, value, max)) = config.vsock.out_of_range() {
+            return Err(BuildError::VsockLimit { name, value, max });
         }
         let kvm_err = |what| move |source| BuildError::Kvm { what, source };
         // Validated above: the size fits in usize. Mapped before the VM exists, so that on an
