@@ -3,26 +3,47 @@
 
 use std::time::Duration;
 
+/// Why a text is not a duration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    /// The number part is missing or not a number.
+    #[error("`{0}` is not a duration like 500ms or 10s")]
+    NotANumber(String),
+    /// The unit is not one of ours.
+    #[error("unknown time unit `{0}` (use us, ms, s, m or h)")]
+    UnknownUnit(String),
+    /// The number is negative, infinite or too large for a duration.
+    #[error("`{text}` is out of range")]
+    OutOfRange {
+        /// The text given.
+        text: String,
+        /// Why it does not fit.
+        #[source]
+        source: std::time::TryFromFloatSecsError,
+    },
+}
+
 /// Parses `500ms`, `10s`, `1.5m`, `250us`, …; a bare number is seconds.
 ///
 /// ```
 /// use std::time::Duration;
 /// assert_eq!(mu2_vmm::duration::parse("500ms"), Ok(Duration::from_millis(500)));
 /// ```
-pub fn parse(s: &str) -> Result<Duration, String> {
+pub fn parse(s: &str) -> Result<Duration, DurationError> {
     let s = s.trim();
     let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
     let (number, unit) = s.split_at(split);
-    let value: f64 = number.parse().map_err(|_| format!("`{s}` is not a duration like 500ms or 10s"))?;
+    let value: f64 = number.parse().map_err(|_| DurationError::NotANumber(s.to_string()))?;
     let scale = match unit {
         "us" | "µs" => 1e-6,
         "ms" => 1e-3,
         "" | "s" => 1.0,
         "m" => 60.0,
         "h" => 3600.0,
-        _ => return Err(format!("unknown time unit `{unit}` (use us, ms, s, m or h)")),
+        _ => return Err(DurationError::UnknownUnit(unit.to_string())),
     };
-    Duration::try_from_secs_f64(value * scale).map_err(|e| format!("`{s}`: {e}"))
+    Duration::try_from_secs_f64(value * scale)
+        .map_err(|source| DurationError::OutOfRange { text: s.to_string(), source })
 }
 
 /// A duration in the syntax [`parse`] reads back: whole milliseconds when it has no finer

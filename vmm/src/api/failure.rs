@@ -2,9 +2,9 @@
 //! `mu2_requests_total` outcome per [`FailureKind`], so that the same failure gives the same
 //! status from `POST /images/{name}/invoke`, from a dispatcher route and from `PUT`.
 //!
-//! The daemon's own refusals (404, 405, 409, 411, 413, 431, 429 for `--max-vms`, 503 while
-//! shutting down) are not failures of the library: their statuses stay where the daemon
-//! decides them.
+//! The daemon's own refusals (400 for a malformed request or setting, 404, 405, 409, 411, 413,
+//! 431, 429 for `--max-vms`, 503 while shutting down) are not failures of the library: their
+//! statuses stay where the daemon decides them.
 
 use super::metrics::Outcome;
 use crate::error::FailureKind;

@@ -154,7 +154,7 @@ impl Handlers {
                 Err(RegistryError::Build { source, .. }) => {
                     return Err(ServeError::Route { prefix, image, source: Box::new(source) })
                 }
-                Err(e) => return Err(ServeError::Config(format!("--route {prefix}={image}: {}", error_chain(&e)))),
+                Err(e) => return Err(ServeError::RouteRefused { prefix, image, source: Box::new(e) }),
             }
         }
         Ok(())

@@ -7,7 +7,6 @@
 
 extern crate alloc;
 
-use alloc::alloc::{alloc, dealloc, Layout};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -44,22 +43,16 @@ fn work(request: &[u8]) -> Result<Vec<u8>, WorkError> {
     let (pages, spin_us) =
         parse(request).map_err(|word| WorkError::Unparsable(String::from_utf8_lossy(word).into_owned()))?;
     if pages > 0 {
-        let layout = pages
-            .checked_mul(PAGE)
-            .and_then(|size| Layout::from_size_align(size, PAGE).ok())
-            .ok_or(WorkError::TooManyPages(pages))?;
-        // SAFETY: the layout has a non-zero size.
-        let block = unsafe { alloc(layout) };
-        if block.is_null() {
-            return Err(WorkError::OutOfHeap(pages));
-        }
+        let size = pages.checked_mul(PAGE).ok_or(WorkError::TooManyPages(pages))?;
+        let mut block: Vec<u8> = Vec::new();
+        block.try_reserve_exact(size).map_err(|_| WorkError::OutOfHeap(pages))?;
+        // Offsets a page apart land on `pages` distinct pages, aligned or not.
+        let spare = block.spare_capacity_mut();
         for page in 0..pages {
-            // SAFETY: `page * PAGE` is within the block just allocated. Volatile, so the
-            // write (and its page fault) really happens.
-            unsafe { block.add(page * PAGE).write_volatile(1) };
+            spare[page * PAGE].write(1);
         }
-        // SAFETY: allocated above with this layout.
-        unsafe { dealloc(block, layout) };
+        // The writes (and their page faults) must really happen, though nothing reads them.
+        core::hint::black_box(&block);
     }
     mu2_guest::spin_us(spin_us as u64);
     Ok(format!("pages={pages} spin_us={spin_us}").into_bytes())
