@@ -667,7 +667,8 @@ pub(crate) fn open_image_file(dir: &Path, path: &Path) -> Result<File, SnapshotE
         }
         Err(e) => return Err(io_err("stat", path)(e)),
     }
-    // Not through a symbolic link swapped in since, and not blocking on a FIFO.
+    // Non-blocking, so that a FIFO swapped in after the check cannot block the open either
+    // (it is refused by the check on the open file below), and not through a symbolic link.
     let opened = {
         use std::os::unix::fs::OpenOptionsExt;
         OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC).open(path)

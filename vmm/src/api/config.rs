@@ -111,6 +111,18 @@ pub enum ServeError {
         #[source]
         source: Box<crate::source::SourceError>,
     },
+    /// A route names an image the daemon cannot serve (no such built-in guest, or the daemon
+    /// refused it).
+    #[error("--route {prefix}={image}")]
+    RouteRefused {
+        /// The route's path prefix.
+        prefix: String,
+        /// The image it names.
+        image: String,
+        /// Why (the registry's refusal; its type is the daemon's own).
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// Something other than a stale socket is at the `--api-sock` path.
     #[error("--api-sock {0}: something other than a socket is there; refusing to replace it")]
     NotASocket(PathBuf),
@@ -150,6 +162,7 @@ impl Classify for ServeError {
             ServeError::Config(_) => FailureKind::BadInput,
             ServeError::Hypervisor(e) => e.kind(),
             ServeError::Route { source, .. } => source.kind(),
+            ServeError::RouteRefused { .. } => FailureKind::BadInput,
             ServeError::NotASocket(_) => FailureKind::BadInput,
             ServeError::Files(e) => e.kind(),
             ServeError::Sandbox(e) => e.kind(),

@@ -19,6 +19,7 @@ use super::registry::{AdmissionError, Entry, Registry, RegistryError};
 use crate::error::{error_chain, Classify};
 use crate::fork::{ForkError, Served};
 use crate::guests;
+use crate::invoke::RequestTooLarge;
 
 /// Why a request was refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +36,15 @@ enum Failure {
     /// No dispatcher route matches the path.
     #[error("no route for {0}")]
     NoRoute(String),
+    /// The request is larger than the image's guest can hold.
+    #[error("image `{image}`")]
+    TooLarge {
+        /// The image.
+        image: String,
+        /// The limit, and how to raise it.
+        #[source]
+        source: RequestTooLarge,
+    },
     /// The engine could not serve it.
     #[error("image `{image}`")]
     Serve {
@@ -62,6 +72,7 @@ impl Failure {
             Failure::Registry(e) => e.status(),
             Failure::Admission(e) => e.status(),
             Failure::NoRoute(_) => 404,
+            Failure::TooLarge { .. } => 413,
             Failure::Serve { source, .. } => failure::status(source.kind()),
             Failure::Answer { source, .. } => failure::status(source.kind()),
         }
@@ -73,9 +84,11 @@ impl Failure {
             Failure::Serve { source, .. } => failure::outcome(source.kind()),
             Failure::Answer { source, .. } => failure::outcome(source.kind()),
             Failure::Registry(RegistryError::Build { source, .. }) => failure::outcome(source.kind()),
-            Failure::Request(_) | Failure::Registry(_) | Failure::Admission(_) | Failure::NoRoute(_) => {
-                Outcome::Rejected
-            }
+            Failure::Request(_)
+            | Failure::Registry(_)
+            | Failure::Admission(_)
+            | Failure::NoRoute(_)
+            | Failure::TooLarge { .. } => Outcome::Rejected,
         }
     }
 
@@ -148,7 +161,7 @@ impl Handlers {
                 Err(RegistryError::Build { source, .. }) => {
                     return Err(ServeError::Route { prefix, image, source: Box::new(source) })
                 }
-                Err(e) => return Err(ServeError::Config(format!("--route {prefix}={image}: {}", error_chain(&e)))),
+                Err(e) => return Err(ServeError::RouteRefused { prefix, image, source: Box::new(e) }),
             }
         }
         Ok(())
@@ -193,8 +206,8 @@ impl Handlers {
                 self.registry.delete(&name)?;
                 Ok(ApiResponse::json(200, &json!({ "deleted": name })))
             }
-            ApiRequest::PutImage { name, spec } => {
-                let entry = self.registry.create(&name, &spec)?;
+            ApiRequest::PutImage { name, spec, serve } => {
+                let entry = self.registry.create(&name, &spec, &serve)?;
                 Ok(ApiResponse::json(201, &entry.describe()))
             }
             ApiRequest::Invoke { name, body } => {
@@ -226,7 +239,7 @@ impl Handlers {
             let input =
                 dispatch::encode_request(&request.method, &request.target, &request.headers, prefix, &request.body);
             self.run(&entry, &input, |answer| {
-                dispatch::decode_response(&answer, self.config.max_response)
+                dispatch::decode_response(&answer, entry.engine().config().max_response)
                     .map_err(|source| Failure::Answer { image: image.to_string(), source })
             })?
         } else {
@@ -248,15 +261,19 @@ impl Handlers {
         answer: impl FnOnce(Vec<u8>) -> Result<T, Failure>,
     ) -> Result<(T, Timing), Failure> {
         let start = Instant::now();
-        let lease = match self.registry.admit(entry) {
+        // Refused before a VM is made for it: the guest could not hold it.
+        let admitted = match entry.engine().check_request(input) {
+            Ok(()) => self.registry.admit(entry).map_err(Failure::from),
+            Err(source) => Err(Failure::TooLarge { image: entry.name().to_string(), source }),
+        };
+        let lease = match admitted {
             Ok(lease) => lease,
-            Err(e) => {
-                let failure = Failure::from(e);
+            Err(failure) => {
                 self.metrics.request(entry.name(), failure.outcome(), start.elapsed(), None);
                 return Err(failure);
             }
         };
-        let served = entry.engine().serve(input, self.config.timeout);
+        let served = entry.engine().serve(input, entry.timeout());
         drop(lease);
         entry.count_request();
         let (result, fork_run) = match served {
