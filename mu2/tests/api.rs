@@ -30,6 +30,8 @@ impl Daemon {
         let dir = std::env::temp_dir().join(format!("mu2-api-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("temp dir");
+        // The sandboxed daemon runs as nobody and reads what the test registers from here.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         let sock = dir.join("api.sock");
         let port = free_port();
         let http = format!("127.0.0.1:{port}");
