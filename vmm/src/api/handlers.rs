@@ -158,11 +158,9 @@ impl Handlers {
     fn try_handle(&self, request: ApiRequest) -> Result<ApiResponse, Failure> {
         match request {
             ApiRequest::Health => Ok(ApiResponse::json(200, &self.health())),
-            ApiRequest::Metrics => Ok(ApiResponse::bytes(
-                200,
-                "text/plain; version=0.0.4",
-                self.metrics.render(&self.gauges()).into_bytes(),
-            )),
+            ApiRequest::Metrics => {
+                Ok(ApiResponse::bytes(200, metrics::CONTENT_TYPE, self.metrics.render(&self.gauges()).into_bytes()))
+            }
             ApiRequest::ListImages => {
                 let (images, available) = self.registry.list();
                 Ok(ApiResponse::json(200, &json!({ "images": images, "builtin_available": available })))
