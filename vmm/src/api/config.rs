@@ -4,11 +4,17 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::activation::ActivationError;
+use super::dispatch::{Routes, DAEMON_PATHS};
 use super::model;
 use crate::error::{Classify, FailureKind};
 use crate::fork::{EngineConfig, Mode};
 use crate::hypervisor::HypervisorError;
 use crate::invoke;
+
+/// The drain period unless told otherwise: long enough for a load balancer checking every
+/// second or two to see two failed checks.
+pub const DEFAULT_DRAIN_PERIOD: Duration = Duration::from_secs(5);
 
 /// Daemon settings (`mu2 serve` flags).
 #[derive(Debug, Clone)]
@@ -33,6 +39,9 @@ pub struct ServeConfig {
     pub max_body: usize,
     /// Largest response from a guest.
     pub max_response: usize,
+    /// How long the daemon reports not-ready on `/healthz`, still serving, between SIGTERM
+    /// and the shutdown (zero: none).
+    pub drain_period: Duration,
 }
 
 impl ServeConfig {
@@ -49,6 +58,7 @@ impl ServeConfig {
             timeout: Duration::from_secs(10),
             max_body: 8 << 20,
             max_response: invoke::DEFAULT_MAX_RESPONSE,
+            drain_period: DEFAULT_DRAIN_PERIOD,
         }
     }
 
@@ -66,6 +76,12 @@ impl ServeConfig {
         if let Some((_, image)) = self.routes.iter().find(|(_, image)| !model::valid_name(image)) {
             return Err(ServeError::Config(format!("route to invalid image name `{image}`")));
         }
+        if let Some((prefix, _)) = Routes::new(self.routes.iter().cloned()).shadowed() {
+            return Err(ServeError::Config(format!(
+                "route {prefix}: the daemon answers {} itself on the dispatcher's port",
+                DAEMON_PATHS.join(" and ")
+            )));
+        }
         Ok(())
     }
 
@@ -81,6 +97,9 @@ pub enum ServeError {
     /// A setting is unusable.
     #[error("{0}")]
     Config(String),
+    /// The listeners passed by a service manager are unusable.
+    #[error("socket activation")]
+    Activation(#[source] ActivationError),
     /// /dev/kvm could not be opened.
     #[error("opening KVM")]
     Hypervisor(#[source] HypervisorError),
@@ -108,7 +127,7 @@ impl ServeError {
 impl Classify for ServeError {
     fn kind(&self) -> FailureKind {
         match self {
-            ServeError::Config(_) => FailureKind::BadInput,
+            ServeError::Config(_) | ServeError::Activation(_) => FailureKind::BadInput,
             ServeError::Hypervisor(e) => e.kind(),
             ServeError::Io { source, .. } => crate::error::io_kind(source),
         }

@@ -100,6 +100,8 @@ pub struct Gauges {
     pub images: usize,
     /// Open client connections.
     pub connections: usize,
+    /// Whether `/healthz` answers 200 now.
+    pub ready: bool,
 }
 
 /// The daemon's metrics.
@@ -218,6 +220,7 @@ fn register_gauges(registry: &mut Registry, g: &Gauges, started_unix: f64) {
     }
     registry.register("mu2_images", "Images registered", int(g.images));
     registry.register("mu2_connections", "Open client connections", int(g.connections));
+    registry.register("mu2_ready", "1 while /healthz answers 200, else 0", int(usize::from(g.ready)));
     let started = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
     started.set(started_unix);
     registry.register_with_unit(
@@ -255,7 +258,7 @@ mod tests {
         m.request("echo", Outcome::Timeout, Duration::from_secs(1), None);
         m.request("echo", Outcome::Rejected, Duration::from_micros(5), None);
         m.response("api", 200);
-        let gauges = Gauges { in_flight: 2, pool_depth: vec![("echo".into(), 3)], ..Gauges::default() };
+        let gauges = Gauges { in_flight: 2, pool_depth: vec![("echo".into(), 3)], ready: true, ..Gauges::default() };
         let text = m.render(&gauges);
         assert!(text.contains("mu2_requests_total{image=\"echo\",outcome=\"ok\"} 1\n"), "{text}");
         assert!(!text.contains("outcome=\"guest_error\""), "only outcomes that happened: {text}");
@@ -269,6 +272,7 @@ mod tests {
         assert_eq!(metric_value(&text, "mu2_vms_in_use", ""), 5.0);
         assert_eq!(metric_value(&text, "mu2_pool_depth", "image=\"echo\""), 3.0);
         assert_eq!(metric_value(&text, "mu2_forks_total", ""), 2.0, "a rejected request forks nothing");
+        assert_eq!(metric_value(&text, "mu2_ready", ""), 1.0);
         assert!(metric_value(&text, "mu2_start_time_seconds", "") > 1.6e9);
     }
 

@@ -6,13 +6,16 @@
 //! - [`dispatch`]: the HTTP dispatcher's routes and its HTTP framing towards guests;
 //! - [`metrics`]: Prometheus counters, histograms and gauges;
 //! - [`client`]: a small blocking client for programs that embed mu2;
+//! - [`activation`]: listeners passed by a service manager (`LISTEN_FDS`, systemd's protocol);
 //! - `config`: [`ServeConfig`] and [`ServeError`];
 //! - `registry`: the images, their engines, admission against `--max-vms`;
 //! - `failure`: the HTTP status and metrics outcome of each kind of library failure;
-//! - `handlers`: a request to its response, through the registry and an engine;
-//! - `listen`: the accept loop, a thread per connection, the stop flag;
+//! - `handlers`: a request to its response, through the registry and an engine; readiness
+//!   (`/healthz`);
+//! - `listen`: the accept loop, a thread per connection, the lifecycle (draining, stopping);
 //! - here: [`Daemon`] (start, stop, wait) and [`run_until_signal`].
 
+pub mod activation;
 pub mod client;
 mod config;
 pub mod dispatch;
@@ -24,14 +27,14 @@ pub mod metrics;
 pub mod model;
 mod registry;
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::net::UnixStream;
+use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-pub use config::{ServeConfig, ServeError};
+pub use activation::Inherited;
+pub use config::{ServeConfig, ServeError, DEFAULT_DRAIN_PERIOD};
 pub use registry::SIDECAR;
 
 use crate::hypervisor::Hypervisor;
@@ -51,16 +54,39 @@ pub struct Daemon {
     lifecycle: Arc<Lifecycle>,
     stop_request: Arc<StopRequest>,
     acceptors: Vec<JoinHandle<()>>,
-    api_sock: PathBuf,
+    /// Builds the routes' images and fills their pools after the listeners are up.
+    warm_up: Option<JoinHandle<()>>,
+    /// The socket file to remove at exit: `None` when a service manager made it.
+    api_sock: Option<PathBuf>,
     http_addr: Option<SocketAddr>,
     timeout: Duration,
+    drain_period: Duration,
 }
 
-/// Set once by a [`Stopper`]; [`Daemon::wait`] waits for it.
+/// Counts the [`Stopper::stop`] calls; [`Daemon::wait`] waits for them.
 #[derive(Debug, Default)]
 struct StopRequest {
-    requested: Mutex<bool>,
+    requests: Mutex<u32>,
     changed: Condvar,
+}
+
+impl StopRequest {
+    /// Waits until at least `n` stops were asked for, or until `until`. Returns whether they
+    /// were.
+    fn wait_for(&self, n: u32, until: Option<Instant>) -> bool {
+        let mut requests = lock(&self.requests);
+        while *requests < n {
+            let wait = match until {
+                None => Duration::from_secs(3600),
+                Some(until) => match until.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => left,
+                    _ => return false,
+                },
+            };
+            requests = self.changed.wait_timeout(requests, wait).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+        }
+        true
+    }
 }
 
 /// Asks a daemon to stop; cheap to clone, usable from any thread.
@@ -68,17 +94,24 @@ struct StopRequest {
 pub struct Stopper(Arc<StopRequest>);
 
 impl Stopper {
-    /// Starts the shutdown: the daemon's `wait` returns once it is done.
+    /// Starts the shutdown: the drain period first, then the daemon's `wait` returns once
+    /// the shutdown is done. A second call during the drain period cuts it short.
     pub fn stop(&self) {
-        *lock(&self.0.requested) = true;
+        *lock(&self.0.requests) += 1;
         self.0.changed.notify_all();
     }
 }
 
 impl Daemon {
-    /// Opens KVM, binds the listeners, builds the routes' built-in images, and starts
-    /// accepting.
+    /// Opens KVM, binds the listeners, starts accepting, and builds the routes' built-in
+    /// images in the background (`/healthz` answers 503 until they and their pools are ready).
     pub fn start(config: ServeConfig) -> Result<Daemon, ServeError> {
+        Self::start_with(config, Inherited::default())
+    }
+
+    /// [`Daemon::start`], using the listeners in `inherited` (socket activation) instead of
+    /// binding them.
+    pub fn start_with(config: ServeConfig, inherited: Inherited) -> Result<Daemon, ServeError> {
         config.validate()?;
         let routes = Routes::new(config.routes.iter().cloned());
         let hv = Arc::new(Hypervisor::open().map_err(ServeError::Hypervisor)?);
@@ -87,19 +120,34 @@ impl Daemon {
             None => (std::env::temp_dir().join(format!("mu2-serve-{}", std::process::id())), true),
         };
         std::fs::create_dir_all(&images_dir).map_err(ServeError::io("creating", images_dir.display()))?;
-        let api =
-            listen::bind_private(&config.api_sock).map_err(ServeError::io("binding", config.api_sock.display()))?;
-        let tcp = match config.http {
-            Some(addr) => Some(TcpListener::bind(addr).map_err(ServeError::io("binding", addr))?),
-            None => None,
+        let (api, api_sock) = match inherited.api {
+            Some(listener) => {
+                log::info!("control API on the passed socket {:?}", listener.local_addr().ok());
+                (listener, None)
+            }
+            None => (
+                listen::bind_private(&config.api_sock).map_err(ServeError::io("binding", config.api_sock.display()))?,
+                Some(config.api_sock.clone()),
+            ),
+        };
+        let tcp = match (inherited.http, config.http) {
+            (Some(listener), wanted) => {
+                let at =
+                    listener.local_addr().map_err(ServeError::io("reading the address of", "the passed socket"))?;
+                if wanted.is_some_and(|w| w != at) {
+                    log::warn!("dispatcher on the passed socket {at}, not --http {}", wanted.unwrap_or(at));
+                }
+                Some(listener)
+            }
+            (None, Some(addr)) => Some(TcpListener::bind(addr).map_err(ServeError::io("binding", addr))?),
+            (None, None) => None,
         };
         let http_addr = tcp.as_ref().and_then(|t| t.local_addr().ok());
         let lifecycle = Arc::new(Lifecycle::default());
         let metrics = Arc::new(Metrics::new());
         let registry = Registry::new(hv, &config, images_dir, owns_images_dir, lifecycle.clone());
-        let (api_sock, timeout, max_body) = (config.api_sock.clone(), config.timeout, config.max_body);
+        let (timeout, max_body, drain_period) = (config.timeout, config.max_body, config.drain_period);
         let handlers = Arc::new(Handlers::new(config, routes, registry, metrics.clone(), lifecycle.clone()));
-        handlers.prepare_routes();
         let endpoint = |label, handler: Arc<listen::Handler>| Endpoint {
             label,
             handler,
@@ -109,18 +157,31 @@ impl Daemon {
         };
         let mut acceptors = Vec::new();
         let h = handlers.clone();
-        acceptors.push(
-            listen::spawn_acceptor(api, endpoint("api", Arc::new(move |r| h.api(r))))
-                .map_err(ServeError::io("spawning", "the API acceptor"))?,
-        );
+        acceptors.push(spawn_acceptor(api, endpoint("api", Arc::new(move |r| h.api(r))), "the API acceptor")?);
         if let Some(tcp) = tcp {
             let h = handlers.clone();
-            acceptors.push(
-                listen::spawn_acceptor(tcp, endpoint("http", Arc::new(move |r| h.dispatch(r))))
-                    .map_err(ServeError::io("spawning", "the HTTP acceptor"))?,
-            );
+            acceptors.push(spawn_acceptor(
+                tcp,
+                endpoint("http", Arc::new(move |r| h.dispatch(r))),
+                "the HTTP acceptor",
+            )?);
         }
-        Ok(Daemon { handlers, lifecycle, stop_request: Arc::default(), acceptors, api_sock, http_addr, timeout })
+        let h = handlers.clone();
+        let warm_up = std::thread::Builder::new()
+            .name("mu2-warm-up".into())
+            .spawn(move || h.prepare_routes())
+            .map_err(ServeError::io("spawning", "the warm-up thread"))?;
+        Ok(Daemon {
+            handlers,
+            lifecycle,
+            stop_request: Arc::default(),
+            acceptors,
+            warm_up: Some(warm_up),
+            api_sock,
+            http_addr,
+            timeout,
+            drain_period,
+        })
     }
 
     /// The dispatcher's bound address (useful with port 0).
@@ -133,23 +194,23 @@ impl Daemon {
         Stopper(self.stop_request.clone())
     }
 
-    /// Blocks until stopped, then shuts down: stops accepting, lets requests in flight finish
-    /// (new ones get 503), destroys every VM, removes the socket and the daemon's own images.
-    pub fn wait(self) {
-        {
-            let mut requested = lock(&self.stop_request.requested);
-            while !*requested {
-                requested = self.stop_request.changed.wait(requested).unwrap_or_else(|p| p.into_inner());
+    /// Blocks until stopped, then drains and shuts down: for the drain period `/healthz`
+    /// answers 503 while requests are still served; then the daemon stops accepting, lets
+    /// requests in flight finish (new ones get 503), destroys every VM, removes the socket
+    /// and the daemon's own images.
+    pub fn wait(mut self) {
+        self.stop_request.wait_for(1, None);
+        if !self.drain_period.is_zero() {
+            log::info!("draining for {:?}: /healthz answers 503, requests are still served", self.drain_period);
+            self.lifecycle.begin_drain();
+            if self.stop_request.wait_for(2, Some(Instant::now() + self.drain_period)) {
+                log::info!("asked again to stop: the drain period is cut short");
             }
         }
         log::info!("shutting down");
         self.lifecycle.stop();
-        // Wake the acceptors, blocked in accept, with one connection each.
-        let _ = UnixStream::connect(&self.api_sock);
-        if let Some(addr) = self.http_addr {
-            let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
-        }
-        for acceptor in self.acceptors {
+        // Each acceptor sees the flag within its poll interval and closes its listener.
+        for acceptor in std::mem::take(&mut self.acceptors) {
             let _ = acceptor.join();
         }
         // Requests in flight end within their timeout; idle connections notice the flag
@@ -158,24 +219,42 @@ impl Daemon {
         if open > 0 {
             log::warn!("{open} connections still open after the drain deadline");
         }
+        // A build under way ends within its own deadline; none starts once stopping.
+        if let Some(warm_up) = self.warm_up.take() {
+            let _ = warm_up.join();
+        }
         self.handlers.registry().clear();
-        let _ = std::fs::remove_file(&self.api_sock);
+        if let Some(sock) = &self.api_sock {
+            let _ = std::fs::remove_file(sock);
+        }
     }
 }
 
-/// Runs the daemon until SIGINT or SIGTERM.
+fn spawn_acceptor<L: listen::Listen>(
+    listener: L,
+    endpoint: Endpoint,
+    what: &'static str,
+) -> Result<JoinHandle<()>, ServeError> {
+    listen::spawn_acceptor(listener, endpoint).map_err(ServeError::io("starting", what))
+}
+
+/// Runs the daemon until SIGINT or SIGTERM, on the listeners a service manager passed
+/// (`LISTEN_FDS`) or else on its own. A second signal cuts the drain period short.
 pub fn run_until_signal(config: ServeConfig) -> Result<(), ServeError> {
     use signal_hook::consts::{SIGINT, SIGTERM};
-    // Registered first, so that a signal during startup is not lost.
+    // First, before any descriptor of this process's own is opened: the passed ones are
+    // numbered from 3.
+    let inherited = activation::from_env().map_err(ServeError::Activation)?;
+    // Registered next, so that a signal during startup is not lost.
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
         .map_err(ServeError::io("installing", "signal handlers"))?;
     let handle = signals.handle();
-    let daemon = Daemon::start(config)?;
+    let daemon = Daemon::start_with(config, inherited)?;
     let stopper = daemon.stopper();
     let watcher = std::thread::Builder::new()
         .name("mu2-signals".into())
         .spawn(move || {
-            if signals.forever().next().is_some() {
+            for _ in signals.forever() {
                 stopper.stop();
             }
         })
