@@ -48,8 +48,8 @@ pub fn mu2_binary() -> std::path::PathBuf {
 use std::time::{Duration, Instant};
 
 use mu2_devices::serial::SharedBuffer;
-use mu2_vmm::arch::EntryMode;
 use mu2_vmm::invoke::{self, InvokeError};
+use mu2_vmm::EntryMode;
 use mu2_vmm::{guests, Vm, VmConfig};
 
 /// A built-in guest's bytes.

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mu2_devices::virtio::vsock::VsockError;
 use mu2_tests::{boot, engine, guest, invoke_cold, kvm_or_skip, make_image, quiet_config, TempDir};
-use mu2_vmm::arch::EntryMode;
 use mu2_vmm::fork::{ForkError, Mode};
 use mu2_vmm::invoke::{self, InvokeError};
+use mu2_vmm::EntryMode;
 use mu2_vmm::{GuestError, RunStop, Vm, VmConfig};
 use sha2::{Digest, Sha256};
 
@@ -142,7 +142,7 @@ fn the_frozen_state_holds_every_listed_register_and_round_trips() {
     mu2_snapshot::write_image(dir.path(), mu2_snapshot::Arch::host(), &state, vm.memory_bytes()).expect("write");
     let magic = std::fs::read(dir.path().join("state")).expect("state");
     assert_eq!(&magic[..8], b"MU2IMGa8", "the magic names aarch64");
-    let read: mu2_vmm::vm::VmState = mu2_snapshot::read_state(dir.path(), mu2_snapshot::Arch::host()).expect("read");
+    let read: mu2_vmm::VmState = mu2_snapshot::read_state(dir.path(), mu2_snapshot::Arch::host()).expect("read");
     assert_eq!(read.vcpus, state.vcpus);
     assert!(read.vcpus[0].regs.len() > 100, "every register KVM lists: {}", read.vcpus[0].regs.len());
     // The timer's control and compare registers are among them.

@@ -4,8 +4,8 @@ use std::time::{Duration, Instant};
 
 use mu2_devices::virtio::vsock::VsockError;
 use mu2_tests::{boot, invoke_cold, invoke_cold_with, kvm_or_skip};
-use mu2_vmm::arch::EntryMode;
 use mu2_vmm::invoke::{self, InvokeError};
+use mu2_vmm::EntryMode;
 use mu2_vmm::{GuestError, RunStop};
 use sha2::{Digest, Sha256};
 

@@ -200,6 +200,7 @@ impl GuestRam {
     /// Guest-physical addresses of the pages that are mapped into this process: for a
     /// copy-on-write mapping made fresh before a request, the pages the guest touched (KVM
     /// faults each one in on first access). Reads /proc/self/pagemap; for measurements.
+    #[cfg(feature = "inspect")]
     pub fn touched_pages(&self) -> std::io::Result<Vec<u64>> {
         // Bit 63: present; bit 62: swapped.
         Ok(self.pagemap_entries()?.filter(|&(_, entry)| entry & (3 << 62) != 0).map(|(addr, _)| addr).collect())
@@ -351,6 +352,7 @@ impl GuestRam {
     /// Turns off the kernel's fault-around for this mapping (MADV_RANDOM), so that
     /// [`GuestRam::touched_pages`] counts exactly the pages the guest touched rather than the
     /// 64 KiB blocks around them. For measurements.
+    #[cfg(feature = "inspect")]
     pub fn disable_fault_around(&self) -> std::io::Result<()> {
         // SAFETY: advice on a mapping owned by `self`; it changes no memory contents.
         let rc = unsafe { libc::madvise(self.mapping.host.as_ptr().cast(), self.mapping.size, libc::MADV_RANDOM) };

@@ -219,12 +219,14 @@ impl Vm {
         Some(written)
     }
 
-    /// Copies `pages` in advance (see [`GuestRam::copy_in_advance`]).
+    /// Makes this VM's private copy of each of `pages` now, so that neither the host nor the
+    /// hypervisor copies it on the guest's first write (a pooled VM, before it is handed out).
+    /// Call it only while no vCPU runs.
     pub fn copy_in_advance(&self, pages: &[u64]) {
         self.ram().copy_in_advance(pages);
     }
 
-    /// Pages this VM holds a private copy of (see [`GuestRam::private_pages`]).
+    /// Pages this VM holds a private copy of (see `GuestRam::private_pages`).
     pub(crate) fn written_pages(&self) -> std::io::Result<Vec<u64>> {
         self.ram().private_pages()
     }

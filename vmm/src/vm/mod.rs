@@ -383,17 +383,21 @@ impl Vm {
         self.tsc_khz
     }
 
-    /// See [`GuestRam::disable_fault_around`].
+    /// Turns off the kernel's fault-around for guest memory (MADV_RANDOM), so that
+    /// [`Vm::touched_pages`] counts exactly the pages the guest touched rather than the 64 KiB
+    /// blocks around them. For measurements.
     pub fn disable_fault_around(&self) -> std::io::Result<()> {
         self.ram.disable_fault_around()
     }
 
-    /// Guest pages mapped so far (see [`GuestRam::touched_pages`]).
+    /// Guest-physical addresses of the pages mapped into this process so far: for a VM
+    /// restored just before a request, the pages the guest touched. Reads /proc/self/pagemap.
     pub fn touched_pages(&self) -> std::io::Result<Vec<u64>> {
         self.ram.touched_pages()
     }
 
-    /// Pages this VM holds a private copy of (see [`GuestRam::private_pages`]).
+    /// Guest-physical addresses of the pages this VM holds a private copy of: the pages written
+    /// since the image was mapped (by the guest or by the VMM).
     pub fn private_pages(&self) -> std::io::Result<Vec<u64>> {
         self.ram.private_pages()
     }

@@ -82,7 +82,7 @@ impl VmState {
 impl Vm {
     /// Freezes an idle, ready guest: completes its pending WAIT so that the guest will see
     /// `RESTORED` and device work when an image of it resumes, and returns its whole state.
-    /// The VM cannot run afterwards. Guest memory is read with [`Vm::frozen_memory`].
+    /// The VM cannot run afterwards; `image::create` then writes its memory.
     pub fn freeze(&mut self) -> Result<VmState, FreezeError> {
         let ready = self.ready.ok_or(FreezeError::NotReady)?;
         if !matches!(self.phase, Phase::Parked { .. }) {

@@ -54,6 +54,9 @@ pub enum ArchError {
     /// A saved state is inconsistent.
     #[error("invalid saved vCPU state: {0}")]
     BadState(String),
+    /// A saved CPUID table does not fit KVM's.
+    #[error("invalid saved CPUID table")]
+    CpuidTable(#[source] vmm_sys_util::fam::Error),
     /// The guest image would not fit where guest images go.
     #[error(
         "the guest image must be linked at or above {min:#x} and end below {max:#x}; it spans {start:#x}..{end:#x}"
@@ -345,7 +348,7 @@ impl crate::error::Classify for ArchError {
         match self {
             ArchError::Kvm { source, .. } => crate::error::kvm_kind(source),
             ArchError::Memory { .. } | ArchError::Load(_) | ArchError::ImagePlacement { .. } => FailureKind::BadInput,
-            ArchError::BadState(_) => FailureKind::BadInput,
+            ArchError::BadState(_) | ArchError::CpuidTable(_) => FailureKind::BadInput,
             ArchError::TooManyMsrs(_) | ArchError::MsrRefused(_) => FailureKind::Internal,
         }
     }

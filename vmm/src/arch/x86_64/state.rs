@@ -119,7 +119,7 @@ impl VcpuState {
 
     /// The CPUID table to give the vCPU before anything else.
     pub fn cpuid(&self) -> Result<CpuId, ArchError> {
-        CpuId::from_entries(&self.cpuid).map_err(|_| ArchError::BadState("CPUID table too large".into()))
+        CpuId::from_entries(&self.cpuid).map_err(ArchError::CpuidTable)
     }
 
     /// Compares with a fresh vCPU of the same VM layout and keeps only what differs.

@@ -104,3 +104,73 @@ fn guests_lists_the_examples() {
         assert!(text.contains(name), "{text}");
     }
 }
+
+/// A scratch directory for one test, removed at the end.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("mu2-cli-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        Scratch(dir)
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.0.join(name).to_str().expect("utf-8 path").to_string()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn a_guest_that_exits_before_it_is_ready_is_a_crash_in_every_command() {
+    kvm_or_skip!();
+    let scratch = Scratch::new("hello");
+    let image = scratch.path("hello.img");
+    for args in [
+        &["invoke", "--function", "hello", "--data", "x"][..],
+        &["snapshot", "--function", "hello", "--out", &image],
+        &["bench", "--function", "hello", "--mode", "cold", "--requests", "1"],
+        &["bench", "--function", "hello", "--requests", "1"],
+    ] {
+        let out = mu2(args);
+        assert_eq!(out.status.code(), Some(3), "{args:?}: {}", stderr(&out));
+        let err = stderr(&out);
+        let last = err.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("mu2: ") && last.ends_with("guest exited with code 0 before it was ready"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn an_unreadable_kernel_is_bad_input_in_every_command() {
+    let scratch = Scratch::new("kernel");
+    let image = scratch.path("never.img");
+    let expected = "mu2: reading guest image /nonexistent/guest.elf: No such file or directory (os error 2)\n";
+    // No KVM needed: the guest is resolved before /dev/kvm is opened.
+    let snapshot = ["snapshot", "--kernel", "/nonexistent/guest.elf", "--out", &image];
+    let mut commands = vec![
+        &["invoke", "--kernel", "/nonexistent/guest.elf", "--data", "x"][..],
+        &snapshot,
+        &["bench", "--kernel", "/nonexistent/guest.elf", "--mode", "cold"],
+    ];
+    // These open /dev/kvm first (an image argument needs it).
+    if common::kvm_available(module_path!()) {
+        commands.push(&["run", "--kernel", "/nonexistent/guest.elf"]);
+        commands.push(&["bench", "--kernel", "/nonexistent/guest.elf", "--mode", "fresh"]);
+    }
+    for args in commands {
+        let out = mu2(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        // One line, each cause once.
+        assert_eq!(stderr(&out), expected, "{args:?}");
+    }
+    assert!(!std::path::Path::new(&image).exists(), "no image is written");
+}

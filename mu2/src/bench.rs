@@ -4,11 +4,11 @@
 
 use std::time::{Duration, Instant};
 
-use crate::floor::{self, percentile};
-use crate::fork::{Engine, ForkError};
-use crate::hypervisor::Hypervisor;
-use crate::invoke::{self, InvokeError};
-use crate::vm::{BuildError, ExitStats, Vm, VmConfig};
+use mu2_vmm::error::{Classify, FailureKind};
+use mu2_vmm::floor::{self, percentile};
+use mu2_vmm::fork::{Engine, ForkError};
+use mu2_vmm::invoke::{self, InvokeError};
+use mu2_vmm::{BuildError, ExitStats, Hypervisor, Vm, VmConfig};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -31,7 +31,7 @@ pub enum BenchError {
     Build(#[from] BuildError),
     /// A floor measurement failed.
     #[error("measuring the floor")]
-    Floor(#[from] crate::floor::FloorError),
+    Floor(#[from] mu2_vmm::floor::FloorError),
     /// A request failed.
     #[error("request {index} failed")]
     Request {
@@ -56,6 +56,20 @@ pub enum BenchError {
         /// Which request.
         index: usize,
     },
+}
+
+impl Classify for BenchError {
+    fn kind(&self) -> FailureKind {
+        match self {
+            BenchError::Build(e) => e.kind(),
+            BenchError::Floor(e) => e.kind(),
+            BenchError::Request { source, .. } => source.kind(),
+            BenchError::Fork { source, .. } => source.kind(),
+            // Neither a crash nor a protocol error: a function may answer differently by
+            // design (`random`); the benchmark just cannot vouch for its responses.
+            BenchError::WrongResponse { .. } => FailureKind::Internal,
+        }
+    }
 }
 
 /// One measured request, in microseconds.

@@ -1,0 +1,56 @@
+//! `mu2 serve`: the daemon, until SIGINT or SIGTERM.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use mu2_vmm::api::ServeConfig;
+
+use super::args::parse_duration;
+use crate::failure::Failure;
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// The control API's Unix socket (created mode 0600, removed on exit).
+    #[arg(long, value_name = "PATH")]
+    api_sock: PathBuf,
+    /// Serve the HTTP dispatcher on this TCP address (e.g. 127.0.0.1:8080).
+    #[arg(long, value_name = "ADDR")]
+    http: Option<std::net::SocketAddr>,
+    /// Route a path prefix to an image: /PATH=IMAGE (repeatable).
+    #[arg(long = "route", value_name = "/PATH=IMAGE", value_parser = mu2_vmm::api::dispatch::Routes::parse_arg)]
+    routes: Vec<(String, String)>,
+    /// Where images made by the daemon go (default: a temporary directory, removed on exit).
+    #[arg(long, value_name = "DIR")]
+    images_dir: Option<PathBuf>,
+    /// How each request gets its VM.
+    #[arg(long, value_name = "MODE", default_value = "pool")]
+    mode: mu2_vmm::fork::Mode,
+    /// VMs kept ready per image in pool mode.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pool_size: usize,
+    /// Most VMs in use at once (requests in flight plus pooled VMs); beyond it requests get 429.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    max_vms: usize,
+    /// Deadline of one request in its VM.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "10s")]
+    timeout: Duration,
+    /// Largest request body, bytes (413 beyond).
+    #[arg(long, value_name = "BYTES", default_value_t = 8 << 20)]
+    max_body: usize,
+}
+
+pub fn serve(args: &ServeArgs) -> Result<(), Failure> {
+    let config = ServeConfig {
+        http: args.http,
+        routes: args.routes.clone(),
+        images_dir: args.images_dir.clone(),
+        mode: args.mode,
+        pool_size: args.pool_size,
+        max_vms: args.max_vms,
+        timeout: args.timeout,
+        max_body: args.max_body,
+        ..ServeConfig::new(args.api_sock.clone())
+    };
+    Ok(mu2_vmm::api::run_until_signal(config)?)
+}

@@ -1,0 +1,248 @@
+//! The benchmark's reports: text for people, one JSON object for scripts (scripts/bench-all
+//! and scripts/load-test parse it), CSV of every sample. Formats are kept stable.
+
+use std::fmt::Write;
+
+use crate::bench::{Floors, ForkRun, ForkSample, Sample, Summary};
+
+/// A cold-boot run: one VM booted per request.
+#[derive(Debug)]
+pub struct ColdReport {
+    /// The guest: a built-in name or an ELF path.
+    pub function: String,
+    pub mem_mib: u64,
+    pub requests: usize,
+    pub latency: Summary,
+    pub boot_to_ready: Summary,
+    pub request: Summary,
+    pub teardown: Summary,
+    pub floor_fresh: Summary,
+    pub boot_exits: Summary,
+    pub request_exits: Summary,
+    pub throughput_rps: f64,
+    pub wall_seconds: f64,
+}
+
+impl ColdReport {
+    pub fn new(function: String, mem_mib: u64, samples: &[Sample], wall_seconds: f64) -> Self {
+        let col = |f: fn(&Sample) -> f64| Summary::of(&samples.iter().map(f).collect::<Vec<f64>>());
+        // Floor cycles interleave with requests; throughput counts the requests' own time only.
+        let request_time: f64 = samples.iter().map(|s| s.latency_us + s.teardown_us).sum::<f64>() / 1e6;
+        ColdReport {
+            function,
+            mem_mib,
+            requests: samples.len(),
+            latency: col(|s| s.latency_us),
+            boot_to_ready: col(|s| s.boot_to_ready_us),
+            request: col(|s| s.request_us),
+            teardown: col(|s| s.teardown_us),
+            floor_fresh: col(|s| s.floor_fresh_us),
+            boot_exits: col(|s| s.boot_exits as f64),
+            request_exits: col(|s| s.request_exits as f64),
+            throughput_rps: samples.len() as f64 / request_time,
+            wall_seconds,
+        }
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        let (latency, floor) = (&self.latency, &self.floor_fresh);
+        serde_json::json!({
+            "mode": "cold",
+            "function": self.function,
+            "mem_mib": self.mem_mib,
+            "requests": self.requests,
+            "concurrency": 1,
+            "p50_us": latency.p50, "p90_us": latency.p90, "p99_us": latency.p99, "max_us": latency.max,
+            "throughput_rps": self.throughput_rps,
+            "boot_to_ready_p50_us": self.boot_to_ready.p50, "boot_to_ready_p90_us": self.boot_to_ready.p90,
+            "request_p50_us": self.request.p50, "request_p90_us": self.request.p90,
+            "teardown_p50_us": self.teardown.p50,
+            "boot_exits_p50": self.boot_exits.p50, "request_exits_p50": self.request_exits.p50,
+            "floor_fresh_p50_us": floor.p50, "floor_fresh_p90_us": floor.p90,
+            "ratio_p50_to_floor_fresh": latency.p50 / floor.p50,
+            "wall_seconds": self.wall_seconds,
+        })
+    }
+
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        let row = |out: &mut String, name: &str, s: &Summary| summary_row(out, 20, name, s);
+        let _ = writeln!(out, "mode cold, {} requests, concurrency 1, {} MiB", self.requests, self.mem_mib);
+        row(&mut out, "latency", &self.latency);
+        row(&mut out, "  boot-to-ready", &self.boot_to_ready);
+        row(&mut out, "  request", &self.request);
+        row(&mut out, "teardown", &self.teardown);
+        row(&mut out, "floor_fresh", &self.floor_fresh);
+        let _ = writeln!(
+            out,
+            "  exits per VM: boot p50 {:.0}, request p50 {:.0}",
+            self.boot_exits.p50, self.request_exits.p50
+        );
+        let _ = writeln!(out, "  throughput {:.1} requests/s (one at a time, teardown included)", self.throughput_rps);
+        let _ = writeln!(out, "  latency p50 / floor_fresh p50 = {:.2}", self.latency.p50 / self.floor_fresh.p50);
+        out
+    }
+}
+
+/// What a fork-engine run measured besides its samples.
+#[derive(Debug)]
+pub struct ForkSetup {
+    /// The mode's name: fresh, pool or reuse.
+    pub mode: String,
+    pub concurrency: usize,
+    pub mem_mib: u64,
+    /// Private memory of one forked VM, if /proc/self/smaps tells.
+    pub private_kib: Option<u64>,
+    pub floors: Floors,
+    /// Set in pool mode only.
+    pub pool_size: Option<usize>,
+    pub restore_ioctls_per_vcpu: usize,
+}
+
+/// A run on the fork engine (fresh, pool or reuse).
+#[derive(Debug)]
+pub struct ForkReport {
+    pub setup: ForkSetup,
+    pub requests: usize,
+    pub latency: Summary,
+    pub fork: Summary,
+    pub run: Summary,
+    pub throughput_rps: f64,
+}
+
+impl ForkReport {
+    pub fn new(setup: ForkSetup, run: &ForkRun) -> Self {
+        let col = |f: fn(&ForkSample) -> f64| Summary::of(&run.samples.iter().map(f).collect::<Vec<f64>>());
+        ForkReport {
+            setup,
+            requests: run.samples.len(),
+            latency: col(|s| s.latency_us),
+            fork: col(|s| s.fork_us),
+            run: col(|s| s.run_us),
+            throughput_rps: run.samples.len() as f64 / run.wall.as_secs_f64(),
+        }
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        let (setup, latency, floors) = (&self.setup, &self.latency, &self.setup.floors);
+        serde_json::json!({
+            "mode": setup.mode,
+            "requests": self.requests,
+            "concurrency": setup.concurrency,
+            "mem_mib": setup.mem_mib,
+            "p50_us": latency.p50, "p90_us": latency.p90, "p99_us": latency.p99, "max_us": latency.max,
+            "throughput_rps": self.throughput_rps,
+            "private_kib_per_vm": setup.private_kib,
+            "fork_p50_us": self.fork.p50, "run_p50_us": self.run.p50,
+            "floor_fresh_p50_us": floors.fresh.p50, "floor_reuse_p50_us": floors.reuse.p50,
+            "ratio_p50_to_floor_fresh": latency.p50 / floors.fresh.p50,
+            "ratio_p50_to_floor_reuse": latency.p50 / floors.reuse.p50,
+            "pool_size": setup.pool_size,
+            "restore_ioctls_per_vcpu": setup.restore_ioctls_per_vcpu,
+        })
+    }
+
+    pub fn text(&self) -> String {
+        let (setup, floors) = (&self.setup, &self.setup.floors);
+        let mut out = String::new();
+        let row = |out: &mut String, name: &str, s: &Summary| summary_row(out, 14, name, s);
+        let _ = writeln!(
+            out,
+            "mode {}, {} requests, concurrency {}, {} MiB image",
+            setup.mode, self.requests, setup.concurrency, setup.mem_mib
+        );
+        row(&mut out, "latency", &self.latency);
+        row(&mut out, "  fork", &self.fork);
+        row(&mut out, "  run", &self.run);
+        row(&mut out, "floor_fresh", &floors.fresh);
+        row(&mut out, "floor_reuse", &floors.reuse);
+        let _ = writeln!(out, "  throughput {:.0} requests/s", self.throughput_rps);
+        let _ = match setup.private_kib {
+            Some(kib) => writeln!(out, "  private memory per VM {kib} KiB"),
+            None => writeln!(out, "  private memory per VM: unknown (no /proc/self/smaps)"),
+        };
+        let _ = writeln!(
+            out,
+            "  latency p50 / floor_fresh p50 = {:.2}, / floor_reuse p50 = {:.2}",
+            self.latency.p50 / floors.fresh.p50,
+            self.latency.p50 / floors.reuse.p50
+        );
+        out
+    }
+}
+
+/// One line of percentiles, the name padded to `width`.
+fn summary_row(out: &mut String, width: usize, name: &str, s: &Summary) {
+    let _ = writeln!(
+        out,
+        "  {name:<width$} p50 {:>9.1}  p90 {:>9.1}  p99 {:>9.1}  max {:>9.1}  us",
+        s.p50, s.p90, s.p99, s.max
+    );
+}
+
+/// Every sample of a fork-engine run, in completion order.
+pub fn fork_samples_csv(samples: &[ForkSample]) -> String {
+    let mut text = String::from("index,fork_us,run_us,latency_us\n");
+    for (i, s) in samples.iter().enumerate() {
+        let _ = writeln!(text, "{i},{:.1},{:.1},{:.1}", s.fork_us, s.run_us, s.latency_us);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary(base: f64) -> Summary {
+        Summary { p50: base, p90: base + 1.0, p99: base + 2.0, max: base + 3.0 }
+    }
+
+    #[test]
+    fn fork_text_keeps_its_layout() {
+        let setup = ForkSetup {
+            mode: "pool".into(),
+            concurrency: 2,
+            mem_mib: 64,
+            private_kib: Some(32),
+            floors: Floors { fresh: summary(50.0), reuse: summary(25.0) },
+            pool_size: Some(16),
+            restore_ioctls_per_vcpu: 5,
+        };
+        let report = ForkReport {
+            setup,
+            requests: 20,
+            latency: summary(100.0),
+            fork: summary(40.0),
+            run: summary(60.0),
+            throughput_rps: 1234.4,
+        };
+        let expected = "mode pool, 20 requests, concurrency 2, 64 MiB image\n\
+            \x20 latency        p50     100.0  p90     101.0  p99     102.0  max     103.0  us\n\
+            \x20   fork         p50      40.0  p90      41.0  p99      42.0  max      43.0  us\n\
+            \x20   run          p50      60.0  p90      61.0  p99      62.0  max      63.0  us\n\
+            \x20 floor_fresh    p50      50.0  p90      51.0  p99      52.0  max      53.0  us\n\
+            \x20 floor_reuse    p50      25.0  p90      26.0  p99      27.0  max      28.0  us\n\
+            \x20 throughput 1234 requests/s\n\
+            \x20 private memory per VM 32 KiB\n\
+            \x20 latency p50 / floor_fresh p50 = 2.00, / floor_reuse p50 = 4.00\n";
+        assert_eq!(report.text(), expected);
+        let json = report.json();
+        assert_eq!(json["pool_size"], 16);
+        assert_eq!(json["ratio_p50_to_floor_reuse"], 4.0);
+    }
+
+    #[test]
+    fn cold_throughput_counts_request_time_only() {
+        let sample = Sample { latency_us: 900.0, teardown_us: 100.0, ..Sample::default() };
+        let report = ColdReport::new("echo".into(), 64, &[sample, sample], 10.0);
+        assert_eq!(report.throughput_rps, 1000.0);
+        assert!(report.text().starts_with("mode cold, 2 requests, concurrency 1, 64 MiB\n"));
+        assert_eq!(report.json()["function"], "echo");
+    }
+
+    #[test]
+    fn csv_has_a_header_and_a_row_per_sample() {
+        let samples = [ForkSample { fork_us: 1.5, run_us: 2.0, latency_us: 3.5 }];
+        assert_eq!(fork_samples_csv(&samples), "index,fork_us,run_us,latency_us\n0,1.5,2.0,3.5\n");
+    }
+}
