@@ -1,14 +1,17 @@
-//! `mu2 serve`: the daemon, until SIGINT or SIGTERM.
+//! `mu2 serve`: the daemon, until SIGINT or SIGTERM (after its drain period).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use mu2_vmm::api::ServeConfig;
+use mu2_vmm::api::{ServeConfig, DEFAULT_DRAIN_PERIOD};
 
 use super::args::parse_duration;
 use crate::failure::Failure;
 
+/// Listeners passed by a service manager (systemd's LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES)
+/// are used instead of binding --http and --api-sock: a TCP one (or one named `http`) for the
+/// dispatcher, a Unix one (or one named `api`) for the control API.
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     /// The control API's Unix socket (created mode 0600, removed on exit).
@@ -38,6 +41,11 @@ pub struct ServeArgs {
     /// Largest request body, bytes (413 beyond).
     #[arg(long, value_name = "BYTES", default_value_t = 8 << 20)]
     max_body: usize,
+    /// After SIGTERM, answer 503 on /healthz for this long while still serving, so a load
+    /// balancer moves traffic away; then stop (default 5s; 0: stop at once; a second signal
+    /// cuts it short).
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    drain_period: Option<Duration>,
 }
 
 pub fn serve(args: &ServeArgs) -> Result<(), Failure> {
@@ -50,6 +58,7 @@ pub fn serve(args: &ServeArgs) -> Result<(), Failure> {
         max_vms: args.max_vms,
         timeout: args.timeout,
         max_body: args.max_body,
+        drain_period: args.drain_period.unwrap_or(DEFAULT_DRAIN_PERIOD),
         ..ServeConfig::new(args.api_sock.clone())
     };
     Ok(mu2_vmm::api::run_until_signal(config)?)
