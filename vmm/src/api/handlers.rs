@@ -21,7 +21,7 @@ use crate::error::{error_chain, Classify};
 use crate::fork::{ForkError, Mode, Served};
 use crate::guests;
 
-/// How long the warm-up waits for a route's pool to fill before it moves on (a pool that
+/// How long the warm-up waits for the routes' pools to fill before it moves on (a pool that
 /// fills later still makes the daemon ready: readiness is looked at on every `/healthz`).
 const POOL_FILL_WAIT: Duration = Duration::from_secs(60);
 
@@ -173,9 +173,15 @@ impl Handlers {
             }
         }
         if self.config.mode == Mode::Pool {
+            let until = Instant::now() + POOL_FILL_WAIT;
             for (_, image) in self.routes.iter() {
-                if let Some(entry) = self.registry.get(image) {
-                    entry.engine().wait_for_pool(self.config.pool_size, POOL_FILL_WAIT);
+                let Some(entry) = self.registry.get(image) else { continue };
+                // Not the engine's own wait: a shutdown must not wait for a pool to fill.
+                while entry.engine().pool_depth() < self.config.pool_size
+                    && Instant::now() < until
+                    && !self.lifecycle.stopping()
+                {
+                    std::thread::sleep(Duration::from_millis(5));
                 }
             }
         }
