@@ -129,6 +129,7 @@ impl Listen for UnixListener {
     }
 
     fn configure(stream: &UnixStream) -> std::io::Result<()> {
+        // Served blocking, with a read timeout, whatever the listener's own mode.
         stream.set_nonblocking(false)?;
         stream.set_read_timeout(Some(POLL))
     }
@@ -146,6 +147,7 @@ impl Listen for TcpListener {
     }
 
     fn configure(stream: &TcpStream) -> std::io::Result<()> {
+        // Served blocking, with a read timeout, whatever the listener's own mode.
         stream.set_nonblocking(false)?;
         // Responses leave in one write; do not hold them back.
         stream.set_nodelay(true)?;
