@@ -255,8 +255,23 @@ pub struct Floors {
     pub reuse: Summary,
 }
 
+/// Both floors' samples, µs, as measured.
+#[derive(Debug, Clone, Default)]
+pub struct FloorSamples {
+    /// A minimal VM created and run to its first exit.
+    pub fresh: Vec<f64>,
+    /// A kept minimal VM remapped and run to its first exit.
+    pub reuse: Vec<f64>,
+}
+
+impl FloorSamples {
+    pub fn summary(&self) -> Floors {
+        Floors { fresh: Summary::of(&self.fresh), reuse: Summary::of(&self.reuse) }
+    }
+}
+
 /// Measures both floors with `samples` cycles each.
-pub fn floors(hv: &Hypervisor, mem_size: u64, samples: usize) -> Result<Floors, BenchError> {
+pub fn floors(hv: &Hypervisor, mem_size: u64, samples: usize) -> Result<FloorSamples, BenchError> {
     let image = floor::FloorImage::new(mem_size)?;
     let mut fresh = Vec::with_capacity(samples);
     for _ in 0..samples {
@@ -267,5 +282,5 @@ pub fn floors(hv: &Hypervisor, mem_size: u64, samples: usize) -> Result<Floors, 
     for _ in 0..samples {
         reuse.push(micros(kept.reuse_cycle(&image)?));
     }
-    Ok(Floors { fresh: Summary::of(&fresh), reuse: Summary::of(&reuse) })
+    Ok(FloorSamples { fresh, reuse })
 }

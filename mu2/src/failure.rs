@@ -32,6 +32,14 @@ impl<E: Classify + Send + Sync + 'static> From<E> for Failure {
     }
 }
 
+impl Failure {
+    /// Whether this is standard output's reader having gone (EPIPE): not a failure of the
+    /// command, which ends quietly with success (see `out`).
+    pub fn is_reader_gone(&self) -> bool {
+        matches!(self.error.downcast_ref(), Some(CliError::Stdout(e)) if e.kind() == std::io::ErrorKind::BrokenPipe)
+    }
+}
+
 /// The failures of the command itself, as opposed to the library's.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
@@ -57,15 +65,15 @@ pub enum CliError {
         #[source]
         source: std::io::Error,
     },
-    /// The latency plot could not be drawn.
-    #[error("drawing {}: {message}", path.display())]
-    Plot { path: PathBuf, message: String },
+    /// The directory a file is to be written in does not exist.
+    #[error("{what} {}: its directory {} does not exist", path.display(), dir.display())]
+    NoParent { what: &'static str, path: PathBuf, dir: PathBuf },
     /// An argument is out of range.
     #[error("{0}")]
     Argument(&'static str),
     /// Standard output could not be written.
-    #[error("writing the response")]
-    WriteResponse(#[source] std::io::Error),
+    #[error("writing to standard output")]
+    Stdout(#[source] std::io::Error),
     /// A scratch directory could not be made.
     #[error("creating {}", path.display())]
     ScratchDir {
@@ -73,9 +81,23 @@ pub enum CliError {
         #[source]
         source: std::io::Error,
     },
+    /// The signal handling could not be set up.
+    #[error("setting up signal handling")]
+    Signals(#[source] std::io::Error),
     /// The guest ran to its end but reported failure.
     #[error("guest exited with code {0}")]
     GuestExited(u32),
+}
+
+/// Refuses to write `path` in a directory that does not exist, before any work is done (a
+/// typo in a directory name would otherwise be created, or found only at the end of a run).
+pub fn parent_exists(what: &'static str, path: &std::path::Path) -> Result<(), CliError> {
+    match path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        Some(dir) if !dir.is_dir() => {
+            Err(CliError::NoParent { what, path: path.to_path_buf(), dir: dir.to_path_buf() })
+        }
+        _ => Ok(()),
+    }
 }
 
 impl Classify for CliError {
@@ -84,8 +106,9 @@ impl Classify for CliError {
             CliError::ReadRequest { .. }
             | CliError::CreateFile { .. }
             | CliError::WriteFile { .. }
+            | CliError::NoParent { .. }
             | CliError::Argument(_) => FailureKind::BadInput,
-            CliError::Plot { .. } | CliError::WriteResponse(_) | CliError::ScratchDir { .. } => FailureKind::Internal,
+            CliError::Stdout(_) | CliError::Signals(_) | CliError::ScratchDir { .. } => FailureKind::Internal,
             CliError::GuestExited(_) => FailureKind::GuestCrash,
         }
     }
@@ -102,6 +125,14 @@ mod tests {
         codes.sort_unstable();
         codes.dedup();
         assert_eq!(codes.len(), FailureKind::ALL.len());
+    }
+
+    #[test]
+    fn only_a_closed_stdout_pipe_is_the_reader_gone() {
+        let gone = Failure::from(CliError::Stdout(std::io::ErrorKind::BrokenPipe.into()));
+        assert!(gone.is_reader_gone());
+        let full = Failure::from(CliError::Stdout(std::io::ErrorKind::StorageFull.into()));
+        assert!(!full.is_reader_gone());
     }
 
     #[test]

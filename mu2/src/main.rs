@@ -4,8 +4,10 @@
 mod bench;
 mod cli;
 mod failure;
+mod out;
 mod plot;
 mod report;
+mod sdk;
 
 use std::process::ExitCode;
 
@@ -26,6 +28,7 @@ fn main() -> ExitCode {
     };
     match cli::run(&cli.command) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(failure) if failure.is_reader_gone() => ExitCode::SUCCESS,
         Err(Failure { kind, error }) => {
             eprintln!("mu2: {}", error_chain(&*error));
             ExitCode::from(exit_code(kind))

@@ -180,11 +180,65 @@ fn summary_row(out: &mut String, width: usize, name: &str, s: &Summary) {
     );
 }
 
-/// Every sample of a fork-engine run, in completion order.
-pub fn fork_samples_csv(samples: &[ForkSample]) -> String {
-    let mut text = String::from("index,fork_us,run_us,latency_us\n");
-    for (i, s) in samples.iter().enumerate() {
-        let _ = writeln!(text, "{i},{:.1},{:.1},{:.1}", s.fork_us, s.run_us, s.latency_us);
+/// The columns of `mu2 bench --csv`. The file starts with `# mu2 bench key=value …` (the
+/// run's parameters), then this header, then one row per sample: `series` is `request` or the
+/// floor it belongs to (`floor_fresh`, `floor_reuse`), `index` its place in its series (the
+/// order requests completed in), `latency_us` the whole request or floor cycle; `fork_us` and
+/// `run_us` (fork modes) or `boot_us`, `run_us` and `teardown_us` (cold mode) are its phases,
+/// empty where they do not apply. docs/PERFORMANCE.md documents the same.
+pub const CSV_HEADER: &str = "series,index,latency_us,fork_us,run_us,boot_us,teardown_us";
+
+/// One sample as a CSV row.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CsvRow {
+    pub series: &'static str,
+    pub latency_us: f64,
+    pub fork_us: Option<f64>,
+    pub run_us: Option<f64>,
+    pub boot_us: Option<f64>,
+    pub teardown_us: Option<f64>,
+}
+
+impl CsvRow {
+    pub fn request(latency_us: f64) -> CsvRow {
+        CsvRow { series: "request", latency_us, ..CsvRow::default() }
+    }
+
+    pub fn floor(series: &'static str, latency_us: f64) -> CsvRow {
+        CsvRow { series, latency_us, ..CsvRow::default() }
+    }
+}
+
+/// A run's samples as CSV: its parameters, the header, the rows (see [`CSV_HEADER`]).
+pub fn samples_csv(params: &[(String, String)], rows: &[CsvRow]) -> String {
+    let mut text = String::from("# mu2 bench");
+    for (key, value) in params {
+        let _ = write!(text, " {key}={value}");
+    }
+    let _ = writeln!(text, "\n{CSV_HEADER}");
+    let mut counts: Vec<(&str, usize)> = Vec::new();
+    let field = |v: Option<f64>| v.map_or_else(String::new, |v| format!("{v:.1}"));
+    for row in rows {
+        let index = match counts.iter_mut().find(|(s, _)| *s == row.series) {
+            Some((_, n)) => {
+                *n += 1;
+                *n - 1
+            }
+            None => {
+                counts.push((row.series, 1));
+                0
+            }
+        };
+        let _ = writeln!(
+            text,
+            "{},{index},{:.1},{},{},{},{}",
+            row.series,
+            row.latency_us,
+            field(row.fork_us),
+            field(row.run_us),
+            field(row.boot_us),
+            field(row.teardown_us)
+        );
     }
     text
 }
@@ -241,8 +295,19 @@ mod tests {
     }
 
     #[test]
-    fn csv_has_a_header_and_a_row_per_sample() {
-        let samples = [ForkSample { fork_us: 1.5, run_us: 2.0, latency_us: 3.5 }];
-        assert_eq!(fork_samples_csv(&samples), "index,fork_us,run_us,latency_us\n0,1.5,2.0,3.5\n");
+    fn csv_has_the_parameters_a_header_and_a_row_per_sample_numbered_per_series() {
+        let rows = [
+            CsvRow { fork_us: Some(1.5), run_us: Some(2.0), ..CsvRow::request(3.5) },
+            CsvRow::request(4.0),
+            CsvRow::floor("floor_fresh", 800.0),
+        ];
+        let params = [("mode".to_string(), "fresh".to_string()), ("concurrency".to_string(), "1".to_string())];
+        assert_eq!(
+            samples_csv(&params, &rows),
+            format!(
+                "# mu2 bench mode=fresh concurrency=1\n{CSV_HEADER}\n\
+                 request,0,3.5,1.5,2.0,,\nrequest,1,4.0,,,,\nfloor_fresh,0,800.0,,,,\n"
+            )
+        );
     }
 }

@@ -284,6 +284,45 @@ fn dispatcher_serves_200_concurrent_requests_and_shutdown_is_clean() {
 }
 
 #[test]
+fn an_image_from_mu2_snapshot_is_served_as_its_guest_announced_and_shows_its_content_id() {
+    kvm_or_skip!();
+    // Routes name built-in guests only (they are fixed at start), so the route names
+    // `hello-http`, and the built image is then replaced by one registered from a directory
+    // under the same name: what the dispatcher does with it comes from the registration.
+    let d = Daemon::start("snapshot-http", &["--route", "/web=hello-http", "--pool-size", "1"]);
+    let image = d.dir.join("hello-http.img");
+    let out = Command::new(env!("CARGO_BIN_EXE_mu2"))
+        .args(["snapshot", "--function", "hello-http", "--out"])
+        .arg(&image)
+        .output()
+        .expect("mu2 snapshot");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let info = Command::new(env!("CARGO_BIN_EXE_mu2")).args(["image", "info", "--json"]).arg(&image).output();
+    let info: serde_json::Value = serde_json::from_slice(&info.expect("mu2 image info").stdout).expect("JSON");
+    assert_eq!(info["ready_flags"], json!(["http"]));
+
+    // Registered without `http`: the image's own flags say it speaks HTTP.
+    let c = d.client();
+    c.delete_image("hello-http").expect("DELETE the built-in");
+    let created = c.put_image("hello-http", &json!({ "path": image })).expect("PUT");
+    assert_eq!(created["source"]["path"], json!(image));
+    assert_eq!(created["http"], true);
+    assert_eq!(created["content_id"], info["content_id"]);
+    assert_eq!(c.get_image("hello-http").expect("GET")["content_id"], info["content_id"]);
+    let r = d.http("GET", "/web/world?status=201", &[], b"");
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    assert!(String::from_utf8_lossy(&r.body).contains("path: /web/world\n"));
+
+    // The request's `http` still wins.
+    c.delete_image("hello-http").expect("DELETE");
+    let created = c.put_image("hello-http", &json!({ "path": image, "http": false })).expect("PUT");
+    assert_eq!(created["http"], false);
+    let r = d.http("GET", "/web/world?status=201", &[], b"");
+    assert_eq!(r.status, 200, "the guest's answer passed through as an opaque body");
+    assert!(String::from_utf8_lossy(&r.body).starts_with("HTTP/1.1 "), "{}", String::from_utf8_lossy(&r.body));
+}
+
+#[test]
 fn openapi_document_matches_the_server() {
     kvm_or_skip!();
     let doc: serde_json::Value = serde_json::from_str(include_str!("../../docs/openapi.json")).expect("openapi.json");
@@ -406,4 +445,100 @@ fn echo_over_vsock_uds(path: &std::path::Path, payload: &[u8]) -> Vec<u8> {
     let mut back = Vec::new();
     stream.read_to_end(&mut back).expect("echo");
     back
+}
+
+/// Lines of a child's stderr as they come, read on a thread.
+fn stderr_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    let stderr = child.stderr.take().expect("piped stderr");
+    let (send, receive) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            if send.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    receive
+}
+
+#[test]
+fn serve_says_where_it_listens_with_the_port_it_bound() {
+    kvm_or_skip!();
+    let dir = std::env::temp_dir().join(format!("mu2-api-announce-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let sock = dir.join("api.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mu2"))
+        .arg("serve")
+        .arg("--api-sock")
+        .arg(&sock)
+        .args(["--http", "127.0.0.1:0", "--route", "/echo=echo", "--mode", "fresh"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting mu2 serve");
+    let lines = stderr_lines(&mut child);
+    let mut seen = Vec::new();
+    while !seen.last().is_some_and(|l: &String| l.starts_with("mu2 serve: mode")) {
+        match lines.recv_timeout(Duration::from_secs(120)) {
+            Ok(line) => seen.push(line),
+            Err(e) => panic!("no startup lines ({e}): {seen:?}"),
+        }
+    }
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = seen.join("\n");
+    assert!(text.contains(&format!("control API on unix socket {}", sock.display())), "{text}");
+    assert!(text.contains("route /echo -> image echo"), "{text}");
+    assert!(text.contains("mode fresh, at most 256 VMs, 10s per request"), "{text}");
+    let port = text
+        .split("HTTP dispatcher on http://127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|p| p.parse::<u16>().ok())
+        .unwrap_or_else(|| panic!("the bound port: {text}"));
+    assert_ne!(port, 0, "{text}");
+}
+
+#[test]
+fn serve_refuses_routes_it_cannot_serve_as_bad_input() {
+    let sock = std::env::temp_dir().join(format!("mu2-api-refuse-{}.sock", std::process::id()));
+    let sock_arg = sock.to_str().expect("utf-8 path");
+    for (args, expected) in [
+        (&["--http", "127.0.0.1:0", "--route", "/x=no-such-image"][..], "no built-in guest `no-such-image`"),
+        (&["--route", "/echo=echo"], "--route /echo=echo without --http"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_mu2"))
+            .args(["serve", "--api-sock", sock_arg])
+            .args(args)
+            .output()
+            .expect("running mu2 serve");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(expected), "{args:?}: {err}");
+        assert!(!sock.exists(), "no socket left by a refused start");
+    }
+}
+
+#[test]
+fn a_failed_http_bind_leaves_no_socket_or_directory_behind() {
+    kvm_or_skip!();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+    let addr = taken.local_addr().expect("address").to_string();
+    let sock = std::env::temp_dir().join(format!("mu2-api-bind-{}.sock", std::process::id()));
+    let child = Command::new(env!("CARGO_BIN_EXE_mu2"))
+        .arg("serve")
+        .arg("--api-sock")
+        .arg(&sock)
+        .args(["--http", &addr])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting mu2 serve");
+    let pid = child.id();
+    let out = child.wait_with_output().expect("waiting for mu2 serve");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&format!("binding {addr}")), "{err}");
+    assert!(!sock.exists(), "the API socket is removed");
+    let images = std::env::temp_dir().join(format!("mu2-serve-{pid}"));
+    assert!(!images.exists(), "{} is removed", images.display());
 }

@@ -96,12 +96,46 @@ fn a_file_that_is_not_a_guest_image_is_bad_input() {
 }
 
 #[test]
-fn guests_lists_the_examples() {
+fn guests_lists_the_examples_and_marks_the_test_guests() {
     let out = mu2(&["guests"]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    for name in ["echo", "sha256", "work", "crash"] {
-        assert!(text.contains(name), "{text}");
+    let kind_of = |name: &str| {
+        let line = text.lines().find(|l| l.split_whitespace().next() == Some(name));
+        line.map(|l| l[name.len()..].trim().to_string())
+    };
+    for name in ["echo", "sha256", "work", "crash", "random", "hello-http"] {
+        assert_eq!(kind_of(name).as_deref(), Some("example function"), "{name}: {text}");
+    }
+    for name in ["hello", "hang", "badchain"] {
+        assert_eq!(kind_of(name).as_deref(), Some("test guest"), "{name}: {text}");
+    }
+}
+
+/// Runs mu2 with its standard output a socket whose reader is already gone, so that its
+/// first write fails with EPIPE, as under `mu2 guests | head -0`, deterministically.
+fn mu2_with_reader_gone(args: &[&str]) -> Output {
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    drop(ours);
+    let stdout = std::process::Stdio::from(std::os::fd::OwnedFd::from(theirs));
+    let child = Command::new(env!("CARGO_BIN_EXE_mu2"))
+        .args(args)
+        .stdout(stdout)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running mu2");
+    child.wait_with_output().expect("waiting for mu2")
+}
+
+#[test]
+fn a_reader_that_goes_away_ends_a_command_quietly() {
+    let out = mu2_with_reader_gone(&["guests"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "");
+    if common::kvm_available(module_path!()) {
+        let out = mu2_with_reader_gone(&["invoke", "--function", "echo", "--data", "x"]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert!(!stderr(&out).contains("mu2:"), "no error reported: {}", stderr(&out));
     }
 }
 
@@ -173,4 +207,213 @@ fn an_unreadable_kernel_is_bad_input_in_every_command() {
         assert_eq!(stderr(&out), expected, "{args:?}");
     }
     assert!(!std::path::Path::new(&image).exists(), "no image is written");
+}
+
+#[test]
+fn image_info_shows_what_an_image_is_in_text_and_json() {
+    kvm_or_skip!();
+    let scratch = Scratch::new("info");
+    let image = scratch.path("echo.img");
+    let out = mu2(&["snapshot", "--function", "echo", "--cpu-template", "baseline", "--out", &image]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = mu2(&["image", "info", &image, "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let id = info["content_id"].as_str().expect("content id").to_string();
+    assert!(id.starts_with("sha256:") && id.len() == 71, "{id}");
+    assert!(stderr(&mu2(&["image", "info", &image])).is_empty());
+    assert_eq!(info["arch"], std::env::consts::ARCH);
+    assert_eq!(info["format_version"], 2);
+    assert_eq!(info["mem_size"], 64 << 20);
+    assert_eq!(info["vcpus"], 1);
+    assert_eq!(info["cpu_template"], "baseline");
+    assert_eq!(info["ready_flags"], serde_json::json!([]));
+    assert_eq!(info["http"], false);
+    if cfg!(target_arch = "x86_64") {
+        let features: Vec<&str> =
+            info["cpu_features"].as_array().expect("list").iter().flat_map(|f| f.as_str()).collect();
+        assert!(features.contains(&"sse4_2") && features.contains(&"lm"), "{features:?}");
+    }
+    let text = String::from_utf8(mu2(&["image", "info", &image]).stdout).expect("utf-8");
+    for line in [format!("content id     {id}"), "format         2".into(), "memory         64 MiB".into()] {
+        assert!(text.contains(&line), "{line:?} missing from\n{text}");
+    }
+    assert!(text.contains("cpu template   baseline"), "{text}");
+    // The id `snapshot` printed, `verify` recomputes.
+    let out = mu2(&["image", "verify", &image]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), id);
+    // Not an image: bad input.
+    let out = mu2(&["image", "info", &scratch.path("nothing")]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+}
+
+#[test]
+fn a_packed_image_unpacks_elsewhere_and_a_damaged_pack_is_refused_with_nothing_left() {
+    kvm_or_skip!();
+    let scratch = Scratch::new("pack");
+    let image = scratch.path("echo.img");
+    assert!(mu2(&["snapshot", "--function", "echo", "--out", &image]).status.success());
+    let pack = scratch.path("echo.pack");
+    let out = mu2(&["image", "pack", &image, "-o", &pack]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(id.starts_with("sha256:"), "{id}");
+
+    let moved = scratch.path("moved.img");
+    let out = mu2(&["image", "unpack", &pack, &moved]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), id);
+    let out = mu2(&["invoke", "--image", &moved, "--data", "moved"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(out.stdout, b"moved");
+    // Into an image directory that exists: refused, and it is untouched.
+    let out = mu2(&["image", "unpack", &pack, &moved]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("is not an empty directory"), "{}", stderr(&out));
+
+    let good = std::fs::read(&pack).expect("pack");
+    let damaged = scratch.path("damaged.pack");
+    let target = scratch.path("target.img");
+    let mut flipped = good.clone();
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 0x08;
+    let mut long = good.clone();
+    long.extend_from_slice(b"tail");
+    let mut other_id = good.clone();
+    other_id[40] ^= 1;
+    for (what, bytes, says) in [
+        ("truncated", &good[..good.len() - 9], "truncated"),
+        ("corrupted", &flipped[..], "corrupt"),
+        ("over-long", &long[..], "after the end"),
+        ("another id", &other_id[..], "content id"),
+    ] {
+        std::fs::write(&damaged, bytes).expect("write");
+        let out = mu2(&["image", "unpack", &damaged, &target]);
+        assert_eq!(out.status.code(), Some(2), "{what}: {}", stderr(&out));
+        assert!(stderr(&out).contains(says), "{what}: {}", stderr(&out));
+        assert!(!std::path::Path::new(&target).exists(), "{what}: something was left behind");
+    }
+}
+
+/// A running `mu2`, killed when dropped.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn run_says_that_the_guest_waits_for_requests_and_how_to_send_one() {
+    kvm_or_skip!();
+    let child = Command::new(env!("CARGO_BIN_EXE_mu2"))
+        .args(["run", "--function", "echo"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running mu2");
+    let mut running = Running(child);
+    let stderr = running.0.stderr.take().expect("piped stderr");
+    let (send, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            let _ = send.send(line);
+        }
+    });
+    let line = lines.recv_timeout(std::time::Duration::from_secs(60)).expect("a line on stderr while it waits");
+    assert!(line.contains("waiting for requests") && line.contains("mu2 invoke") && line.contains("Ctrl-C"), "{line}");
+}
+
+#[test]
+fn run_removes_its_vsock_socket_when_a_signal_stops_it() {
+    use std::os::unix::process::ExitStatusExt;
+    kvm_or_skip!();
+    let scratch = Scratch::new("uds");
+    let socket = scratch.path("v.sock");
+    let child = Command::new(env!("CARGO_BIN_EXE_mu2"))
+        .args(["run", "--function", "echo", "--vsock-uds", &socket])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("running mu2");
+    let mut running = Running(child);
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !std::path::Path::new(&socket).exists() {
+        assert!(std::time::Instant::now() < until, "the socket appears");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let kill = Command::new("kill").args(["-TERM", &running.0.id().to_string()]).status().expect("kill");
+    assert!(kill.success());
+    let status = running.0.wait().expect("wait");
+    assert_eq!(status.signal(), Some(15), "ended by SIGTERM, as without the cleanup: {status:?}");
+    assert!(!std::path::Path::new(&socket).exists(), "the socket is removed");
+}
+
+#[test]
+fn snapshot_refuses_an_image_directory_whose_parent_is_missing() {
+    let out = mu2(&["snapshot", "--function", "echo", "--out", "/nonexistent-mu2-dir/sub/echo.img"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert_eq!(
+        stderr(&out),
+        "mu2: image directory /nonexistent-mu2-dir/sub/echo.img: its directory /nonexistent-mu2-dir/sub does not exist\n"
+    );
+    assert!(!std::path::Path::new("/nonexistent-mu2-dir").exists(), "nothing is created");
+}
+
+#[test]
+fn bench_keeps_samples_and_floors_in_every_mode_and_plot_overlays_runs() {
+    kvm_or_skip!();
+    let scratch = Scratch::new("bench");
+    let (cold_csv, cold_svg) = (scratch.path("cold.csv"), scratch.path("cold.svg"));
+    let out = mu2(&["bench", "--mode", "cold", "--requests", "3", "--csv", &cold_csv, "--plot", &cold_svg]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let fresh_csv = scratch.path("fresh.csv");
+    let out = mu2(&["bench", "--mode", "fresh", "--requests", "5", "--floor-samples", "4", "--csv", &fresh_csv]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let csv = std::fs::read_to_string(&fresh_csv).expect("the fresh CSV");
+    let mut lines = csv.lines();
+    let params = lines.next().unwrap_or_default();
+    assert!(params.starts_with("# mu2 bench mode=fresh function=echo requests=5 concurrency=1"), "{params}");
+    assert_eq!(lines.next(), Some("series,index,latency_us,fork_us,run_us,boot_us,teardown_us"));
+    let count = |series: &str| csv.lines().filter(|l| l.starts_with(&format!("{series},"))).count();
+    assert_eq!((count("request"), count("floor_fresh"), count("floor_reuse")), (5, 4, 4), "{csv}");
+    let cold = std::fs::read_to_string(&cold_csv).expect("the cold CSV, which --mode cold used to skip");
+    assert_eq!(cold.lines().filter(|l| l.starts_with("request,")).count(), 3, "{cold}");
+    assert!(cold.lines().any(|l| l.starts_with("floor_fresh,")), "{cold}");
+    let svg = std::fs::read_to_string(&cold_svg).expect("the cold plot");
+    assert!(svg.contains("floor_fresh") && svg.contains("p99"), "floors and quantiles drawn");
+
+    let png = scratch.path("cmp.png");
+    let out = mu2(&["plot", &cold_csv, &fresh_csv, "-o", &png]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let bytes = std::fs::read(&png).expect("the PNG");
+    assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n") && bytes.len() > 10_000, "a PNG of {} bytes", bytes.len());
+    let svg_path = scratch.path("cmp.svg");
+    let out = mu2(&["plot", &cold_csv, &fresh_csv, "-o", &svg_path]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let svg = std::fs::read_to_string(&svg_path).expect("the SVG");
+    assert!(svg.contains("cold: cold") && svg.contains("fresh: fresh, concurrency 1"), "both runs in the legend");
+}
+
+#[test]
+fn bench_refuses_what_it_cannot_report_before_it_runs() {
+    // The hang guest would make a run end in a timeout (exit 4): refusals come first.
+    for (args, expected) in [
+        (&["--plot", "/nonexistent-mu2-dir/latency.svg"][..], "its directory /nonexistent-mu2-dir does not exist"),
+        (&["--plot", "latency.pdf"], "a plot is .svg or .png"),
+        (&["--csv", "/nonexistent-mu2-dir/samples.csv"], "its directory /nonexistent-mu2-dir does not exist"),
+        (&["--floor-samples", "0"], "--floor-samples must be at least 1"),
+    ] {
+        for mode in ["cold", "fresh"] {
+            let mut all = vec!["bench", "--function", "hang", "--timeout", "20s", "--mode", mode];
+            all.extend_from_slice(args);
+            let out = mu2(&all);
+            assert_eq!(out.status.code(), Some(2), "{all:?}: {}", stderr(&out));
+            assert!(stderr(&out).contains(expected), "{all:?}: {}", stderr(&out));
+        }
+    }
 }

@@ -25,7 +25,7 @@ use crate::FORMAT_VERSION;
 ///
 /// impl Versioned for VmState {
 ///     const SCHEMA: &'static str = "VmState { ram_size: u64, regs: [u64; 4] }";
-///     const RECORDED_VERSION: u32 = 1;
+///     const RECORDED_VERSION: u32 = 2;
 ///     const RECORDED_FINGERPRINT: u64 = 0xee68_61f5_527d_49a9;
 /// }
 /// assert_schema!(VmState);
@@ -40,7 +40,7 @@ use crate::FORMAT_VERSION;
 /// struct VmState;
 /// impl Versioned for VmState {
 ///     const SCHEMA: &'static str = "VmState { ram_size: u64, regs: [u64; 4], tsc: u64 }";
-///     const RECORDED_VERSION: u32 = 1;
+///     const RECORDED_VERSION: u32 = 2;
 ///     const RECORDED_FINGERPRINT: u64 = 0xee68_61f5_527d_49a9;
 /// }
 /// assert_schema!(VmState); // error: "the payload schema changed (fingerprint 0x…, recorded …)"

@@ -1,4 +1,5 @@
-//! Frozen-image tests: round trip, every bad-image error, sparse memory, the golden image.
+//! Frozen-image tests: round trip, every bad-image error, sparse memory, the content id, the
+//! golden image.
 //!
 //! Regenerate the golden image (after an intended format change and FORMAT_VERSION bump) with
 //! `MU2_BLESS=1 cargo test -p mu2-snapshot --test image golden`.
@@ -10,8 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use mu2_snapshot::{
-    assert_schema, encode_state, fingerprint, open_memory, read_state, write_image, Arch, SnapshotError, Versioned,
-    FORMAT_VERSION, HEADER_LEN, MAX_STATE_SIZE, MEMORY_FILE, PAGE_SIZE, STATE_FILE,
+    assert_schema, encode_state, fingerprint, open_memory, read_header, read_state, verify_image, write_image, Arch,
+    SnapshotError, Versioned, FORMAT_VERSION, HEADER_LEN, MAX_MEMORY_SIZE, MAX_STATE_SIZE, MEMORY_FILE, PAGE_SIZE,
+    STATE_FILE,
 };
 use serde::{Deserialize, Serialize};
 
@@ -44,7 +46,7 @@ impl Versioned for TestState {
         TestState { ram_size: u64, regs: [u64; 4], name: String, mode: Mode, devices: Vec<Device>, irq: Option<u32> }
         Mode { Real, Long { cr0: u64, efer: u64 } }
         Device { id: u16, data: Vec<u8> }";
-    const RECORDED_VERSION: u32 = 1;
+    const RECORDED_VERSION: u32 = 2;
     const RECORDED_FINGERPRINT: u64 = 0xe991_dc81_c13a_198c;
 }
 assert_schema!(TestState);
@@ -57,7 +59,7 @@ struct OtherState {
 
 impl Versioned for OtherState {
     const SCHEMA: &'static str = "OtherState { a: u64 }";
-    const RECORDED_VERSION: u32 = 1;
+    const RECORDED_VERSION: u32 = FORMAT_VERSION;
     const RECORDED_FINGERPRINT: u64 = fingerprint(Self::SCHEMA);
 }
 
@@ -110,7 +112,7 @@ impl TempDir {
     }
 
     fn read(&self) -> Result<TestState, SnapshotError> {
-        read_state(&self.0, Arch::X86_64)
+        read_state(&self.0, Arch::X86_64).map(|(_, state)| state)
     }
 
     /// Rewrites the state file through `f`.
@@ -127,17 +129,34 @@ impl Drop for TempDir {
     }
 }
 
-/// A state file with the given header fields around `payload`, with a correct checksum.
-fn frame(magic: &[u8; 8], version: u32, flags: u32, payload: &[u8]) -> Vec<u8> {
-    let crc = crc::Crc::<u64>::new(&crc::CRC_64_XZ).checksum(payload);
+/// A state file with the given header fields around `payload`, with a correct checksum (over the
+/// header's first 64 bytes and the payload).
+fn frame(magic: &[u8; 8], version: u32, flags: u32, memory_size: u64, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     out.extend_from_slice(magic);
     out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&flags.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    out.extend_from_slice(&crc.to_le_bytes());
+    out.extend_from_slice(&memory_size.to_le_bytes());
+    out.extend_from_slice(&[0x5a; 32]);
+    let crc = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
+    let mut digest = crc.digest();
+    digest.update(&out);
+    digest.update(payload);
+    out.extend_from_slice(&digest.finalize().to_le_bytes());
     out.extend_from_slice(payload);
     out
+}
+
+/// Rewrites the checksum of a state file whose header was edited, so that a field's own check
+/// is what refuses it.
+fn fix_crc(bytes: &mut [u8]) {
+    let crc = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
+    let mut digest = crc.digest();
+    digest.update(&bytes[..64]);
+    digest.update(&bytes[HEADER_LEN..]);
+    let sum = digest.finalize();
+    bytes[64..72].copy_from_slice(&sum.to_le_bytes());
 }
 
 fn set_u32(bytes: &mut [u8], at: usize, v: u32) {
@@ -174,8 +193,10 @@ fn write_creates_the_directory_and_aarch64_round_trips() {
     let dir = parent.0.join("a/b");
     write_image(&dir, Arch::Aarch64, &sample_state(), &[]).unwrap();
     assert_eq!(&fs::read(dir.join(STATE_FILE)).unwrap()[..8], b"MU2IMGa8");
-    assert_eq!(read_state::<TestState>(&dir, Arch::Aarch64).unwrap(), sample_state());
+    assert_eq!(read_state::<TestState>(&dir, Arch::Aarch64).unwrap().1, sample_state());
     assert_eq!(open_memory(&dir, 0).unwrap().metadata().unwrap().len(), 0);
+    // The header reads whatever the architecture.
+    assert_eq!(read_header(&dir).unwrap().arch, Arch::Aarch64);
 }
 
 #[test]
@@ -273,7 +294,10 @@ fn future_version() {
     dir.edit_state(|b| set_u32(b, 8, FORMAT_VERSION + 1));
     let err = dir.read().unwrap_err();
     assert!(matches!(err, SnapshotError::UnsupportedVersion { found, .. } if found == FORMAT_VERSION + 1), "{err}");
-    assert!(err.to_string().contains("this build reads versions [1]"), "{err}");
+    assert!(err.to_string().contains("this build reads versions [2]"), "{err}");
+    // A version-1 image (the header before memory size and content id) is refused the same way.
+    dir.edit_state(|b| set_u32(b, 8, 1));
+    assert!(matches!(dir.read().unwrap_err(), SnapshotError::UnsupportedVersion { found: 1, .. }));
 }
 
 #[test]
@@ -282,6 +306,17 @@ fn unknown_flags() {
     dir.edit_state(|b| set_u32(b, 12, 1));
     let err = dir.read().unwrap_err();
     assert!(matches!(err, SnapshotError::UnsupportedFlags { flags: 1, .. }), "{err}");
+}
+
+#[test]
+fn huge_memory_size() {
+    let dir = TempDir::with_image("huge-memory");
+    dir.edit_state(|b| {
+        set_u64(b, 24, MAX_MEMORY_SIZE + 1);
+        fix_crc(b);
+    });
+    let err = dir.read().unwrap_err();
+    assert!(matches!(err, SnapshotError::MemoryTooLarge { size, .. } if size == MAX_MEMORY_SIZE + 1), "{err}");
 }
 
 #[test]
@@ -343,17 +378,20 @@ fn corrupt_payload_byte() {
     let err = dir.read().unwrap_err();
     assert!(matches!(err, SnapshotError::ChecksumMismatch { .. }), "{err}");
     assert!(err.to_string().contains("corrupt"), "{err}");
-    // A corrupted checksum field is the same error.
-    let dir = TempDir::with_image("corrupt-crc");
-    dir.edit_state(|b| b[24] ^= 1);
-    assert!(matches!(dir.read().unwrap_err(), SnapshotError::ChecksumMismatch { .. }));
+    // A corrupted checksum field is the same error, and so are a corrupted content id and a
+    // corrupted memory size: the checksum covers the header.
+    for at in [64, 40, 24] {
+        let dir = TempDir::with_image("corrupt-crc");
+        dir.edit_state(|b| b[at] ^= 1);
+        assert!(matches!(dir.read().unwrap_err(), SnapshotError::ChecksumMismatch { .. }), "byte {at}");
+    }
 }
 
 #[test]
 fn payload_that_does_not_decode() {
     let dir = TempDir::with_image("decode");
     // A valid frame around bytes that are not a TestState: a u64 varint that never ends.
-    fs::write(dir.state(), frame(b"MU2IMGx8", FORMAT_VERSION, 0, &[0xff; 3])).unwrap();
+    fs::write(dir.state(), frame(b"MU2IMGx8", FORMAT_VERSION, 0, 0, &[0xff; 3])).unwrap();
     let err = dir.read().unwrap_err();
     assert!(matches!(err, SnapshotError::Decode { .. }), "{err}");
     let source = std::error::Error::source(&err).expect("the decoder's error is chained");
@@ -370,7 +408,7 @@ fn payload_with_bytes_left_over() {
 
 #[test]
 fn no_corruption_or_truncation_panics_or_is_accepted() {
-    let good = encode_state(Arch::X86_64, &sample_state()).unwrap();
+    let good = encode_state(Arch::X86_64, &sample_state(), &sample_memory()).unwrap();
     let dir = TempDir::new("exhaustive");
     for len in 0..good.len() {
         fs::write(dir.state(), &good[..len]).unwrap();
@@ -392,7 +430,7 @@ fn encoded_state_over_the_cap_is_refused_on_write() {
     struct Big(Vec<u8>);
     impl Versioned for Big {
         const SCHEMA: &'static str = "Big(Vec<u8>)";
-        const RECORDED_VERSION: u32 = 1;
+        const RECORDED_VERSION: u32 = FORMAT_VERSION;
         const RECORDED_FINGERPRINT: u64 = fingerprint(Self::SCHEMA);
     }
     let dir = TempDir::new("too-big");
@@ -450,7 +488,10 @@ fn golden_image_reads() {
     if blessing() {
         write_image(&golden_dir(), Arch::X86_64, &sample_state(), &sample_memory()).unwrap();
     }
-    assert_eq!(read_state::<TestState>(&golden_dir(), Arch::X86_64).unwrap(), sample_state());
+    let (header, state) = read_state::<TestState>(&golden_dir(), Arch::X86_64).unwrap();
+    assert_eq!(state, sample_state());
+    assert_eq!(header.memory_size, GOLDEN_RAM as u64);
+    assert_eq!(verify_image(&golden_dir()).unwrap(), header.content_id, "the golden id is its contents' id");
     let mut mem = Vec::new();
     open_memory(&golden_dir(), GOLDEN_RAM as u64).unwrap().read_to_end(&mut mem).unwrap();
     assert_eq!(mem, sample_memory());
@@ -470,4 +511,43 @@ fn golden_image_is_what_we_write() {
          (see docs/image-format.md)"
     );
     assert_eq!(fs::read(dir.0.join(MEMORY_FILE)).unwrap(), fs::read(golden_dir().join(MEMORY_FILE)).unwrap());
+}
+
+#[test]
+fn the_content_id_is_recorded_and_read_back() {
+    let dir = TempDir::new("id");
+    let written = write_image(&dir.0, Arch::X86_64, &sample_state(), &sample_memory()).unwrap();
+    let (header, _) = read_state::<TestState>(&dir.0, Arch::X86_64).unwrap();
+    assert_eq!(header.content_id, written);
+    assert_eq!(read_header(&dir.0).unwrap(), header);
+    assert_eq!(verify_image(&dir.0).unwrap(), written);
+    assert!(written.to_string().starts_with("sha256:") && written.to_string().len() == 7 + 64, "{written}");
+}
+
+#[test]
+fn the_content_id_depends_on_contents_not_on_holes() {
+    let dir = TempDir::with_image("dense");
+    let sparse_id = verify_image(&dir.0).unwrap();
+    // A dense copy (every zero page written out, as `cp --sparse=never` would) has the same id.
+    let memory = fs::read(dir.0.join(MEMORY_FILE)).unwrap();
+    fs::remove_file(dir.0.join(MEMORY_FILE)).unwrap();
+    fs::write(dir.0.join(MEMORY_FILE), &memory).unwrap();
+    let allocated = fs::metadata(dir.0.join(MEMORY_FILE)).unwrap().blocks() * 512;
+    assert!(allocated >= GOLDEN_RAM as u64, "the copy is dense ({allocated} bytes allocated)");
+    assert_eq!(verify_image(&dir.0).unwrap(), sparse_id);
+
+    // Any other contents give another id, and a changed byte in memory is found.
+    let mut changed = sample_memory();
+    changed[3 * PAGE_SIZE + 9] = 1;
+    let other = TempDir::new("other-contents");
+    assert_ne!(write_image(&other.0, Arch::X86_64, &sample_state(), &changed).unwrap(), sparse_id);
+    let mut changed_state = sample_state();
+    changed_state.irq = Some(301);
+    assert_ne!(write_image(&other.0, Arch::X86_64, &changed_state, &sample_memory()).unwrap(), sparse_id);
+
+    let memory_file = fs::OpenOptions::new().write(true).open(dir.0.join(MEMORY_FILE)).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&memory_file, &[0xee], 5 * PAGE_SIZE as u64).unwrap();
+    let err = verify_image(&dir.0).unwrap_err();
+    assert!(matches!(err, SnapshotError::ContentMismatch { recorded, .. } if recorded == sparse_id), "{err}");
+    assert!(err.to_string().contains("corrupt"), "{err}");
 }

@@ -142,7 +142,8 @@ fn the_frozen_state_holds_every_listed_register_and_round_trips() {
     mu2_snapshot::write_image(dir.path(), mu2_snapshot::Arch::host(), &state, vm.memory_bytes()).expect("write");
     let magic = std::fs::read(dir.path().join("state")).expect("state");
     assert_eq!(&magic[..8], b"MU2IMGa8", "the magic names aarch64");
-    let read: mu2_vmm::VmState = mu2_snapshot::read_state(dir.path(), mu2_snapshot::Arch::host()).expect("read");
+    let (_, read): (_, mu2_vmm::VmState) =
+        mu2_snapshot::read_state(dir.path(), mu2_snapshot::Arch::host()).expect("read");
     assert_eq!(read.vcpus, state.vcpus);
     assert!(read.vcpus[0].regs.len() > 100, "every register KVM lists: {}", read.vcpus[0].regs.len());
     // The timer's control and compare registers are among them.

@@ -20,9 +20,13 @@ fn the_frozen_state_round_trips_through_the_image_file() {
     let state = vm.freeze().expect("freeze");
     assert!(matches!(vm.run(None), Err(GuestError::Stopped)), "a frozen VM does not run on");
     let dir = TempDir::new("roundtrip");
-    mu2_snapshot::write_image(dir.path(), mu2_snapshot::Arch::host(), &state, vm.memory_bytes()).expect("write");
-    let read: mu2_vmm::VmState = mu2_snapshot::read_state(dir.path(), mu2_snapshot::Arch::host()).expect("read");
-    let encode = |s| mu2_snapshot::encode_state(mu2_snapshot::Arch::host(), s).expect("encode");
+    let id =
+        mu2_snapshot::write_image(dir.path(), mu2_snapshot::Arch::host(), &state, vm.memory_bytes()).expect("write");
+    let (header, read): (_, mu2_vmm::VmState) =
+        mu2_snapshot::read_state(dir.path(), mu2_snapshot::Arch::host()).expect("read");
+    assert_eq!(header.content_id, id);
+    assert_eq!(header.memory_size, read.mem_size);
+    let encode = |s| mu2_snapshot::encode_state(mu2_snapshot::Arch::host(), s, vm.memory_bytes()).expect("encode");
     assert_eq!(encode(&read), encode(&state), "every component's state survives the file");
     assert_eq!(read.vcpus, state.vcpus);
     assert!(!read.vcpus[0].msr_indices().is_empty(), "MSRs are saved");

@@ -1,10 +1,9 @@
-//! The guest binaries built from `guest/runtime` and embedded in the VMM, so that `mu2` runs
+//! The guest binaries built from `guest/examples` and `guest/test-guests` and embedded in the VMM, so that `mu2` runs
 //! its example functions with no file arguments.
 
+// `EMBEDDED`, every guest by name, and `EXAMPLES`, the names of the example functions offered
+// to users (the others are the VMM's test guests).
 include!(concat!(env!("OUT_DIR"), "/guests.rs"));
-
-/// Example functions offered to users, by name.
-pub const EXAMPLES: &[&str] = &["echo", "sha256", "work", "crash", "random"];
 
 /// The embedded guest called `name`, if any (examples and test guests).
 pub fn find(name: &str) -> Option<&'static [u8]> {

@@ -1,8 +1,10 @@
 //! The host's KVM: opened once, shared by every VM a process creates.
 
+use std::sync::OnceLock;
+
 use kvm_ioctls::Kvm;
 
-use crate::arch::{self, CpuId};
+use crate::arch::{self, CpuFeatures, CpuId};
 
 /// Errors opening KVM.
 #[derive(Debug, thiserror::Error)]
@@ -42,7 +44,14 @@ pub struct Hypervisor {
     kvm: Kvm,
     cpuid: CpuId,
     max_vcpus: usize,
-    msr_indices: std::sync::OnceLock<Vec<u32>>,
+    /// The MSRs KVM lists and lets a vCPU read, probed on a throwaway VM when first needed.
+    msr_indices: OnceLock<Vec<u32>>,
+    /// The CPU features a guest given everything KVM supports sees, probed on a throwaway VM
+    /// when first needed. That is the supported table on most hosts; some hypervisors (PVM)
+    /// also show guests the hardware's own features, whatever the table says.
+    features: OnceLock<CpuFeatures>,
+    /// Features a test pretends this host lacks (see `without_cpu_features`).
+    removed: Vec<String>,
 }
 
 impl Hypervisor {
@@ -59,7 +68,26 @@ impl Hypervisor {
         }
         let cpuid = arch::supported_cpuid(&kvm).map_err(HypervisorError::Arch)?;
         let max_vcpus = arch::max_vcpus(&kvm);
-        Ok(Hypervisor { kvm, cpuid, max_vcpus, msr_indices: std::sync::OnceLock::new() })
+        Ok(Hypervisor {
+            kvm,
+            cpuid,
+            max_vcpus,
+            msr_indices: OnceLock::new(),
+            features: OnceLock::new(),
+            removed: Vec::new(),
+        })
+    }
+
+    /// This handle with the named CPU features removed from what KVM supports, as if the host
+    /// lacked them: guests booted through it are not shown them (where KVM honours the table),
+    /// and images that need them are refused. For tests of CPU compatibility; names as
+    /// [`CpuFeatures::names`] spells them.
+    #[cfg(feature = "inspect")]
+    pub fn without_cpu_features(mut self, names: &[&str]) -> Result<Self, HypervisorError> {
+        arch::remove_features(&mut self.cpuid, names).map_err(HypervisorError::Arch)?;
+        self.removed.extend(names.iter().map(|n| n.to_string()));
+        self.features = OnceLock::new();
+        Ok(self)
     }
 
     /// Whether /dev/kvm can be opened here; `Err` says why not.
@@ -72,6 +100,20 @@ impl Hypervisor {
         &self.kvm
     }
 
+    /// The CPU features a guest on this host can be shown: what a fresh vCPU given everything
+    /// KVM supports reports (probed once, on a throwaway VM, the first time it is asked).
+    pub fn cpu_features(&self) -> &CpuFeatures {
+        self.features.get_or_init(|| {
+            let features = self.probe_vcpu(|vcpu| Ok(arch::vcpu_features(vcpu)?)).unwrap_or_else(|e| {
+                log::warn!("reading a vCPU's CPUID failed ({e}); using KVM's supported table");
+                arch::table_features(&self.cpuid)
+            });
+            // The names were checked when they were removed from the table.
+            let removed: Vec<&str> = self.removed.iter().map(String::as_str).collect();
+            features.without(&removed).unwrap_or(features)
+        })
+    }
+
     /// The most vCPUs one VM may have.
     pub fn max_vcpus(&self) -> usize {
         self.max_vcpus
@@ -81,17 +123,22 @@ impl Hypervisor {
     /// throwaway VM, the first time an image is made.
     pub fn msr_indices(&self) -> &[u32] {
         self.msr_indices.get_or_init(|| {
-            let probe = || -> Result<Vec<u32>, Box<dyn std::error::Error>> {
-                let vm = self.kvm.create_vm()?;
-                let vcpu = vm.create_vcpu(0)?;
-                arch::set_cpuid(&vcpu, &self.vcpu_cpuid(0, 1))?;
-                Ok(arch::saved_msr_indices(&self.kvm, &vcpu)?)
-            };
-            probe().unwrap_or_else(|e| {
+            self.probe_vcpu(|vcpu| Ok(arch::saved_msr_indices(&self.kvm, vcpu)?)).unwrap_or_else(|e| {
                 log::warn!("listing MSRs failed ({e}); images will save none");
                 Vec::new()
             })
         })
+    }
+
+    /// Runs `probe` on vCPU 0 of a throwaway VM, given this host's CPUID table.
+    fn probe_vcpu<T>(
+        &self,
+        probe: impl FnOnce(&kvm_ioctls::VcpuFd) -> Result<T, Box<dyn std::error::Error>>,
+    ) -> Result<T, Box<dyn std::error::Error>> {
+        let vm = self.kvm.create_vm()?;
+        let vcpu = vm.create_vcpu(0)?;
+        arch::set_cpuid(&vcpu, &self.vcpu_cpuid(0, 1))?;
+        probe(&vcpu)
     }
 
     /// The CPUID table for vCPU `index` of `count`.

@@ -26,6 +26,7 @@ pub mod source;
 pub mod uds;
 
 mod arch;
+mod cpu;
 mod hypervisor;
 mod kick;
 mod memory;
@@ -33,7 +34,8 @@ mod restore;
 mod sys;
 mod vm;
 
-pub use arch::{ArchError, EntryMode, GuestFault, VcpuState};
+pub use arch::{ArchError, CpuFeatures, EntryMode, GuestFault, VcpuState};
+pub use cpu::CpuTemplate;
 pub use hypervisor::{Hypervisor, HypervisorError};
 pub use kick::KickError;
 pub use memory::MemoryError;

@@ -139,6 +139,7 @@ impl Vm {
             ready: state.ready_info(),
             tsc_khz: state.tsc_khz,
             msr_indices: image.msr_indices().to_vec(),
+            cpu_template: state.cpu_template,
         })
         .map_err(RestoreError::Devices)
     }

@@ -196,7 +196,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("mu2-source-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let fifo = dir.join("fifo");
-        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        crate::sys::mkfifo(&fifo).unwrap();
         let e = ImageSource::Kernel(fifo).vm_config(&GuestSettings::default()).unwrap_err();
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(matches!(e, SourceError::UnusableKernel { .. }), "{e}");

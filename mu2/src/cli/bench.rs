@@ -13,7 +13,7 @@ use super::args::{parse_duration, request_bytes, GuestArgs};
 use crate::bench::{self, BenchConfig};
 use crate::failure::{CliError, Failure};
 use crate::plot;
-use crate::report::{self, ColdReport, ForkReport, ForkSetup};
+use crate::report::{self, ColdReport, CsvRow, ForkReport, ForkSetup};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -34,11 +34,11 @@ pub struct BenchArgs {
     /// Cycles measured for each KVM floor.
     #[arg(long, value_name = "N", default_value_t = 200)]
     floor_samples: usize,
-    /// Also write every sample to this CSV file.
+    /// Also write every sample, the floors' too, to this CSV file (`mu2 plot` reads it back).
     #[arg(long, value_name = "FILE")]
     csv: Option<PathBuf>,
-    /// Also draw the latency CDF to this SVG file.
-    #[arg(long, value_name = "FILE.svg")]
+    /// Also draw the latency CDF with the floors to this file: SVG, or PNG if it ends in .png.
+    #[arg(long, value_name = "FILE.svg|FILE.png")]
     plot: Option<PathBuf>,
     /// Number of requests.
     #[arg(long, value_name = "N", default_value_t = 30)]
@@ -70,6 +70,16 @@ pub fn bench(args: &BenchArgs) -> Result<(), Failure> {
     if args.requests == 0 {
         return Err(CliError::Argument("--requests must be at least 1").into());
     }
+    if args.floor_samples == 0 {
+        return Err(CliError::Argument("--floor-samples must be at least 1: the ratios divide by the floor").into());
+    }
+    // Where the results go is checked before the run, not after it.
+    if let Some(path) = &args.plot {
+        plot::check_target(path)?;
+    }
+    if let Some(path) = &args.csv {
+        crate::failure::parent_exists("CSV file", path)?;
+    }
     let request = request_bytes(&args.data)?;
     match args.mode {
         BenchMode::Cold => cold(args, request),
@@ -94,11 +104,22 @@ fn cold(args: &BenchArgs, request: Vec<u8>) -> Result<(), Failure> {
         eprintln!();
     }
     let function = args.guest.kernel.as_ref().map_or(args.guest.function.clone(), |p| p.display().to_string());
+    let mut rows: Vec<CsvRow> = samples
+        .iter()
+        .map(|s| CsvRow {
+            boot_us: Some(s.boot_to_ready_us),
+            run_us: Some(s.request_us),
+            teardown_us: Some(s.teardown_us),
+            ..CsvRow::request(s.latency_us)
+        })
+        .collect();
+    rows.extend(samples.iter().map(|s| CsvRow::floor("floor_fresh", s.floor_fresh_us)));
+    keep_samples(args, &run_params(args, "cold", args.guest.mem_mib), &rows)?;
     let report = ColdReport::new(function, args.guest.mem_mib, &samples, started.elapsed().as_secs_f64());
     if args.json {
-        println!("{}", report.json());
+        crate::out::print(format!("{}\n", report.json()))?;
     } else {
-        print!("{}", report.text());
+        crate::out::print(report.text())?;
     }
     Ok(())
 }
@@ -117,7 +138,8 @@ fn forked(args: &BenchArgs, mode: Mode, request: &[u8]) -> Result<(), Failure> {
     let image = Arc::new(image);
     let mem_size = image.state().mem_size;
     let quiet = args.json || !std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let floors = bench::floors(&hv, mem_size, args.floor_samples)?;
+    let floor_samples = bench::floors(&hv, mem_size, args.floor_samples)?;
+    let floors = floor_samples.summary();
     // The expected response and private memory per VM, from one measured fork.
     let probe = Engine::new(hv.clone(), image.clone(), EngineConfig { mode: Mode::Fresh, ..EngineConfig::default() });
     let (first, private_kib) = probe.serve_measuring_memory(request, args.timeout)?;
@@ -152,16 +174,14 @@ fn forked(args: &BenchArgs, mode: Mode, request: &[u8]) -> Result<(), Failure> {
         eprintln!();
     }
     let mode_name = format!("{:?}", args.mode).to_lowercase();
-    if let Some(path) = &args.csv {
-        std::fs::write(path, report::fork_samples_csv(&run.samples))
-            .map_err(|source| CliError::WriteFile { path: path.clone(), source })?;
-    }
-    if let Some(path) = &args.plot {
-        let latencies: Vec<f64> = run.samples.iter().map(|s| s.latency_us).collect();
-        let svg = plot::latency_cdf_svg(&latencies, &format!("mu2 {mode_name}: request latency"))
-            .map_err(|message| CliError::Plot { path: path.clone(), message })?;
-        std::fs::write(path, svg).map_err(|source| CliError::WriteFile { path: path.clone(), source })?;
-    }
+    let mut rows: Vec<CsvRow> = run
+        .samples
+        .iter()
+        .map(|s| CsvRow { fork_us: Some(s.fork_us), run_us: Some(s.run_us), ..CsvRow::request(s.latency_us) })
+        .collect();
+    rows.extend(floor_samples.fresh.iter().map(|&v| CsvRow::floor("floor_fresh", v)));
+    rows.extend(floor_samples.reuse.iter().map(|&v| CsvRow::floor("floor_reuse", v)));
+    keep_samples(args, &run_params(args, &mode_name, mem_size >> 20), &rows)?;
     let setup = ForkSetup {
         mode: mode_name,
         concurrency: args.concurrency,
@@ -173,9 +193,54 @@ fn forked(args: &BenchArgs, mode: Mode, request: &[u8]) -> Result<(), Failure> {
     };
     let report = ForkReport::new(setup, &run);
     if args.json {
-        println!("{}", report.json());
+        crate::out::print(format!("{}\n", report.json()))?;
     } else {
-        print!("{}", report.text());
+        crate::out::print(report.text())?;
+    }
+    Ok(())
+}
+
+/// The run's parameters, as the CSV's first line and the plot's subtitle show them.
+fn run_params(args: &BenchArgs, mode: &str, mem_mib: u64) -> Vec<(String, String)> {
+    let function = match (&args.image, &args.guest.kernel) {
+        (Some(dir), _) => format!("image:{}", dir.display()),
+        (None, Some(elf)) => elf.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+        (None, None) => args.guest.function.clone(),
+    };
+    let mut params = vec![
+        ("mode", mode.to_string()),
+        ("function", function.replace(char::is_whitespace, "_")),
+        ("requests", args.requests.to_string()),
+        ("concurrency", if mode == "cold" { 1 } else { args.concurrency }.to_string()),
+        ("mem_mib", mem_mib.to_string()),
+    ];
+    if mode == "pool" {
+        params.push(("pool_size", args.pool_size.to_string()));
+    }
+    let floors = if mode == "cold" { "per_request".to_string() } else { args.floor_samples.to_string() };
+    params.push(("floor_samples", floors));
+    params.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+}
+
+/// Writes the samples to `--csv` and draws them to `--plot`, where asked.
+fn keep_samples(args: &BenchArgs, params: &[(String, String)], rows: &[CsvRow]) -> Result<(), Failure> {
+    if let Some(path) = &args.csv {
+        std::fs::write(path, report::samples_csv(params, rows))
+            .map_err(|source| CliError::WriteFile { path: path.clone(), source })?;
+    }
+    if let Some(path) = &args.plot {
+        let mode = params.iter().find(|(k, _)| k == "mode").map_or("", |(_, v)| v.as_str());
+        let mut run = plot::Run { label: "requests".to_string(), params: params.to_vec(), ..plot::Run::default() };
+        for row in rows {
+            match row.series {
+                "request" => run.latencies.push(row.latency_us),
+                floor => match run.floors.iter_mut().find(|(f, _)| f == floor) {
+                    Some((_, samples)) => samples.push(row.latency_us),
+                    None => run.floors.push((floor.to_string(), vec![row.latency_us])),
+                },
+            }
+        }
+        plot::draw(&[run], &format!("mu2 bench: request latency, {mode} mode"), path)?;
     }
     Ok(())
 }

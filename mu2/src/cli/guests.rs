@@ -2,9 +2,13 @@
 
 use mu2_vmm::guests;
 
-pub fn list() {
+use crate::failure::Failure;
+
+pub fn list() -> Result<(), Failure> {
+    let mut text = String::new();
     for name in guests::names() {
         let kind = if guests::EXAMPLES.contains(&name) { "example function" } else { "test guest" };
-        println!("{name:<10} {kind}");
+        text.push_str(&format!("{name:<10} {kind}\n"));
     }
+    crate::out::print(text)
 }

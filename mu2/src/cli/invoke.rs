@@ -1,7 +1,6 @@
 //! `mu2 invoke`: one request in one VM, cold-booted or forked from an image; the response
 //! bytes, and nothing else, on stdout.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,7 +12,7 @@ use mu2_vmm::invoke;
 use mu2_vmm::{Hypervisor, Vm};
 
 use super::args::{parse_duration, request_bytes, GuestArgs};
-use crate::failure::{CliError, Failure};
+use crate::failure::Failure;
 
 #[derive(Args, Debug)]
 pub struct InvokeArgs {
@@ -59,7 +58,7 @@ pub fn invoke(args: &InvokeArgs) -> Result<(), Failure> {
     drop(vm);
     let torn_down_at = Instant::now();
 
-    write_response(&response)?;
+    crate::out::print(&response)?;
     eprintln!(
         "boot-to-ready {:.1} us, request-to-response {:.1} us, teardown {:.1} us, exits {} (waits {}, virtio {}, sysdev {}, pio {})",
         micros(ready_at - start),
@@ -82,7 +81,7 @@ fn invoke_image(args: &InvokeArgs, dir: &Path, request: &[u8]) -> Result<(), Fai
     let config = EngineConfig { mode: Mode::Fresh, max_response: args.max_response, ..EngineConfig::default() };
     let engine = Engine::new(hv, image, config);
     let served = engine.serve(request, args.timeout)?;
-    write_response(&served.response)?;
+    crate::out::print(&served.response)?;
     eprintln!(
         "image load {:.1} us, fork {:.1} us, request {:.1} us, vm {}",
         micros(loaded - start),
@@ -90,12 +89,6 @@ fn invoke_image(args: &InvokeArgs, dir: &Path, request: &[u8]) -> Result<(), Fai
         served.run_us,
         served.vm_id
     );
-    Ok(())
-}
-
-fn write_response(response: &[u8]) -> Result<(), Failure> {
-    let mut stdout = std::io::stdout().lock();
-    stdout.write_all(response).and_then(|()| stdout.flush()).map_err(CliError::WriteResponse)?;
     Ok(())
 }
 

@@ -3,8 +3,12 @@
 
 mod args;
 mod bench;
+mod build;
 mod guests;
+mod image;
 mod invoke;
+mod new;
+mod plot;
 mod run;
 mod serve;
 mod snapshot;
@@ -17,7 +21,8 @@ use crate::failure::Failure;
 #[command(name = "mu2", version, about = "Run every request in a brand-new micro-VM.")]
 #[command(after_help = "Exit codes: 0 ok, 1 other failure, 2 bad input, 3 guest crashed (fault, panic), \
                         4 timeout, 5 KVM unavailable, 6 guest broke the device protocol, \
-                        7 resource exhausted (memory, file descriptors).")]
+                        7 resource exhausted (memory, file descriptors). \
+                        Log messages go to stderr: RUST_LOG=info (or debug) for more than warnings.")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -31,10 +36,18 @@ pub enum Command {
     Invoke(invoke::InvokeArgs),
     /// Boot a guest, wait until it is ready, freeze it into an image directory.
     Snapshot(snapshot::SnapshotArgs),
+    /// Inspect, verify, pack and unpack frozen images.
+    Image(image::ImageArgs),
     /// Measure request latency next to the raw KVM floor of this host.
     Bench(bench::BenchArgs),
     /// List the guests built into this binary.
     Guests,
+    /// Write a new function crate on the guest SDK (build it with `mu2 build`).
+    New(new::NewArgs),
+    /// Build a function crate into a guest ELF and print the ELF's path.
+    Build(build::BuildArgs),
+    /// Draw benchmark runs from their CSV files (`mu2 bench --csv`) on one latency plot.
+    Plot(plot::PlotArgs),
     /// Run the daemon: the control API on a Unix socket, the HTTP dispatcher on TCP.
     Serve(serve::ServeArgs),
 }
@@ -45,11 +58,12 @@ pub fn run(command: &Command) -> Result<(), Failure> {
         Command::Run(args) => run::run(args),
         Command::Invoke(args) => invoke::invoke(args),
         Command::Snapshot(args) => snapshot::snapshot(args),
+        Command::Image(args) => image::image(args),
         Command::Bench(args) => bench::bench(args),
-        Command::Guests => {
-            guests::list();
-            Ok(())
-        }
+        Command::Guests => guests::list(),
+        Command::New(args) => new::new(args),
+        Command::Build(args) => build::build(args),
+        Command::Plot(args) => plot::plot(args),
         Command::Serve(args) => serve::serve(args),
     }
 }

@@ -45,6 +45,7 @@ pub fn run(args: &RunArgs) -> Result<(), Failure> {
     let deadline = args.timeout.map(|t| Instant::now() + t);
     if let Some(path) = &socket {
         eprintln!("vsock socket: {}", path.display());
+        remove_on_signal(path.clone())?;
         return match mu2_vmm::uds::run(&mut vm, path, deadline)? {
             0 => Ok(()),
             code => Err(CliError::GuestExited(code).into()),
@@ -59,7 +60,12 @@ pub fn run(args: &RunArgs) -> Result<(), Failure> {
             RunStop::Exited(code) => return Err(CliError::GuestExited(code).into()),
             RunStop::Idle => {
                 // Nothing can wake the guest but a host connection, and `run` opens none:
-                // wait for the deadline or an interrupt.
+                // wait for the deadline or an interrupt, and say so.
+                eprintln!(
+                    "mu2 run: the guest is waiting for requests, and `mu2 run` sends none; \
+                     `mu2 invoke` sends one to a fresh VM, `--vsock-uds PATH` lets programs connect to this one \
+                     (see docs/api.md); Ctrl-C stops it"
+                );
                 match deadline {
                     Some(d) => {
                         std::thread::sleep(d.saturating_duration_since(Instant::now()));
@@ -72,4 +78,22 @@ pub fn run(args: &RunArgs) -> Result<(), Failure> {
             }
         }
     }
+}
+
+/// On SIGINT, SIGTERM or SIGHUP, removes the bridge's socket at `path` and ends the process as
+/// that signal would: the bridge removes it when dropped, but a signal ends the process without
+/// running destructors. A thread, so the removal runs outside the signal handler.
+fn remove_on_signal(path: PathBuf) -> Result<(), Failure> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(CliError::Signals)?;
+    std::thread::Builder::new()
+        .name("mu2-run-signals".into())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                let _ = std::fs::remove_file(&path);
+                let _ = signal_hook::low_level::emulate_default_handler(signal);
+            }
+        })
+        .map_err(CliError::Signals)?;
+    Ok(())
 }

@@ -1,6 +1,6 @@
 //! `mu2 serve`: the daemon, until SIGINT or SIGTERM (after its drain period).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
@@ -61,5 +61,40 @@ pub fn serve(args: &ServeArgs) -> Result<(), Failure> {
         drain_period: args.drain_period.unwrap_or(DEFAULT_DRAIN_PERIOD),
         ..ServeConfig::new(args.api_sock.clone())
     };
-    Ok(mu2_vmm::api::run_until_signal(config)?)
+    let announce = |daemon: &mu2_vmm::api::Daemon| {
+        let api_sock = daemon.api_sock().unwrap_or(&args.api_sock);
+        for line in startup_lines(args, api_sock, daemon.http_addr()) {
+            eprintln!("{line}");
+        }
+    };
+    Ok(mu2_vmm::api::run_until_signal(config, announce)?)
+}
+
+/// What `mu2 serve` says on stderr once it accepts requests, one line each: the API socket and
+/// the dispatcher's address as they are (so `--http 127.0.0.1:0` tells its port, and a passed
+/// socket its own address), each route, the mode.
+fn startup_lines(args: &ServeArgs, api_sock: &Path, http: Option<std::net::SocketAddr>) -> Vec<String> {
+    let mut lines = vec![format!("mu2 serve: control API on unix socket {}", api_sock.display())];
+    match http {
+        Some(addr) => lines.push(format!("mu2 serve: HTTP dispatcher on http://{addr}")),
+        None => lines.push("mu2 serve: no HTTP dispatcher (--http ADDR starts one)".to_string()),
+    }
+    for (prefix, image) in &args.routes {
+        lines.push(format!("mu2 serve: route {prefix} -> image {image}"));
+    }
+    lines.push(format!(
+        "mu2 serve: /healthz and /metrics on the dispatcher; drain period {:?} after SIGTERM",
+        args.drain_period.unwrap_or(DEFAULT_DRAIN_PERIOD)
+    ));
+    let pool = match args.mode {
+        mu2_vmm::fork::Mode::Pool => format!(", {} VMs pooled per image", args.pool_size),
+        _ => String::new(),
+    };
+    lines.push(format!(
+        "mu2 serve: mode {}{pool}, at most {} VMs, {:?} per request; SIGINT or SIGTERM stops it",
+        format!("{:?}", args.mode).to_lowercase(),
+        args.max_vms,
+        args.timeout
+    ));
+    lines
 }

@@ -62,8 +62,9 @@ impl ServeConfig {
         }
     }
 
-    /// Refuses settings the daemon cannot run with.
-    pub(super) fn validate(&self) -> Result<(), ServeError> {
+    /// Refuses settings the daemon cannot run with; `passed_http` says a service manager
+    /// passed the dispatcher's listener (socket activation), which stands in for `--http`.
+    pub(super) fn validate(&self, passed_http: bool) -> Result<(), ServeError> {
         if self.pool_size == 0 || self.max_vms == 0 {
             return Err(ServeError::Config("--pool-size and --max-vms must be at least 1".into()));
         }
@@ -81,6 +82,19 @@ impl ServeConfig {
                 "route {prefix}: the daemon answers {} itself on the dispatcher's port",
                 DAEMON_PATHS.join(" and ")
             )));
+        }
+        // Routes are fixed at start, and only the built-in guests are images by then.
+        if let Some((prefix, image)) = self.routes.iter().find(|(_, image)| crate::guests::find(image).is_none()) {
+            return Err(ServeError::Config(format!(
+                "--route {prefix}={image}: no built-in guest `{image}` (a route names one of `mu2 guests`)"
+            )));
+        }
+        if self.http.is_none() && !passed_http {
+            if let Some((prefix, image)) = self.routes.first() {
+                return Err(ServeError::Config(format!(
+                    "--route {prefix}={image} without --http: routes belong to the HTTP dispatcher, which --http ADDR starts"
+                )));
+            }
         }
         Ok(())
     }
@@ -103,6 +117,17 @@ pub enum ServeError {
     /// /dev/kvm could not be opened.
     #[error("opening KVM")]
     Hypervisor(#[source] HypervisorError),
+    /// The image a route names could not be made.
+    #[error("--route {prefix}={image}")]
+    Route {
+        /// The route's path prefix.
+        prefix: String,
+        /// The image it names.
+        image: String,
+        /// Why the image could not be made (boxed: the error is large, and rare).
+        #[source]
+        source: Box<crate::source::SourceError>,
+    },
     /// A socket or directory could not be set up.
     #[error("{what} {path}")]
     Io {
@@ -129,6 +154,7 @@ impl Classify for ServeError {
         match self {
             ServeError::Config(_) | ServeError::Activation(_) => FailureKind::BadInput,
             ServeError::Hypervisor(e) => e.kind(),
+            ServeError::Route { source, .. } => source.kind(),
             ServeError::Io { source, .. } => crate::error::io_kind(source),
         }
     }

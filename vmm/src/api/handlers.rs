@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::config::ServeConfig;
+use super::config::{ServeConfig, ServeError};
 use super::dispatch::{self, DispatchError, Routes};
 use super::failure;
 use super::http::{Request, Response};
@@ -163,15 +163,27 @@ impl Handlers {
         &self.registry
     }
 
-    /// Builds the built-in images behind routes and waits for their pools, so that the first
-    /// requests find them ready; `/healthz` answers 503 until then. A failure leaves the route
-    /// to fail per request (and the daemon unready until a request builds the image).
-    pub(super) fn prepare_routes(&self) {
-        for (_, image) in self.routes.iter() {
-            if let Err(e) = self.registry.entry(image) {
-                log::warn!("route image `{image}`: {}", error_chain(&e));
+    /// Builds the built-in images behind routes before the daemon listens (their pools start
+    /// filling; [`Handlers::wait_for_pools`] waits for them). A route that cannot be served
+    /// stops the start.
+    pub(super) fn prepare_routes(&self) -> Result<(), ServeError> {
+        for (prefix, image) in self.routes.iter() {
+            let (prefix, image) = (prefix.to_string(), image.to_string());
+            match self.registry.entry(&image) {
+                Ok(_) => {}
+                Err(RegistryError::Build { source, .. }) => {
+                    return Err(ServeError::Route { prefix, image, source: Box::new(source) })
+                }
+                Err(e) => return Err(ServeError::Config(format!("--route {prefix}={image}: {}", error_chain(&e)))),
             }
         }
+        Ok(())
+    }
+
+    /// Waits until the routes' pools are full (pool mode), so that the first requests find
+    /// them ready; `/healthz` answers 503 until then. Runs on the warm-up thread, after the
+    /// listeners are up; ends early if the daemon stops.
+    pub(super) fn wait_for_pools(&self) {
         if self.config.mode == Mode::Pool {
             let until = Instant::now() + POOL_FILL_WAIT;
             for (_, image) in self.routes.iter() {
@@ -186,7 +198,7 @@ impl Handlers {
             }
         }
         match self.readiness() {
-            Readiness::Ready => log::info!("ready: every route's image is loaded"),
+            Readiness::Ready => log::info!("ready: every route's image is loaded and its pool full"),
             Readiness::Starting(waiting) => log::warn!("not ready: waiting for {}", waiting.join(", ")),
             Readiness::Draining | Readiness::Stopping => {}
         }

@@ -103,6 +103,10 @@ pub fn read_request(
     let (head_len, mut request, length) = loop {
         if !buf.is_empty() {
             if let Some(parsed) = parse_head(buf, max_body)? {
+                // Reads come in chunks, so a whole head can arrive past the limit at once.
+                if parsed.0 > MAX_HEAD {
+                    return Err(ReadError::HeadTooLarge);
+                }
                 break parsed;
             }
             if buf.len() > MAX_HEAD {
@@ -400,6 +404,20 @@ mod tests {
         let second = read_request(&mut stream, &mut buf, 10, &|| false).expect("second");
         assert_eq!((second.target.as_str(), second.keep_alive), ("/b", false));
         assert!(matches!(read_request(&mut stream, &mut buf, 10, &|| false), Err(ReadError::Closed)));
+    }
+
+    #[test]
+    fn a_head_over_the_limit_is_refused_however_it_arrives() {
+        // A head of `len` bytes: request line, one header padded to fit, blank line.
+        let head = |len: usize| {
+            let fixed = "GET / HTTP/1.1\r\nx-pad: \r\n\r\n".len();
+            format!("GET / HTTP/1.1\r\nx-pad: {}\r\n\r\n", "a".repeat(len - fixed)).into_bytes()
+        };
+        let status = |bytes: &[u8]| read(bytes, 4).0.err().and_then(|e| e.status());
+        assert!(read(&head(MAX_HEAD), 4).0.is_ok(), "a head of exactly the limit is read");
+        for len in [MAX_HEAD + 1, MAX_HEAD + 6 * 1024, MAX_HEAD + 16 * 1024] {
+            assert_eq!(status(&head(len)), Some(431), "{len} bytes");
+        }
     }
 
     #[test]

@@ -28,14 +28,13 @@ pub mod model;
 mod registry;
 
 use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub use activation::Inherited;
 pub use config::{ServeConfig, ServeError, DEFAULT_DRAIN_PERIOD};
-pub use registry::SIDECAR;
 
 use crate::hypervisor::Hypervisor;
 use dispatch::Routes;
@@ -54,10 +53,12 @@ pub struct Daemon {
     lifecycle: Arc<Lifecycle>,
     stop_request: Arc<StopRequest>,
     acceptors: Vec<JoinHandle<()>>,
-    /// Builds the routes' images and fills their pools after the listeners are up.
+    /// Waits for the routes' pools to fill after the listeners are up.
     warm_up: Option<JoinHandle<()>>,
+    /// Where the control API listens (bound, or passed by a service manager).
+    api_path: Option<PathBuf>,
     /// The socket file to remove at exit: `None` when a service manager made it.
-    api_sock: Option<PathBuf>,
+    owned_api_sock: Option<PathBuf>,
     http_addr: Option<SocketAddr>,
     timeout: Duration,
     drain_period: Duration,
@@ -103,8 +104,9 @@ impl Stopper {
 }
 
 impl Daemon {
-    /// Opens KVM, binds the listeners, starts accepting, and builds the routes' built-in
-    /// images in the background (`/healthz` answers 503 until they and their pools are ready).
+    /// Opens KVM, binds the listeners, builds the routes' built-in images, starts accepting,
+    /// and waits for the routes' pools in the background (`/healthz` answers 503 until they
+    /// are full).
     pub fn start(config: ServeConfig) -> Result<Daemon, ServeError> {
         Self::start_with(config, Inherited::default())
     }
@@ -112,7 +114,7 @@ impl Daemon {
     /// [`Daemon::start`], using the listeners in `inherited` (socket activation) instead of
     /// binding them.
     pub fn start_with(config: ServeConfig, inherited: Inherited) -> Result<Daemon, ServeError> {
-        config.validate()?;
+        config.validate(inherited.http.is_some())?;
         let routes = Routes::new(config.routes.iter().cloned());
         let hv = Arc::new(Hypervisor::open().map_err(ServeError::Hypervisor)?);
         let (images_dir, owns_images_dir) = match &config.images_dir {
@@ -120,16 +122,18 @@ impl Daemon {
             None => (std::env::temp_dir().join(format!("mu2-serve-{}", std::process::id())), true),
         };
         std::fs::create_dir_all(&images_dir).map_err(ServeError::io("creating", images_dir.display()))?;
-        let (api, api_sock) = match inherited.api {
-            Some(listener) => {
-                log::info!("control API on the passed socket {:?}", listener.local_addr().ok());
-                (listener, None)
+        let mut made = Made { images_dir: owns_images_dir.then(|| images_dir.clone()), api_sock: None };
+        let api = match inherited.api {
+            Some(listener) => listener,
+            None => {
+                let listener = listen::bind_private(&config.api_sock)
+                    .map_err(ServeError::io("binding", config.api_sock.display()))?;
+                made.api_sock = Some(config.api_sock.clone());
+                listener
             }
-            None => (
-                listen::bind_private(&config.api_sock).map_err(ServeError::io("binding", config.api_sock.display()))?,
-                Some(config.api_sock.clone()),
-            ),
         };
+        let api_path = api.local_addr().ok().and_then(|a| a.as_pathname().map(PathBuf::from));
+        let owned_api_sock = made.api_sock.clone();
         let tcp = match (inherited.http, config.http) {
             (Some(listener), wanted) => {
                 let at =
@@ -148,6 +152,10 @@ impl Daemon {
         let registry = Registry::new(hv, &config, images_dir, owns_images_dir, lifecycle.clone());
         let (timeout, max_body, drain_period) = (config.timeout, config.max_body, config.drain_period);
         let handlers = Arc::new(Handlers::new(config, routes, registry, metrics.clone(), lifecycle.clone()));
+        if let Err(e) = handlers.prepare_routes() {
+            handlers.registry().clear();
+            return Err(e);
+        }
         let endpoint = |label, handler: Arc<listen::Handler>| Endpoint {
             label,
             handler,
@@ -169,15 +177,17 @@ impl Daemon {
         let h = handlers.clone();
         let warm_up = std::thread::Builder::new()
             .name("mu2-warm-up".into())
-            .spawn(move || h.prepare_routes())
+            .spawn(move || h.wait_for_pools())
             .map_err(ServeError::io("spawning", "the warm-up thread"))?;
+        made.keep();
         Ok(Daemon {
             handlers,
             lifecycle,
             stop_request: Arc::default(),
             acceptors,
             warm_up: Some(warm_up),
-            api_sock,
+            api_path,
+            owned_api_sock,
             http_addr,
             timeout,
             drain_period,
@@ -187,6 +197,11 @@ impl Daemon {
     /// The dispatcher's bound address (useful with port 0).
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http_addr
+    }
+
+    /// Where the control API listens: `--api-sock`, or the socket a service manager passed.
+    pub fn api_sock(&self) -> Option<&Path> {
+        self.api_path.as_deref()
     }
 
     /// A handle that stops the daemon.
@@ -219,12 +234,11 @@ impl Daemon {
         if open > 0 {
             log::warn!("{open} connections still open after the drain deadline");
         }
-        // A build under way ends within its own deadline; none starts once stopping.
         if let Some(warm_up) = self.warm_up.take() {
             let _ = warm_up.join();
         }
         self.handlers.registry().clear();
-        if let Some(sock) = &self.api_sock {
+        if let Some(sock) = &self.owned_api_sock {
             let _ = std::fs::remove_file(sock);
         }
     }
@@ -238,9 +252,36 @@ fn spawn_acceptor<L: listen::Listen>(
     listen::spawn_acceptor(listener, endpoint).map_err(ServeError::io("starting", what))
 }
 
+/// What `Daemon::start` made on disk: removed again if the start fails half-way (a port in
+/// use, an image that cannot be built), so a failed start leaves nothing behind.
+struct Made {
+    images_dir: Option<PathBuf>,
+    api_sock: Option<PathBuf>,
+}
+
+impl Made {
+    /// The start succeeded: the daemon removes them when it stops.
+    fn keep(mut self) {
+        self.images_dir = None;
+        self.api_sock = None;
+    }
+}
+
+impl Drop for Made {
+    fn drop(&mut self) {
+        if let Some(sock) = &self.api_sock {
+            let _ = std::fs::remove_file(sock);
+        }
+        if let Some(dir) = &self.images_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
 /// Runs the daemon until SIGINT or SIGTERM, on the listeners a service manager passed
-/// (`LISTEN_FDS`) or else on its own. A second signal cuts the drain period short.
-pub fn run_until_signal(config: ServeConfig) -> Result<(), ServeError> {
+/// (`LISTEN_FDS`) or else on its own; `started` is called once it accepts requests. A second
+/// signal cuts the drain period short.
+pub fn run_until_signal(config: ServeConfig, started: impl FnOnce(&Daemon)) -> Result<(), ServeError> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     // First, before any descriptor of this process's own is opened: the passed ones are
     // numbered from 3.
@@ -250,6 +291,7 @@ pub fn run_until_signal(config: ServeConfig) -> Result<(), ServeError> {
         .map_err(ServeError::io("installing", "signal handlers"))?;
     let handle = signals.handle();
     let daemon = Daemon::start_with(config, inherited)?;
+    started(&daemon);
     let stopper = daemon.stopper();
     let watcher = std::thread::Builder::new()
         .name("mu2-signals".into())

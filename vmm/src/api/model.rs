@@ -66,7 +66,8 @@ pub enum ImageSpec {
     Path {
         /// The image directory.
         path: PathBuf,
-        /// Whether its guest speaks the HTTP framing, when the image does not record it.
+        /// Whether its guest speaks the HTTP framing; by default what the image records (the
+        /// flags its guest announced when it became ready).
         http: Option<bool>,
     },
 }

@@ -3,11 +3,11 @@
 //!
 //! Turning a built-in name, a guest ELF or an image directory into an image is
 //! [`ImageSource::prepare`]'s job; what is the daemon's own is here: where the images it makes
-//! go, the sidecar file that records what their guests announced, and removing what a failed
-//! build left.
+//! go, and removing what a failed build left. Whether a guest speaks the HTTP framing is
+//! recorded in its image (its readiness flags), so a registered directory needs no side file.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -24,9 +24,6 @@ use crate::guests;
 use crate::hypervisor::Hypervisor;
 use crate::source::{GuestSettings, ImageSource, SourceError};
 
-/// The file in an image directory made by the daemon that records what the image's guest
-/// announced (`{"http": true}`), since the frozen state keeps no readiness flags.
-pub const SIDECAR: &str = "mu2-api.json";
 /// How long an image build may take.
 const BUILD_TIMEOUT: Duration = Duration::from_secs(30);
 /// The kernel command line of the guests the daemon boots.
@@ -82,6 +79,7 @@ impl Entry {
             "source": source,
             "dir": self.dir,
             "http": self.http,
+            "content_id": self.engine.image().content_id().to_string(),
             "mem_mib": self.mem_mib,
             "mode": format!("{:?}", self.engine.mode()).to_lowercase(),
             "pool_depth": self.engine.pool_depth(),
@@ -246,8 +244,7 @@ impl Registry {
     pub(super) fn list(&self) -> (Vec<serde_json::Value>, Vec<&'static str>) {
         let images = lock(&self.images);
         let listed = images.values().map(|e| e.describe()).collect();
-        let available =
-            guests::EXAMPLES.iter().copied().chain(["hello-http"]).filter(|n| !images.contains_key(*n)).collect();
+        let available = guests::EXAMPLES.iter().copied().filter(|n| !images.contains_key(*n)).collect();
         (listed, available)
     }
 
@@ -351,7 +348,7 @@ impl Registry {
             }
         };
         let settings = GuestSettings { mem_mib, cmdline: GUEST_CMDLINE.into(), ..GuestSettings::default() };
-        let (image, ready) = match source.prepare(&self.hv, &settings, &dir, Some(Instant::now() + BUILD_TIMEOUT)) {
+        let (image, _) = match source.prepare(&self.hv, &settings, &dir, Some(Instant::now() + BUILD_TIMEOUT)) {
             Ok(prepared) => prepared,
             Err(e) => {
                 if owned {
@@ -360,14 +357,10 @@ impl Registry {
                 return Err(build_error(e));
             }
         };
-        let http = match (ready, spec) {
-            (Some(ready), _) => {
-                let http = ready.flags & mu2_abi::ready_flags::HTTP != 0;
-                write_sidecar(&dir, http);
-                http
-            }
-            (None, ImageSpec::Path { http, .. }) => http.or_else(|| read_sidecar(&dir)).unwrap_or(false),
-            (None, _) => false,
+        // The image records what its guest announced; a registration's own `http` wins.
+        let http = match spec {
+            ImageSpec::Path { http: Some(http), .. } => *http,
+            _ => image.info().http(),
         };
         let mem_mib = image.state().mem_size >> 20;
         let engine = Engine::new(self.hv.clone(), Arc::new(image), self.engine_config);
@@ -384,20 +377,6 @@ impl Registry {
             created_unix: unix_now(),
         }))
     }
-}
-
-/// Records in an image the daemon made whether its guest speaks the HTTP framing, so that
-/// registering the directory later (`{"path": …}`) knows.
-fn write_sidecar(dir: &Path, http: bool) {
-    if let Err(e) = std::fs::write(dir.join(SIDECAR), json!({ "http": http }).to_string()) {
-        log::warn!("writing {}: {e}", dir.join(SIDECAR).display());
-    }
-}
-
-/// What an image directory's sidecar records, if it has a readable one.
-fn read_sidecar(dir: &Path) -> Option<bool> {
-    let bytes = std::fs::read(dir.join(SIDECAR)).ok()?;
-    serde_json::from_slice::<serde_json::Value>(&bytes).ok()?["http"].as_bool()
 }
 
 fn unix_now() -> u64 {

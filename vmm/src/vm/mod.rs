@@ -31,6 +31,7 @@ use self::bus::{Bus, DeviceHandle, ExitCounter, IoSpace, Sysdev};
 pub use self::error::{BuildError, GuestError, ProtocolError};
 pub use self::state::{FreezeError, VmState};
 use crate::arch::{self, EntryMode};
+use crate::cpu::CpuTemplate;
 use crate::hypervisor::Hypervisor;
 use crate::memory::GuestRam;
 
@@ -50,6 +51,8 @@ pub struct VmConfig {
     pub entry: EntryMode,
     /// The vsock device's settings.
     pub vsock: VsockConfig,
+    /// Which CPU features the guest is shown (and an image of it needs).
+    pub cpu_template: CpuTemplate,
 }
 
 impl VmConfig {
@@ -62,6 +65,7 @@ impl VmConfig {
             cmdline: String::new(),
             entry: EntryMode::Native,
             vsock: VsockConfig::default(),
+            cpu_template: CpuTemplate::Host,
         }
     }
 }
@@ -162,6 +166,8 @@ pub struct Vm {
     tsc_khz: Option<u32>,
     /// MSRs saved when this VM is frozen.
     msr_indices: Vec<u32>,
+    /// The CPU template its vCPUs were given.
+    cpu_template: CpuTemplate,
     id: u64,
 }
 
@@ -193,6 +199,7 @@ pub(crate) struct RestoredParts {
     pub(crate) ready: ReadyInfo,
     pub(crate) tsc_khz: Option<u32>,
     pub(crate) msr_indices: Vec<u32>,
+    pub(crate) cpu_template: CpuTemplate,
 }
 
 impl Vm {
@@ -225,7 +232,8 @@ impl Vm {
         arch::write_boot_data(mem, config.mem_size, cmdline.as_bytes_with_nul(), config.entry)
             .map_err(BuildError::Arch)?;
         for (index, vcpu) in vcpus.iter().enumerate() {
-            let cpuid = hv.vcpu_cpuid(index as u8, config.vcpus);
+            let mut cpuid = hv.vcpu_cpuid(index as u8, config.vcpus);
+            arch::apply_template(&mut cpuid, config.cpu_template).map_err(BuildError::Arch)?;
             arch::setup_vcpu(vcpu, &cpuid, entry, config.entry).map_err(BuildError::Arch)?;
         }
         let (bus, devices) = attach_devices(SerialConsole::new(console), MmioTransport::new(Vsock::new(config.vsock)))?;
@@ -240,6 +248,7 @@ impl Vm {
             stats: ExitStats::default(),
             tsc_khz,
             msr_indices: hv.msr_indices().to_vec(),
+            cpu_template: config.cpu_template,
             id: next_vm_id(),
         })
     }
@@ -258,6 +267,7 @@ impl Vm {
             stats: ExitStats::default(),
             tsc_khz: parts.tsc_khz,
             msr_indices: parts.msr_indices,
+            cpu_template: parts.cpu_template,
             id: next_vm_id(),
         })
     }

@@ -8,6 +8,7 @@ use mu2_devices::virtio::vsock::Vsock;
 
 use super::{GuestError, Phase, Vm};
 use crate::arch;
+use crate::cpu::CpuTemplate;
 use crate::error::{Classify, FailureKind};
 
 /// Why a VM could not be frozen.
@@ -54,6 +55,14 @@ pub struct VmState {
     pub buf_alloc: u32,
     /// The TSC frequency the guest was told.
     pub tsc_khz: Option<u32>,
+    /// The flags the guest announced when it became ready (`mu2_abi::ready_flags`), which a
+    /// restored guest does not announce again.
+    pub ready_flags: u32,
+    /// The CPU template the guest was booted with.
+    pub cpu_template: CpuTemplate,
+    /// The CPU features the guest saw (of vCPU 0's CPUID table; every vCPU's must be the same),
+    /// which a host must have to restore it.
+    pub cpu_features: arch::CpuFeatures,
 }
 
 // The image format's tripwire: describing every field that reaches the encoding, in order.
@@ -62,7 +71,7 @@ pub struct VmState {
 impl mu2_snapshot::Versioned for VmState {
     // Each architecture describes its own vCPU state (see `arch::VM_STATE_SCHEMA`).
     const SCHEMA: &'static str = arch::VM_STATE_SCHEMA;
-    const RECORDED_VERSION: u32 = 1;
+    const RECORDED_VERSION: u32 = 2;
     const RECORDED_FINGERPRINT: u64 = arch::VM_STATE_FINGERPRINT;
 }
 mu2_snapshot::assert_schema!(VmState);
@@ -74,7 +83,7 @@ impl VmState {
             abi_version: mu2_abi::ABI_VERSION,
             port: self.port,
             buf_alloc: self.buf_alloc,
-            ..Default::default()
+            flags: self.ready_flags,
         }
     }
 }
@@ -94,6 +103,8 @@ impl Vm {
         let vcpus = self.save_vcpus().map_err(FreezeError::Arch)?;
         let serial = self.serial().save();
         let vsock = self.save_vsock();
+        // A VM always has a vCPU (checked when it is built).
+        let cpu_features = vcpus.first().map(arch::guest_features).unwrap_or_default();
         Ok(VmState {
             mem_size: self.ram.size() as u64,
             vcpus,
@@ -102,6 +113,9 @@ impl Vm {
             port: ready.port,
             buf_alloc: ready.buf_alloc,
             tsc_khz: self.tsc_khz,
+            ready_flags: ready.flags,
+            cpu_template: self.cpu_template,
+            cpu_features,
         })
     }
 

@@ -10,7 +10,7 @@ const UART_CLOCK: u32 = 1_843_200;
 
 /// Builds the blob for a VM of `mem_size` bytes with `vcpus` vCPUs and this command line.
 pub fn build(mem_size: u64, vcpus: u8, cmdline: &str) -> Result<Vec<u8>, ArchError> {
-    build_inner(mem_size, vcpus, cmdline).map_err(|e| ArchError::Devicetree(e.to_string()))
+    build_inner(mem_size, vcpus, cmdline).map_err(ArchError::Devicetree)
 }
 
 fn build_inner(mem_size: u64, vcpus: u8, cmdline: &str) -> Result<Vec<u8>, vm_fdt::Error> {

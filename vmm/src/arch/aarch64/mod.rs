@@ -12,6 +12,7 @@
 
 mod elf;
 mod fdt;
+mod features;
 mod regs;
 mod state;
 mod tables;
@@ -25,6 +26,9 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 pub use elf::ElfError;
+#[cfg(feature = "inspect")]
+pub use features::remove_features;
+pub use features::{apply_template, check_recorded, guest_features, table_features, vcpu_features, CpuFeatures};
 pub use state::{saved_msr_indices, RestorePlan, VcpuState};
 
 /// Errors of the aarch64 setup code.
@@ -61,14 +65,32 @@ pub enum ArchError {
     #[error("loading the guest ELF image")]
     Load(#[source] ElfError),
     /// The devicetree could not be built.
-    #[error("building the devicetree: {0}")]
-    Devicetree(String),
+    #[error("building the devicetree")]
+    Devicetree(#[source] vm_fdt::Error),
+    /// The command line is not text (the devicetree carries it as a string).
+    #[error("the kernel command line is not UTF-8")]
+    CmdlineNotText(#[source] std::str::Utf8Error),
+    /// The devicetree does not fit where it goes.
+    #[error("the devicetree of {len} bytes does not fit below the HostInfo page")]
+    DevicetreeTooLarge {
+        /// Its size.
+        len: usize,
+    },
+    /// KVM's register list could not be allocated.
+    #[error("allocating the register list")]
+    RegisterList(#[source] vmm_sys_util::fam::Error),
     /// The entry mode does not exist on this architecture.
     #[error("entry mode {0:?} is not supported on aarch64")]
     Unsupported(EntryMode),
     /// A saved state is inconsistent.
     #[error("invalid saved vCPU state: {0}")]
     BadState(String),
+    /// A CPU template that does not exist on this architecture.
+    #[error("the {0} CPU template is not supported on aarch64")]
+    TemplateUnsupported(crate::cpu::CpuTemplate),
+    /// A CPU feature name this build does not know.
+    #[error("unknown CPU feature `{0}`")]
+    UnknownFeature(String),
     /// The guest image would not fit where guest images go.
     #[error(
         "the guest image must be linked at or above {min:#x} and end below {max:#x}; it spans {start:#x}..{end:#x}"
@@ -176,12 +198,12 @@ pub fn write_boot_data(mem: &GuestMemoryMmap, mem_size: u64, cmdline: &[u8], mod
     }
     tables::write(mem, mem_size)?;
     let text = cmdline.split(|&b| b == 0).next().unwrap_or_default();
-    let text = std::str::from_utf8(text).map_err(|e| ArchError::Devicetree(format!("command line: {e}")))?;
+    let text = std::str::from_utf8(text).map_err(ArchError::CmdlineNotText)?;
     // The vCPU count is not known here; the guest reads only memory and bootargs, and
     // secondary vCPUs stay powered off.
     let blob = fdt::build(mem_size, 1, text)?;
     if blob.len() as u64 > layout::HOST_INFO - layout::BOOT_PARAMS {
-        return Err(ArchError::Devicetree(format!("{} bytes do not fit below HOST_INFO", blob.len())));
+        return Err(ArchError::DevicetreeTooLarge { len: blob.len() });
     }
     mem.write_slice(&blob, GuestAddress(layout::BOOT_PARAMS))
         .map_err(|source| ArchError::Memory { what: "devicetree", source })
@@ -381,19 +403,24 @@ pub const VM_STATE_SCHEMA: &str = "VmState {
         vcpus: Vec<VcpuState { index: u8, init: kvm_vcpu_init, regs: Vec<(u64, Vec<u8>)>, mp_state: u32 }>,
         serial: SerialConsole::State,
         vsock: MmioTransportState<VsockState>,
-        port: u32, buf_alloc: u32, tsc_khz: Option<u32>
+        port: u32, buf_alloc: u32, tsc_khz: Option<u32>,
+        ready_flags: u32,
+        cpu_template: CpuTemplate { Host, Baseline },
+        cpu_features: CpuFeatures {}
     }";
 /// [`VM_STATE_SCHEMA`]'s recorded fingerprint.
-pub const VM_STATE_FINGERPRINT: u64 = 0xb906_360f_0e95_05c1;
+pub const VM_STATE_FINGERPRINT: u64 = 0x2f92_19db_b4ee_4cb3;
 
 impl crate::error::Classify for ArchError {
     fn kind(&self) -> crate::error::FailureKind {
         use crate::error::FailureKind;
         match self {
             ArchError::Kvm { source, .. } => crate::error::kvm_kind(source),
-            ArchError::Register { .. } | ArchError::Devicetree(_) => FailureKind::Internal,
+            ArchError::Register { .. } | ArchError::Devicetree(_) | ArchError::RegisterList(_) => FailureKind::Internal,
+            ArchError::CmdlineNotText(_) | ArchError::DevicetreeTooLarge { .. } => FailureKind::BadInput,
             ArchError::Memory { .. } | ArchError::Load(_) | ArchError::ImagePlacement { .. } => FailureKind::BadInput,
             ArchError::Unsupported(_) | ArchError::BadState(_) => FailureKind::BadInput,
+            ArchError::TemplateUnsupported(_) | ArchError::UnknownFeature(_) => FailureKind::BadInput,
         }
     }
 }

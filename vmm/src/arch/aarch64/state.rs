@@ -42,7 +42,7 @@ pub fn saved_msr_indices(_kvm: &Kvm, _probe: &VcpuFd) -> Result<Vec<u32>, ArchEr
 }
 
 fn reg_list(vcpu: &VcpuFd) -> Result<Vec<u64>, ArchError> {
-    let mut list = RegList::new(REG_LIST_CAPACITY).map_err(|_| ArchError::BadState("register list".into()))?;
+    let mut list = RegList::new(REG_LIST_CAPACITY).map_err(ArchError::RegisterList)?;
     vcpu.get_reg_list(&mut list).map_err(kvm_err("listing registers"))?;
     Ok(list.as_slice().to_vec())
 }

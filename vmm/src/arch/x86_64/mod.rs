@@ -5,6 +5,7 @@
 
 mod confine;
 mod cpuid;
+mod features;
 mod state;
 mod tables;
 
@@ -17,6 +18,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 pub use confine::structural_pages;
 pub use cpuid::{supported_cpuid, vcpu_cpuid};
+#[cfg(feature = "inspect")]
+pub use features::remove_features;
+pub use features::{apply_template, check_recorded, CpuFeatures};
 /// The vCPU configuration set before anything else (aarch64: its KVM_ARM_VCPU_INIT).
 pub use kvm_bindings::CpuId;
 pub use state::{saved_msr_indices, RestorePlan, VcpuState};
@@ -57,6 +61,9 @@ pub enum ArchError {
     /// A saved CPUID table does not fit KVM's.
     #[error("invalid saved CPUID table")]
     CpuidTable(#[source] vmm_sys_util::fam::Error),
+    /// A CPU feature name this build does not know.
+    #[error("unknown CPU feature `{0}`")]
+    UnknownFeature(String),
     /// The guest image would not fit where guest images go.
     #[error(
         "the guest image must be linked at or above {min:#x} and end below {max:#x}; it spans {start:#x}..{end:#x}"
@@ -87,6 +94,22 @@ pub enum EntryMode {
 pub const SERIAL_PIO_BASE: Option<u16> = Some(0x3f8);
 /// The serial console is not memory-mapped on x86_64.
 pub const SERIAL_MMIO_BASE: Option<u64> = None;
+
+/// The CPU features a CPUID table lists.
+pub fn table_features(cpuid: &CpuId) -> CpuFeatures {
+    CpuFeatures::of(cpuid.as_slice())
+}
+
+/// The CPU features a vCPU's guest sees: its CPUID table as KVM reports it back, which is not
+/// always the table it was given (PVM adds the hardware's own features).
+pub fn vcpu_features(vcpu: &VcpuFd) -> Result<CpuFeatures, kvm_ioctls::Error> {
+    Ok(CpuFeatures::of(get_cpuid(vcpu)?.as_slice()))
+}
+
+/// The CPU features a saved vCPU's guest saw: those of its CPUID table.
+pub fn guest_features(vcpu: &VcpuState) -> CpuFeatures {
+    CpuFeatures::of(&vcpu.cpuid)
+}
 
 /// Gives a new vCPU its CPUID table; first thing after creating it.
 pub fn set_cpuid(vcpu: &VcpuFd, cpuid: &CpuId) -> Result<(), kvm_ioctls::Error> {
@@ -337,10 +360,14 @@ pub const VM_STATE_SCHEMA: &str = "VmState {
             debugregs: kvm_debugregs, mp_state: kvm_mp_state }>,
         serial: SerialConsole::State,
         vsock: MmioTransportState<VsockState>,
-        port: u32, buf_alloc: u32, tsc_khz: Option<u32>
+        port: u32, buf_alloc: u32, tsc_khz: Option<u32>,
+        ready_flags: u32,
+        cpu_template: CpuTemplate { Host, Baseline },
+        cpu_features: CpuFeatures { leaf1_ecx: u32, leaf1_edx: u32, leaf7_ebx: u32, leaf7_ecx: u32, leaf7_edx: u32,
+            ext1_ecx: u32, ext1_edx: u32, xsave_ops: u32, xsave_components: u64 }
     }";
 /// [`VM_STATE_SCHEMA`]'s recorded fingerprint.
-pub const VM_STATE_FINGERPRINT: u64 = 0xe2d0_bae9_2f7e_d58d;
+pub const VM_STATE_FINGERPRINT: u64 = 0x0263_b4e7_e1db_2006;
 
 impl crate::error::Classify for ArchError {
     fn kind(&self) -> crate::error::FailureKind {
@@ -348,7 +375,7 @@ impl crate::error::Classify for ArchError {
         match self {
             ArchError::Kvm { source, .. } => crate::error::kvm_kind(source),
             ArchError::Memory { .. } | ArchError::Load(_) | ArchError::ImagePlacement { .. } => FailureKind::BadInput,
-            ArchError::BadState(_) | ArchError::CpuidTable(_) => FailureKind::BadInput,
+            ArchError::BadState(_) | ArchError::CpuidTable(_) | ArchError::UnknownFeature(_) => FailureKind::BadInput,
             ArchError::TooManyMsrs(_) | ArchError::MsrRefused(_) => FailureKind::Internal,
         }
     }
