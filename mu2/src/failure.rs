@@ -15,6 +15,7 @@ pub fn exit_code(kind: FailureKind) -> u8 {
         FailureKind::KvmUnavailable => 5,
         FailureKind::GuestProtocol => 6,
         FailureKind::ResourceExhausted => 7,
+        FailureKind::FunctionError => 8,
     }
 }
 

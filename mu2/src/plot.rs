@@ -332,10 +332,15 @@ fn key(runs: &[Run]) -> String {
     text
 }
 
+/// The largest latency drawn, µs (a year).
+const MAX_LATENCY_US: f64 = 3.2e13;
+
 /// The latency axis's range: every sample and floor, with a margin, at least a factor 4.
 fn latency_range(runs: &[Run]) -> (f64, f64) {
     let values = runs.iter().flat_map(|r| r.latencies.iter().chain(r.floors.iter().flat_map(|(_, s)| s.iter())));
-    let positive = values.copied().filter(|v| *v > 0.0 && v.is_finite());
+    // Latencies are microseconds: anything beyond a year is not a measurement, and would push
+    // the axis to infinity.
+    let positive = values.copied().filter(|v| *v > 0.0 && *v <= MAX_LATENCY_US);
     let (min, max) = positive.fold((f64::MAX, 0.0f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
     if max <= 0.0 {
         return (1.0, 10.0);
@@ -353,7 +358,11 @@ fn latency_range(runs: &[Run]) -> (f64, f64) {
 fn ticks(lo: f64, hi: f64) -> Vec<f64> {
     let mut all = Vec::new();
     let mut decade = 10f64.powf(lo.log10().floor());
-    while decade <= hi {
+    // Bounded whatever the range: a decade per step, at most a few hundred of them.
+    for _ in 0..400 {
+        if decade > hi || !decade.is_finite() {
+            break;
+        }
         for step in [1.0, 2.0, 5.0] {
             let v = decade * step;
             if v >= lo && v <= hi {
@@ -461,6 +470,14 @@ mod tests {
         assert_eq!(format_us(12_500.0), "12.5 ms");
         assert_eq!(format_us(1.5e6), "1.5 s");
         assert_eq!(format_us(5.0), "5 µs");
+    }
+
+    #[test]
+    fn absurd_ranges_end() {
+        // A CSV is a file anyone can write: an infinite or zero bound must not hang the plot.
+        assert!(ticks(1.0, f64::INFINITY).len() <= 400 * 3);
+        assert!(ticks(0.0, 10.0).len() <= 400 * 3);
+        assert!(ticks(f64::NAN, f64::NAN).is_empty());
     }
 
     #[test]

@@ -169,6 +169,53 @@ fn images_are_created_invoked_listed_and_deleted_and_metrics_move() {
     assert_eq!(status_of(c.request("DELETE", "/images/e2", b"")), 404);
 }
 
+/// What a `PUT` sets is what its image gets: boot settings in the frozen guest, serving
+/// settings in its engine, a pool within `--max-vms` beside the other images' pools.
+#[test]
+fn per_image_settings_are_applied_and_validated() {
+    kvm_or_skip!();
+    let d = Daemon::start("settings", &["--mode", "fresh", "--max-vms", "5", "--timeout", "10s"]);
+    let c = d.client();
+    let body_of = |r: &client::Response| String::from_utf8_lossy(&r.body).into_owned();
+
+    let booted = c
+        .put_image("booted", &json!({ "function": "echo", "mem_mib": 32, "vcpus": 2, "cmdline": "mu2.port=6000" }))
+        .expect("PUT with boot settings");
+    assert_eq!(
+        (&booted["mem_mib"], &booted["vcpus"], &booted["port"]),
+        (&json!(32), &json!(2), &json!(6000)),
+        "{booted}"
+    );
+    assert_eq!(c.invoke("booted", b"on port 6000").expect("invoke").body, b"on port 6000");
+
+    // The image's own deadline, not the daemon's 10 s.
+    c.put_image("quick", &json!({ "function": "work", "timeout": "100ms" })).expect("PUT quick");
+    let start = Instant::now();
+    let r = c.request("POST", "/images/quick/invoke", b"spin_us=5000000").expect("invoke quick");
+    assert_eq!(r.status, 504, "{}", body_of(&r));
+    assert!(start.elapsed() < Duration::from_secs(3), "the 100 ms deadline held: {:?}", start.elapsed());
+
+    c.put_image("small", &json!({ "function": "echo", "max_response": 8 })).expect("PUT small");
+    assert_eq!(c.invoke("small", b"8 bytes!").expect("fits").body, b"8 bytes!");
+    let r = c.request("POST", "/images/small/invoke", b"nine byte").expect("invoke small");
+    assert_eq!(r.status, 502, "{}", body_of(&r));
+    assert!(body_of(&r).contains("8-byte limit"), "{}", body_of(&r));
+
+    // Pools count against --max-vms 5: each must leave room for a request, beside the others.
+    let pool = |size: u64| json!({ "function": "echo", "mode": "pool", "pool_size": size });
+    let r = c.request("PUT", "/images/p5", pool(5).to_string().as_bytes()).expect("PUT p5");
+    assert_eq!(r.status, 400, "{}", body_of(&r));
+    assert!(body_of(&r).contains("`pool_size` must be below --max-vms 5"), "{}", body_of(&r));
+    let p3 = c.put_image("p3", &pool(3)).expect("PUT p3");
+    assert_eq!((&p3["mode"], &p3["pool_size"]), (&json!("pool"), &json!(3)));
+    let r = c.request("PUT", "/images/p2", pool(2).to_string().as_bytes()).expect("PUT p2");
+    assert_eq!(r.status, 409, "{}", body_of(&r));
+    assert!(body_of(&r).contains("hold 3 of --max-vms 5"), "{}", body_of(&r));
+    assert_eq!(c.invoke("p3", b"pooled").expect("invoke p3").body, b"pooled");
+    c.delete_image("p3").expect("DELETE p3");
+    c.put_image("p2", &pool(2)).expect("PUT p2 once p3 is gone");
+}
+
 /// A failure gives the same status and message whichever way the request came in.
 #[test]
 fn a_guest_crash_is_502_through_invoke_and_through_a_route() {
@@ -187,6 +234,59 @@ fn a_guest_crash_is_502_through_invoke_and_through_a_route() {
     assert_eq!(invoked_message, routed_message);
     let m = c.metrics().expect("metrics");
     assert_eq!(metric_value(&m, "mu2_requests_total", "image=\"crash\",outcome=\"guest_error\""), 2.0, "{m}");
+}
+
+/// A function's error is its own outcome: 500 with the function's message, through invoke and
+/// through a route, counted as `function_error`; a request larger than the guest can hold is
+/// refused with 413 before a VM is made for it, both ways.
+#[test]
+fn a_function_error_is_500_and_a_request_too_large_is_413_both_ways() {
+    kvm_or_skip!();
+    let d = Daemon::start(
+        "outcomes",
+        &["--route", "/work=work", "--route", "/echo=echo", "--mode", "fresh", "--max-body", "41943040"],
+    );
+    let c = d.client();
+    let error_of = |r: &client::Response| {
+        let body = r.json().unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&r.body)));
+        body["error"].as_str().map(str::to_string).unwrap_or_else(|| panic!("no error field: {body}"))
+    };
+    let invoked = c.request("POST", "/images/work/invoke", b"spin_us=soon").expect("invoke");
+    let routed = d.http("POST", "/work", &[], b"spin_us=soon");
+    assert_eq!((invoked.status, routed.status), (500, 500), "{}", error_of(&invoked));
+    let message = error_of(&invoked);
+    assert_eq!(
+        message,
+        "image `work`: the function failed: cannot parse \"spin_us=soon\": the request is `pages=N spin_us=M`, both optional"
+    );
+    assert_eq!(error_of(&routed), message);
+    assert_eq!(c.invoke("work", b"spin_us=1").expect("a good request").body, b"pages=0 spin_us=1");
+
+    // An 8 MiB guest: a request at its limit goes through, one byte more is refused.
+    let small = c.put_image("small", &json!({ "function": "echo", "mem_mib": 8 })).expect("PUT small");
+    let limit = small["max_request"].as_u64().expect("max_request shown");
+    assert!(limit > 1 << 20 && limit < 4 << 20, "half of an 8 MiB guest's free heap: {limit}");
+    let fits = vec![7u8; limit as usize];
+    assert_eq!(c.invoke("small", &fits).expect("a request at the limit").body.len(), fits.len());
+    let forks_before = metric_value(&c.metrics().expect("metrics"), "mu2_forks_total", "");
+    let over = vec![7u8; limit as usize + 1];
+    let invoked = c.request("POST", "/images/small/invoke", &over).expect("invoke");
+    assert_eq!(invoked.status, 413, "{}", error_of(&invoked));
+    let message = error_of(&invoked);
+    let start = format!("image `small`: a request of {} bytes is larger than the {limit} bytes", over.len());
+    assert!(message.starts_with(&start), "{message}");
+    assert!(message.contains("8 MiB") && message.contains("--mem-mib") && message.contains("`mem_mib`"), "{message}");
+    // The dispatcher's echo route: a default 64 MiB guest.
+    let echo_limit = c.get_image("echo").expect("GET echo")["max_request"].as_u64().expect("max_request");
+    let routed = d.http("POST", "/echo", &[], &vec![7u8; echo_limit as usize + 1]);
+    assert_eq!(routed.status, 413, "{}", error_of(&routed));
+    assert!(error_of(&routed).contains("with 64 MiB of memory"), "{}", error_of(&routed));
+
+    let m = c.metrics().expect("metrics");
+    assert_eq!(metric_value(&m, "mu2_forks_total", ""), forks_before, "no VM for a refused request: {m}");
+    assert_eq!(metric_value(&m, "mu2_requests_total", "image=\"work\",outcome=\"function_error\""), 2.0, "{m}");
+    assert_eq!(metric_value(&m, "mu2_requests_total", "image=\"small\",outcome=\"rejected\""), 1.0, "{m}");
+    assert_eq!(metric_value(&m, "mu2_requests_total", "image=\"echo\",outcome=\"rejected\""), 1.0, "{m}");
 }
 
 #[test]
@@ -354,6 +454,38 @@ fn openapi_document_matches_the_server() {
     let r = c.request("POST", "/images/oa-echo/invoke", b"x").expect("request");
     assert!(doc["paths"]["/images/{name}/invoke"]["post"]["responses"].get(r.status.to_string()).is_some());
     assert_eq!(r.status, 404);
+
+    // The PUT fields documented are the ones the server takes, and an image made with every
+    // one that applies to a built-in shows only documented fields, with the values given.
+    let spec = doc["components"]["schemas"]["ImageSpec"]["properties"].as_object().expect("ImageSpec");
+    let mut documented: Vec<&str> = spec.keys().map(String::as_str).collect();
+    let mut accepted = mu2_vmm::api::model::PUT_FIELDS.to_vec();
+    documented.sort_unstable();
+    accepted.sort_unstable();
+    assert_eq!(documented, accepted, "ImageSpec lists every PUT field");
+    let body = json!({ "function": "echo", "mem_mib": 32, "vcpus": 1, "cmdline": "mu2.x=1", "entry": "native",
+                       "mode": "reuse", "pool_size": 2, "timeout": "3s", "max_response": 4096 });
+    let created = c.put_image("oa-all", &body).expect("PUT with every setting");
+    let shown = doc["components"]["schemas"]["Image"]["properties"].as_object().expect("Image");
+    for key in created.as_object().expect("an object").keys() {
+        assert!(shown.contains_key(key), "GET shows `{key}`, which the Image schema does not document");
+    }
+    for (key, want) in [
+        ("mem_mib", json!(32)),
+        ("vcpus", json!(1)),
+        ("cmdline", json!("mu2.x=1")),
+        ("entry", json!("native")),
+        ("mode", json!("reuse")),
+        ("pool_size", json!(2)),
+        ("timeout", json!("3000ms")),
+        ("max_response", json!(4096)),
+    ] {
+        assert_eq!(created[key], want, "{key} in {created}");
+    }
+    let r = c.request("PUT", "/images/oa-bad", br#"{"function":"echo","pool_size":0}"#).expect("request");
+    assert!(doc["paths"]["/images/{name}"]["put"]["responses"].get(r.status.to_string()).is_some());
+    assert_eq!(r.status, 400);
+    assert!(String::from_utf8_lossy(&r.body).contains("`pool_size` must be an integer from 1 to 1024"));
 }
 
 #[test]
@@ -420,7 +552,8 @@ fn a_forked_long_running_vm_gets_its_own_vsock_socket() {
 }
 
 /// Connects to a VM's vsock-over-UDS socket (waiting for it to appear), opens guest port 5000
-/// with `CONNECT`, sends `payload`, half-closes, and returns everything the guest sent back.
+/// with `CONNECT`, sends `payload` framed (its length first), and returns the response the
+/// guest framed back. Nothing is shut down: the frame says where each message ends.
 fn echo_over_vsock_uds(path: &std::path::Path, payload: &[u8]) -> Vec<u8> {
     use std::io::Read;
     let until = Instant::now() + Duration::from_secs(30);
@@ -440,10 +573,15 @@ fn echo_over_vsock_uds(path: &std::path::Path, payload: &[u8]) -> Vec<u8> {
         line.push(byte[0]);
     }
     assert!(line.starts_with(b"OK "), "{}", String::from_utf8_lossy(&line));
+    let header = mu2_abi::frame::RequestHeader { len: payload.len() as u32 };
+    stream.write_all(&header.encode()).expect("frame header");
     stream.write_all(payload).expect("payload");
-    stream.shutdown(std::net::Shutdown::Write).expect("half-close");
-    let mut back = Vec::new();
-    stream.read_to_end(&mut back).expect("echo");
+    let mut head = [0u8; mu2_abi::frame::ResponseHeader::SIZE];
+    stream.read_exact(&mut head).expect("response frame header");
+    let header = mu2_abi::frame::ResponseHeader::decode(head).expect("a known outcome");
+    assert_eq!(header.outcome, mu2_abi::frame::outcome::OK);
+    let mut back = vec![0u8; header.len as usize];
+    stream.read_exact(&mut back).expect("echo");
     back
 }
 

@@ -68,6 +68,50 @@ fn a_timeout_has_its_own_exit_code() {
     assert!(stderr(&out).contains("timed out"));
 }
 
+/// A function that returns an error is neither a crash nor a success: exit code 8, its
+/// message on stderr, nothing on stdout.
+#[test]
+fn a_function_error_has_its_own_exit_code_and_its_message() {
+    kvm_or_skip!();
+    let out = mu2(&["invoke", "--function", "work", "--data", "pages=lots"]);
+    assert_eq!(out.status.code(), Some(8), "{}", stderr(&out));
+    assert!(out.stdout.is_empty(), "no response on stdout");
+    let err = stderr(&out);
+    assert!(err.contains("mu2: the function failed: cannot parse \"pages=lots\""), "{err}");
+    let fine = mu2(&["invoke", "--function", "work", "--data", "pages=1"]);
+    assert!(fine.status.success(), "{}", stderr(&fine));
+    assert_eq!(fine.stdout, b"pages=1 spin_us=0");
+}
+
+/// A request larger than the guest can hold is refused before the guest sees it, naming the
+/// limit and how to raise it; with more memory the same request goes through.
+#[test]
+fn a_request_the_guest_cannot_hold_is_refused_as_bad_input() {
+    kvm_or_skip!();
+    let dir = std::env::temp_dir().join(format!("mu2-cli-large-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("request.bin");
+    let body: Vec<u8> = (0..5_000_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&file, &body).expect("write request");
+    let image = dir.join("echo8.img");
+    let image_arg = image.display().to_string();
+    let made = mu2(&["snapshot", "--function", "echo", "--mem-mib", "8", "--out", &image_arg]);
+    assert!(made.status.success(), "{}", stderr(&made));
+    let data = format!("@{}", file.display());
+    let cold = mu2(&["invoke", "--function", "echo", "--mem-mib", "8", "--data", &data]);
+    let forked = mu2(&["invoke", "--image", &image_arg, "--data", &data]);
+    let roomy = mu2(&["invoke", "--function", "echo", "--mem-mib", "32", "--data", &data]);
+    std::fs::remove_dir_all(&dir).ok();
+    for out in [&cold, &forked] {
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(out));
+        let err = stderr(out);
+        assert!(err.contains("a request of 5000000 bytes is larger than the"), "{err}");
+        assert!(err.contains("with 8 MiB of memory") && err.contains("--mem-mib"), "{err}");
+    }
+    assert!(roomy.status.success(), "{}", stderr(&roomy));
+    assert!(roomy.stdout == body);
+}
+
 #[test]
 fn bad_input_has_its_own_exit_code() {
     // No KVM needed: input is checked first.

@@ -644,7 +644,13 @@ pub(crate) fn open_image_file(dir: &Path, path: &Path) -> Result<File, SnapshotE
         }
         Err(e) => return Err(io_err("stat", path)(e)),
     }
-    let file = match File::open(path) {
+    // Non-blocking, so that a FIFO swapped in after the check cannot block the open either
+    // (it is refused by the check on the open file below).
+    let opened = {
+        use std::os::unix::fs::OpenOptionsExt;
+        OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC).open(path)
+    };
+    let file = match opened {
         Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return Err(SnapshotError::MissingFile { path: path.to_owned() })

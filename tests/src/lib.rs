@@ -188,6 +188,18 @@ pub fn bad_images_are_refused(hv: &Hypervisor) {
     let text = load_error("other architecture");
     assert!(text.contains(other.name()), "{text}");
 
+    // A well-formed state whose vCPU claims another index: every fork would fail creating it.
+    let (_, mut renumbered): (_, mu2_vmm::VmState) = {
+        std::fs::write(path.join("state"), &state).expect("write");
+        mu2_snapshot::read_state(path, Arch::host()).expect("read")
+    };
+    renumbered.vcpus[0].index = 1;
+    let memory_bytes = std::fs::read(path.join("memory")).expect("memory");
+    let encoded = mu2_snapshot::encode_state(Arch::host(), &renumbered, &memory_bytes).expect("encode");
+    std::fs::write(path.join("state"), &encoded).expect("write");
+    let text = load_error("vCPU index");
+    assert!(text.contains("vCPU 0 is saved with index 1"), "{text}");
+
     std::fs::write(path.join("state"), &state).expect("write");
     let memory = std::fs::OpenOptions::new().write(true).open(path.join("memory")).expect("memory");
     memory.set_len(32 << 20).expect("truncate memory");

@@ -66,6 +66,72 @@ fn one_vm_serves_requests_one_after_another() {
     }
 }
 
+/// A request takes one exit under mu2: the request and its frame header are in the RX ring
+/// before the vCPU runs, and the guest answers before its next WAIT.
+#[test]
+fn a_framed_request_costs_one_exit() {
+    let hv = kvm_or_skip!();
+    let (mut vm, _console) = boot(&hv, "echo", EntryMode::Native, "quiet");
+    let deadline = Some(Instant::now() + TIMEOUT);
+    let ready = invoke::run_until_ready(&mut vm, deadline).expect("ready");
+    invoke::invoke(&mut vm, ready.port, b"warm", 1 << 20, deadline).expect("first request");
+    for len in [0, 100, 4000] {
+        let before = vm.stats();
+        let response = invoke::invoke(&mut vm, ready.port, &pattern(len), 1 << 20, deadline).expect("answer");
+        let after = vm.stats();
+        assert_eq!(response, pattern(len));
+        assert_eq!((after.entries - before.entries, after.waits - before.waits), (1, 1), "{len} bytes: {after:?}");
+        assert_eq!(after.virtio_mmio, before.virtio_mmio, "no notification on the request path");
+    }
+}
+
+/// Firecracker's hybrid vsock turns a host's half-close into a full SHUTDOWN (both flags): a
+/// framed request followed by one is answered all the same.
+#[test]
+fn a_full_shutdown_after_a_framed_request_still_gets_the_answer() {
+    use mu2_abi::frame::{outcome, RequestHeader, ResponseHeader};
+    let hv = kvm_or_skip!();
+    let (mut vm, _console) = boot(&hv, "echo", EntryMode::Native, "quiet");
+    let deadline = Some(Instant::now() + TIMEOUT);
+    let ready = invoke::run_until_ready(&mut vm, deadline).expect("ready");
+    let request = pattern(10_000);
+    let vsock = vm.vsock();
+    let conn = vsock.connect(ready.port, ready.buf_alloc).expect("connect");
+    vsock.send(conn, &RequestHeader { len: request.len() as u32 }.encode()).expect("frame header");
+    vsock.send(conn, &request).expect("request");
+    vsock.shutdown(conn, true).expect("full shutdown");
+    let mut answer = Vec::new();
+    loop {
+        let stop = vm.run(deadline).expect("guest runs");
+        vm.vsock().recv(conn, &mut answer).expect("recv");
+        let state = vm.vsock().state(conn).expect("connection");
+        if state.guest_eof && state.readable == 0 {
+            break;
+        }
+        assert_eq!(stop, RunStop::Idle);
+    }
+    assert!(vm.vsock().take_errors().is_empty());
+    let (head, body) = answer.split_at(ResponseHeader::SIZE);
+    let header = ResponseHeader::decode(head.try_into().expect("8 bytes")).expect("a known outcome");
+    assert_eq!((header.outcome, header.len as usize), (outcome::OK, request.len()));
+    assert!(body == request, "the echo, whole, after a full SHUTDOWN");
+}
+
+/// Firecracker's transport refuses a status write that adds more than one bit, and so does
+/// ours: through either entry, the guest brings its device up without one.
+#[test]
+fn the_guest_sets_one_device_status_bit_per_write() {
+    use mu2_abi::virtio_mmio::status;
+    let hv = kvm_or_skip!();
+    for entry in [EntryMode::Native, EntryMode::Linux] {
+        let (mut vm, _console) = boot(&hv, "echo", entry, "quiet");
+        invoke::run_until_ready(&mut vm, Some(Instant::now() + Duration::from_secs(60))).expect("ready");
+        assert!(vm.vsock_transport_errors().is_empty(), "{entry:?}: the transport refused nothing");
+        let all = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+        assert_eq!(vm.vsock_state().status, all, "{entry:?}");
+    }
+}
+
 #[test]
 fn sha256_matches_the_host_digest() {
     let hv = kvm_or_skip!();

@@ -29,6 +29,9 @@ pub enum FailureKind {
     GuestCrash,
     /// The guest broke the device protocol or the request framing.
     GuestProtocol,
+    /// The function ran and returned an error (its message travels with it): neither a crash
+    /// nor a success.
+    FunctionError,
     /// The deadline passed.
     Timeout,
     /// KVM is missing or may not be opened.
@@ -41,10 +44,11 @@ pub enum FailureKind {
 
 impl FailureKind {
     /// Every kind, in a fixed order.
-    pub const ALL: [FailureKind; 7] = [
+    pub const ALL: [FailureKind; 8] = [
         FailureKind::BadInput,
         FailureKind::GuestCrash,
         FailureKind::GuestProtocol,
+        FailureKind::FunctionError,
         FailureKind::Timeout,
         FailureKind::KvmUnavailable,
         FailureKind::ResourceExhausted,
@@ -57,6 +61,7 @@ impl FailureKind {
             FailureKind::BadInput => "bad_input",
             FailureKind::GuestCrash => "guest_crash",
             FailureKind::GuestProtocol => "guest_protocol",
+            FailureKind::FunctionError => "function_error",
             FailureKind::Timeout => "timeout",
             FailureKind::KvmUnavailable => "kvm_unavailable",
             FailureKind::ResourceExhausted => "resource_exhausted",

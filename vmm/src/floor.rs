@@ -122,10 +122,12 @@ impl FloorVm {
     /// A new VM on `image`, set up to run its exiting instruction.
     pub fn new(hv: &Hypervisor, image: &FloorImage) -> Result<FloorVm, FloorError> {
         let kvm_err = |what| move |source| FloorError::Kvm { what, source };
-        let vm = hv.kvm().create_vm().map_err(kvm_err("create a VM"))?;
+        // Mapped first, as the engine does (`Vm::restore`), so that it is dropped last.
         let ram = GuestRam::from_file(&image.file, image.mem_size as usize).map_err(FloorError::Memory)?;
-        // SAFETY: `ram` goes into the returned `FloorVm`, whose field order drops the vCPU and
-        // the VM before it.
+        let vm = hv.kvm().create_vm().map_err(kvm_err("create a VM"))?;
+        // SAFETY: `vm` and the vCPU made below are declared after `ram`, so an early return
+        // drops them first; on success they move into the `FloorVm`, whose field order drops
+        // the vCPU and the VM before the memory.
         unsafe { ram.register(&vm) }.map_err(kvm_err("register guest memory"))?;
         let vcpu = vm.create_vcpu(0).map_err(kvm_err("create a vCPU"))?;
         arch::setup_vcpu(&vcpu, &hv.vcpu_cpuid(0, 1), layout::IMAGE_BASE, EntryMode::Native)

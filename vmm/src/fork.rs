@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use crate::error::error_chain;
 use crate::hypervisor::Hypervisor;
 use crate::image::Image;
-use crate::invoke::{self, InvokeError};
+use crate::invoke::{self, InvokeError, RequestTooLarge};
 use crate::restore::{ResetKind, RestoreError};
 use crate::vm::Vm;
 
@@ -382,6 +382,11 @@ impl Engine {
         self.config.mode
     }
 
+    /// The settings it was started with.
+    pub fn config(&self) -> EngineConfig {
+        self.config
+    }
+
     /// Reuse-mode resets so far: (pages copied back, memory remapped).
     pub fn reset_counts(&self) -> (usize, usize) {
         (self.resets[0].load(Ordering::Relaxed), self.resets[1].load(Ordering::Relaxed))
@@ -446,8 +451,16 @@ impl Engine {
         }
     }
 
+    /// Refuses, before any VM is made for it, a request larger than the image's guest can
+    /// hold.
+    pub fn check_request(&self, request: &[u8]) -> Result<(), RequestTooLarge> {
+        let state = self.image.state();
+        RequestTooLarge::check(request.len(), state.max_request, state.mem_size)
+    }
+
     /// Serves one request on its own VM.
     pub fn serve(&self, request: &[u8], timeout: Duration) -> Result<Served, ForkError> {
+        self.check_request(request).map_err(|e| ForkError::Invoke(e.into()))?;
         let start = Instant::now();
         let mut vm = self.vm_for_request()?;
         if let Err(e) = vm.hand_out(&self.image) {
@@ -483,6 +496,7 @@ impl Engine {
         request: &[u8],
         timeout: Duration,
     ) -> Result<(Served, Option<u64>), ForkError> {
+        self.check_request(request).map_err(|e| ForkError::Invoke(e.into()))?;
         let start = Instant::now();
         let mut vm = Vm::restore(&self.hv, &self.image).map_err(ForkError::Restore)?;
         vm.hand_out(&self.image).map_err(ForkError::Restore)?;

@@ -213,17 +213,21 @@ impl Image {
     /// Compares the saved vCPUs with fresh ones made the way a restore makes them.
     fn plan(hv: &Hypervisor, state: &VmState) -> Result<Vec<VcpuRestore>, ImageError> {
         let kvm_err = |what| move |source| ImageError::Arch(arch::ArchError::Kvm { what, source });
-        let vm = hv.kvm().create_vm().map_err(kvm_err("create a template VM"))?;
         let mut restores = Vec::with_capacity(state.vcpus.len());
         for saved in &state.vcpus {
+            // A template VM per vCPU: the template and its probe take two vCPU ids, which the
+            // next saved vCPU's template would otherwise collide with.
+            let vm = hv.kvm().create_vm().map_err(kvm_err("create a template VM"))?;
             let cpuid = saved.cpuid().map_err(ImageError::Arch)?;
             let vcpu = vm.create_vcpu(saved.index.into()).map_err(kvm_err("create a template vCPU"))?;
             arch::set_cpuid(&vcpu, &cpuid).map_err(kvm_err("set the CPUID table"))?;
             let indices = saved.msr_indices();
             let fresh = VcpuState::save(&vcpu, saved.index, &cpuid, &indices).map_err(ImageError::Arch)?;
             let plan = saved.plan(&fresh);
-            // Probing writes MSRs, so it uses a vCPU of its own.
-            let probe = vm.create_vcpu(u64::from(saved.index) + 1).map_err(kvm_err("create a probe vCPU"));
+            // Probing writes MSRs, so it uses a vCPU of its own, with the other of ids 0 and 1
+            // (a host may allow no more than two).
+            let probe_id = if saved.index == 0 { 1 } else { 0 };
+            let probe = vm.create_vcpu(probe_id).map_err(kvm_err("create a probe vCPU"));
             let reset = match probe {
                 Ok(probe) => {
                     arch::set_cpuid(&probe, &cpuid).map_err(kvm_err("set the CPUID table"))?;
@@ -308,6 +312,13 @@ fn validate(dir: &Path, header: &StateHeader, state: &VmState) -> Result<(), Ima
     }
     if state.vcpus.is_empty() {
         return Err(invalid("no vCPUs".to_string()));
+    }
+    // Each vCPU is created under its saved index: they must be 0, 1, … in order.
+    if let Some((position, vcpu)) = state.vcpus.iter().enumerate().find(|(i, v)| usize::from(v.index) != *i) {
+        return Err(invalid(format!("vCPU {position} is saved with index {}", vcpu.index)));
+    }
+    if u64::from(state.max_request) > state.mem_size {
+        return Err(invalid(format!("a largest request of {} bytes, beyond guest memory", state.max_request)));
     }
     arch::check_recorded(&state.cpu_features, state.cpu_template, &state.vcpus)
         .map_err(|source| ImageError::CpuRecord { path: dir.to_path_buf(), source })

@@ -1,19 +1,60 @@
-//! One request over vsock: connect to the guest's port, send the request, collect the
-//! response until the guest closes its side.
+//! One request over vsock: connect to the guest's port, send the framed request, collect the
+//! framed response (see `mu2_abi::frame`).
 //!
-//! The request and its end (a half-close) are queued together, up to the receive buffer the
-//! guest announced when it became ready, so a small request reaches the guest in one batch
-//! and the guest answers in one go: one exit for the whole exchange.
+//! The request's frame header and the request are queued together, up to the receive buffer
+//! the guest announced when it became ready, so a small request reaches the guest in one batch
+//! and the guest answers in one go: one exit for the whole exchange. The frame, not a
+//! shutdown, says where each message ends, so nothing more is sent.
 
 use std::time::Instant;
 
+use mu2_abi::frame::{outcome, RequestHeader, ResponseHeader};
 use mu2_abi::ReadyInfo;
-use mu2_devices::virtio::vsock::{CloseReason, ConnPhase, VsockError};
+use mu2_devices::virtio::vsock::{CloseReason, ConnId, ConnPhase, HostEndpoint, VsockError};
 
-use crate::vm::{GuestError, RunStop, Vm};
+use crate::error::{Classify, FailureKind};
+
+/// The most response buffer reserved on a guest's announcement alone.
+const INITIAL_BODY_RESERVE: usize = 1 << 20;
+use crate::vm::{printable, GuestError, RunStop, Vm};
 
 /// Largest response accepted unless the caller says otherwise.
 pub const DEFAULT_MAX_RESPONSE: usize = 64 << 20;
+/// Most bytes of a function's error message shown; the rest is cut.
+pub const MAX_ERROR_MESSAGE: usize = 4096;
+
+/// A request larger than the guest announced it can hold: refused before the guest sees it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "a request of {len} bytes is larger than the {limit} bytes this guest can hold with {mem_mib} MiB of \
+     memory; give it more with --mem-mib (the API's `mem_mib`)"
+)]
+pub struct RequestTooLarge {
+    /// The request's length.
+    pub len: usize,
+    /// The largest request the guest announced.
+    pub limit: u32,
+    /// The guest's memory, MiB.
+    pub mem_mib: u64,
+}
+
+impl RequestTooLarge {
+    /// Refuses a request of `len` bytes to a guest of `mem_size` bytes that announced
+    /// `max_request`.
+    pub fn check(len: usize, max_request: u32, mem_size: u64) -> Result<(), RequestTooLarge> {
+        if u64::try_from(len).is_ok_and(|len| len <= u64::from(max_request)) {
+            Ok(())
+        } else {
+            Err(RequestTooLarge { len, limit: max_request, mem_mib: mem_size >> 20 })
+        }
+    }
+}
+
+impl Classify for RequestTooLarge {
+    fn kind(&self) -> FailureKind {
+        FailureKind::BadInput
+    }
+}
 
 /// Why an invocation failed.
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +62,15 @@ pub enum InvokeError {
     /// The guest failed (fault, panic, timeout, …).
     #[error(transparent)]
     Guest(#[from] GuestError),
+    /// The request is larger than the guest can hold.
+    #[error(transparent)]
+    RequestTooLarge(#[from] RequestTooLarge),
+    /// The function returned an error.
+    #[error("the function failed: {}", printable(message))]
+    Function {
+        /// Its message, at most [`MAX_ERROR_MESSAGE`] bytes of it.
+        message: String,
+    },
     /// The guest stopped before it became ready.
     #[error("guest exited with code {0} before it was ready")]
     ExitedBeforeReady(u32),
@@ -45,6 +95,20 @@ pub enum InvokeError {
         /// Bytes received before the reset.
         received: usize,
     },
+    /// The guest closed its side before its response frame was complete.
+    #[error("guest closed the connection after {received} bytes of a {expected}-byte response frame")]
+    Truncated {
+        /// Bytes of the frame received.
+        received: usize,
+        /// Bytes the frame has (its header's only, while the header is incomplete).
+        expected: usize,
+    },
+    /// The response frame names an outcome that does not exist.
+    #[error("guest answered with unknown outcome {0} in its response frame")]
+    UnknownOutcome(u32),
+    /// The guest sent more than its response frame.
+    #[error("guest sent {0} bytes past its response frame")]
+    PastTheFrame(usize),
     /// The response exceeds the limit.
     #[error("response exceeds the {limit}-byte limit")]
     ResponseTooLarge {
@@ -96,7 +160,71 @@ fn device_error(vm: &mut Vm) -> Option<VsockError> {
     vm.vsock().take_errors().into_iter().next()
 }
 
-/// Sends `request` to guest port `port` and returns the guest's whole response.
+/// The response frame as it arrives: its header apart, so the body lands in its own buffer
+/// without being moved again.
+#[derive(Debug)]
+struct ResponseFrame {
+    max_response: usize,
+    head: Vec<u8>,
+    header: Option<ResponseHeader>,
+    body: Vec<u8>,
+}
+
+impl ResponseFrame {
+    fn new(max_response: usize) -> Self {
+        ResponseFrame { max_response, head: Vec::with_capacity(ResponseHeader::SIZE), header: None, body: Vec::new() }
+    }
+
+    /// Takes what the guest sent of the frame, and no more.
+    fn take(&mut self, vsock: &mut HostEndpoint, conn: ConnId) -> Result<(), InvokeError> {
+        if self.header.is_none() {
+            let missing = ResponseHeader::SIZE - self.head.len();
+            vsock.recv_up_to(conn, &mut self.head, missing).map_err(InvokeError::Device)?;
+            let Ok(head) = <[u8; ResponseHeader::SIZE]>::try_from(&self.head[..]) else { return Ok(()) };
+            let header = ResponseHeader::decode(head)
+                .ok_or_else(|| InvokeError::UnknownOutcome(u32::from_le_bytes([head[0], head[1], head[2], head[3]])))?;
+            let len = usize::try_from(header.len).unwrap_or(usize::MAX);
+            if len > self.max_response {
+                return Err(InvokeError::ResponseTooLarge { limit: self.max_response });
+            }
+            // The announced length is the guest's word: reserve at most a little up front and
+            // let the buffer grow with the bytes that actually arrive.
+            self.body.reserve_exact(len.min(INITIAL_BODY_RESERVE));
+            self.header = Some(header);
+        }
+        let missing = self.expected() - self.received();
+        vsock.recv_up_to(conn, &mut self.body, missing).map_err(InvokeError::Device)?;
+        Ok(())
+    }
+
+    fn received(&self) -> usize {
+        self.head.len() + self.body.len()
+    }
+
+    /// The frame's length as far as known: its header's alone until the header is whole.
+    fn expected(&self) -> usize {
+        ResponseHeader::SIZE + self.header.map_or(0, |h| h.len as usize)
+    }
+
+    fn is_complete(&self) -> bool {
+        self.header.is_some() && self.received() == self.expected()
+    }
+
+    /// The outcome of a complete frame.
+    fn finish(self) -> Result<Vec<u8>, InvokeError> {
+        match self.header {
+            Some(h) if h.outcome == outcome::FUNCTION_ERROR => {
+                let mut message = self.body;
+                message.truncate(MAX_ERROR_MESSAGE);
+                Err(InvokeError::Function { message: String::from_utf8_lossy(&message).into_owned() })
+            }
+            _ => Ok(self.body),
+        }
+    }
+}
+
+/// Sends `request` to guest port `port` and returns the guest's whole response; a function
+/// error is [`InvokeError::Function`].
 pub fn invoke(
     vm: &mut Vm,
     port: u32,
@@ -104,65 +232,110 @@ pub fn invoke(
     max_response: usize,
     deadline: Option<Instant>,
 ) -> Result<Vec<u8>, InvokeError> {
-    let credit = vm.ready_info().map_or(0, |r| r.buf_alloc);
+    let ready = vm.ready_info().ok_or(InvokeError::NeverReady)?;
+    RequestTooLarge::check(request.len(), ready.max_request, vm.mem_size())?;
+    // Within max_request, a u32.
+    let header = RequestHeader { len: request.len() as u32 };
     let vsock = vm.vsock();
-    let conn = vsock.connect(port, credit).map_err(InvokeError::Device)?;
-    vsock.send(conn, request).map_err(InvokeError::Device)?;
-    vsock.shutdown_send(conn).map_err(InvokeError::Device)?;
+    let conn = vsock.connect(port, ready.buf_alloc).map_err(InvokeError::Device)?;
+    let result = send(vsock, conn, &header, request).and_then(|()| answer(vm, conn, port, max_response, deadline));
+    vm.vsock().abort(conn);
+    vm.vsock().remove(conn);
+    result
+}
 
-    let mut response = Vec::new();
-    let result = loop {
+fn send(vsock: &mut HostEndpoint, conn: ConnId, header: &RequestHeader, request: &[u8]) -> Result<(), InvokeError> {
+    vsock.send(conn, &header.encode()).map_err(InvokeError::Device)?;
+    vsock.send(conn, request).map_err(InvokeError::Device)
+}
+
+/// Runs the VM until the response frame on `conn` is complete.
+fn answer(
+    vm: &mut Vm,
+    conn: ConnId,
+    port: u32,
+    max_response: usize,
+    deadline: Option<Instant>,
+) -> Result<Vec<u8>, InvokeError> {
+    let mut frame = ResponseFrame::new(max_response);
+    loop {
         let entries_before = vm.stats().entries;
-        let stop = match vm.run(deadline) {
-            Ok(stop) => stop,
-            Err(e) => break Err(e.into()),
-        };
-        if let Err(e) = vm.vsock().recv(conn, &mut response) {
-            break Err(InvokeError::Device(e));
-        }
-        if response.len() > max_response {
-            break Err(InvokeError::ResponseTooLarge { limit: max_response });
-        }
+        let stop = vm.run(deadline)?;
+        frame.take(vm.vsock(), conn)?;
         if let Some(e) = device_error(vm) {
-            break Err(InvokeError::Device(e));
+            return Err(InvokeError::Device(e));
+        }
+        let state = vm.vsock().state(conn);
+        if frame.is_complete() {
+            let extra = state.map_or(0, |s| s.readable);
+            if extra > 0 {
+                return Err(InvokeError::PastTheFrame(extra));
+            }
+            return frame.finish();
         }
         if let RunStop::Exited(code) = stop {
-            break Err(InvokeError::ExitedDuringRequest(code));
+            return Err(InvokeError::ExitedDuringRequest(code));
         }
-        let Some(state) = vm.vsock().state(conn) else {
-            break Err(InvokeError::Reset { received: response.len() });
+        let received = frame.received();
+        let Some(state) = state else {
+            return Err(InvokeError::Reset { received });
         };
         match state.phase {
-            ConnPhase::Closed(CloseReason::Refused) => break Err(InvokeError::Refused { port }),
+            ConnPhase::Closed(CloseReason::Refused) => return Err(InvokeError::Refused { port }),
             ConnPhase::Closed(CloseReason::GuestReset | CloseReason::ProtocolError) => {
-                break Err(InvokeError::Reset { received: response.len() })
+                return Err(InvokeError::Reset { received })
             }
-            _ if state.guest_eof && state.readable == 0 => break Ok(()),
+            _ if state.guest_eof && state.readable == 0 => {
+                return Err(InvokeError::Truncated { received, expected: frame.expected() })
+            }
             _ => {}
         }
         // `run` returns Idle without entering the guest when the devices have nothing for
         // it: then nothing will ever change.
         if stop == RunStop::Idle && vm.stats().entries == entries_before {
-            break Err(InvokeError::Stalled { received: response.len() });
+            return Err(InvokeError::Stalled { received });
         }
-    };
-    vm.vsock().abort(conn);
-    vm.vsock().remove(conn);
-    result.map(|()| response)
+    }
 }
 
-impl crate::error::Classify for InvokeError {
-    fn kind(&self) -> crate::error::FailureKind {
-        use crate::error::FailureKind;
+impl Classify for InvokeError {
+    fn kind(&self) -> FailureKind {
         match self {
             InvokeError::Guest(e) => e.kind(),
+            InvokeError::RequestTooLarge(e) => e.kind(),
+            InvokeError::Function { .. } => FailureKind::FunctionError,
             InvokeError::ExitedBeforeReady(_) | InvokeError::ExitedDuringRequest(_) => FailureKind::GuestCrash,
             InvokeError::NeverReady
             | InvokeError::Device(_)
             | InvokeError::Refused { .. }
             | InvokeError::Reset { .. }
+            | InvokeError::Truncated { .. }
+            | InvokeError::UnknownOutcome(_)
+            | InvokeError::PastTheFrame(_)
             | InvokeError::ResponseTooLarge { .. }
             | InvokeError::Stalled { .. } => FailureKind::GuestProtocol,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_over_the_announced_limit_names_it_and_the_memory() {
+        assert_eq!(RequestTooLarge::check(10, 10, 64 << 20), Ok(()));
+        let e = RequestTooLarge::check(11, 10, 64 << 20).unwrap_err();
+        assert_eq!(e.kind(), FailureKind::BadInput);
+        let text = e.to_string();
+        assert!(text.contains("11 bytes") && text.contains("10 bytes") && text.contains("64 MiB"), "{text}");
+        assert!(text.contains("--mem-mib"), "{text}");
+    }
+
+    #[test]
+    fn a_function_error_shows_no_control_characters() {
+        let e = InvokeError::Function { message: "bad\u{1b}[2Jinput\n".into() };
+        assert_eq!(e.to_string(), "the function failed: bad\u{fffd}[2Jinput\u{fffd}");
+        assert_eq!(e.kind(), FailureKind::FunctionError);
     }
 }

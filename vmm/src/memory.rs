@@ -313,7 +313,7 @@ impl GuestRam {
     /// Copies the given pages back from `file` (the image's memory) into guest RAM, in place:
     /// the pages stay mapped, so neither the host nor the hypervisor faults on them again.
     /// The caller guarantees that no vCPU runs.
-    pub fn restore_pages(&self, file: &std::fs::File, pages: &[u64]) -> std::io::Result<()> {
+    pub fn restore_pages(&mut self, file: &std::fs::File, pages: &[u64]) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
         const PAGE: usize = 4096;
         for &addr in pages {
@@ -322,7 +322,8 @@ impl GuestRam {
                 return Err(std::io::ErrorKind::InvalidInput.into());
             }
             // SAFETY: the page lies inside the mapping (checked above), which is writable and
-            // owned by `self`; no vCPU runs, so nothing else accesses it meanwhile.
+            // owned by `self`; `&mut self` means no slice from `as_slice` or view from `memory`
+            // is alive, and no vCPU runs (the caller's guarantee), so nothing aliases it.
             let page = unsafe { std::slice::from_raw_parts_mut(self.mapping.host.as_ptr().add(offset), PAGE) };
             file.read_exact_at(page, addr)?;
         }
@@ -332,7 +333,7 @@ impl GuestRam {
     /// Makes this process's private copy of each given page now (a write of the page's own
     /// bytes), so that neither the host nor the hypervisor has to copy it on the guest's first
     /// write. The caller guarantees that no vCPU runs.
-    pub fn copy_in_advance(&self, pages: &[u64]) {
+    pub fn copy_in_advance(&mut self, pages: &[u64]) {
         const PAGE: usize = 4096;
         for &addr in pages {
             let offset = addr as usize;
@@ -340,8 +341,8 @@ impl GuestRam {
                 continue;
             }
             // SAFETY: the byte lies inside the mapping (checked above), which is readable and
-            // writable and owned by `self`; no vCPU runs. Writing back the value just read
-            // changes nothing but forces the copy.
+            // writable and owned by `self`, borrowed mutably so no other view of it is alive;
+            // no vCPU runs. Writing back the value just read changes nothing but forces the copy.
             unsafe {
                 let byte = self.mapping.host.as_ptr().add(offset);
                 byte.write_volatile(byte.read_volatile());

@@ -117,10 +117,11 @@ impl Vm {
     pub fn restore(hv: &Hypervisor, image: &Image) -> Result<Vm, RestoreError> {
         let state = image.state();
         let kvm_err = |what| move |source| RestoreError::Kvm { what, source };
-        let vm_fd = hv.kvm().create_vm().map_err(kvm_err("create a VM"))?;
         let ram = GuestRam::from_file(image.memory_file(), state.mem_size as usize).map_err(RestoreError::Memory)?;
-        // SAFETY: `ram` goes into the returned `Vm` (or is dropped with `vm_fd` on an error
-        // below, after it), whose field order drops the vCPUs and the VM before the memory.
+        let vm_fd = hv.kvm().create_vm().map_err(kvm_err("create a VM"))?;
+        // SAFETY: every KVM fd of this VM (`vm_fd`, and the vCPUs made below) is declared after
+        // `ram`, so an early return drops them first; on success they move into the `Vm`,
+        // whose field order drops the vCPUs and the VM before the memory.
         unsafe { ram.register(&vm_fd) }.map_err(kvm_err("register guest memory"))?;
         let mut vcpus = Vec::with_capacity(state.vcpus.len());
         for (saved, restore) in state.vcpus.iter().zip(image.restore_plans()) {
@@ -191,7 +192,7 @@ impl Vm {
         self.complete_pending_exit().map_err(RestoreError::CompleteExit)?;
         let kind = match self.pages_to_copy_back(image, clean) {
             Some(pages) => {
-                self.ram().restore_pages(image.memory_file(), &pages).map_err(RestoreError::CopyBack)?;
+                self.ram_mut().restore_pages(image.memory_file(), &pages).map_err(RestoreError::CopyBack)?;
                 ResetKind::CopiedBack(pages.len())
             }
             None => {
@@ -223,8 +224,8 @@ impl Vm {
     /// Makes this VM's private copy of each of `pages` now, so that neither the host nor the
     /// hypervisor copies it on the guest's first write (a pooled VM, before it is handed out).
     /// Call it only while no vCPU runs.
-    pub fn copy_in_advance(&self, pages: &[u64]) {
-        self.ram().copy_in_advance(pages);
+    pub fn copy_in_advance(&mut self, pages: &[u64]) {
+        self.ram_mut().copy_in_advance(pages);
     }
 
     /// Pages this VM holds a private copy of (see `GuestRam::private_pages`).

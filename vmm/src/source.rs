@@ -28,7 +28,7 @@ pub enum ImageSource {
 }
 
 /// How to boot a guest that is not yet an image.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestSettings {
     /// Guest memory, MiB (a multiple of 2).
     pub mem_mib: u64,

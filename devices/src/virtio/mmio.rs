@@ -398,6 +398,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
     }
 
+    /// A status write. Apart from a reset (0) and FAILED, each write must add exactly the next
+    /// bit of the initialisation sequence (virtio 1.2 §3.1.1: ACKNOWLEDGE, DRIVER, FEATURES_OK,
+    /// DRIVER_OK): a driver that sets several at once, or out of order, is refused, as
+    /// Firecracker's transport refuses it, so a guest that works here works there too.
     fn write_status(&mut self, mem: &GuestMemoryMmap, value: u32) {
         if value == 0 {
             self.reset();
@@ -406,59 +410,41 @@ impl<D: VirtioDevice> MmioTransport<D> {
         // NEEDS_RESET belongs to the device: a driver writing back what it read may include it.
         let old = self.status & !VIRTIO_CONFIG_S_NEEDS_RESET;
         let new = value & !VIRTIO_CONFIG_S_NEEDS_RESET;
-        const KNOWN: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE
-            | VIRTIO_CONFIG_S_DRIVER
-            | VIRTIO_CONFIG_S_FEATURES_OK
-            | VIRTIO_CONFIG_S_DRIVER_OK
-            | VIRTIO_CONFIG_S_FAILED;
-        // Bits are only ever added (clearing needs a reset), and nothing after FAILED.
-        if new & old != old || new & !KNOWN != 0 || old & VIRTIO_CONFIG_S_FAILED != 0 {
-            self.error(MmioError::InvalidStatus { from: self.status, to: value });
-            return;
-        }
-        let added = new & !old;
-        if added & VIRTIO_CONFIG_S_FAILED != 0 {
-            // The driver gave up; stop processing until it resets the device.
+        if new & VIRTIO_CONFIG_S_FAILED != 0 {
+            // The driver gave up, whatever else it wrote; stop processing until it resets the
+            // device.
             self.status |= VIRTIO_CONFIG_S_FAILED;
             return;
         }
-        for bit in [
+        let next = [
             VIRTIO_CONFIG_S_ACKNOWLEDGE,
             VIRTIO_CONFIG_S_DRIVER,
             VIRTIO_CONFIG_S_FEATURES_OK,
             VIRTIO_CONFIG_S_DRIVER_OK,
-        ] {
-            if added & bit == 0 {
-                continue;
-            }
-            let required = match bit {
-                VIRTIO_CONFIG_S_DRIVER => VIRTIO_CONFIG_S_ACKNOWLEDGE,
-                VIRTIO_CONFIG_S_FEATURES_OK => VIRTIO_CONFIG_S_DRIVER,
-                VIRTIO_CONFIG_S_DRIVER_OK => VIRTIO_CONFIG_S_FEATURES_OK,
-                _ => 0,
-            };
-            if self.status & required != required {
-                self.error(MmioError::InvalidStatus { from: self.status, to: value });
-                return;
-            }
-            match bit {
-                VIRTIO_CONFIG_S_FEATURES_OK => {
-                    let device = self.device.features();
-                    let driver = self.driver_features;
-                    if driver & !device != 0 || driver & (1 << VIRTIO_F_VERSION_1) == 0 || self.unknown_features {
-                        // Not setting the bit is how the device says no; the driver rereads.
-                        self.error(MmioError::FeaturesRejected { driver, device });
-                        return;
-                    }
-                    self.device.ack_features(driver);
-                    self.status |= bit;
+        ]
+        .into_iter()
+        .find(|bit| old & bit == 0);
+        let Some(bit) = next.filter(|&bit| old & VIRTIO_CONFIG_S_FAILED == 0 && new == old | bit) else {
+            self.error(MmioError::InvalidStatus { from: self.status, to: value });
+            return;
+        };
+        match bit {
+            VIRTIO_CONFIG_S_FEATURES_OK => {
+                let device = self.device.features();
+                let driver = self.driver_features;
+                if driver & !device != 0 || driver & (1 << VIRTIO_F_VERSION_1) == 0 || self.unknown_features {
+                    // Not setting the bit is how the device says no; the driver rereads.
+                    self.error(MmioError::FeaturesRejected { driver, device });
+                    return;
                 }
-                VIRTIO_CONFIG_S_DRIVER_OK => {
-                    self.status |= bit;
-                    self.activate(mem);
-                }
-                _ => self.status |= bit,
+                self.device.ack_features(driver);
+                self.status |= bit;
             }
+            VIRTIO_CONFIG_S_DRIVER_OK => {
+                self.status |= bit;
+                self.activate(mem);
+            }
+            _ => self.status |= bit,
         }
     }
 
@@ -739,8 +725,9 @@ mod tests {
         wr(&mut t, &mem, regs::STATUS, DRV); // DRIVER before ACKNOWLEDGE
         assert_eq!(rd(&mut t, regs::STATUS), 0);
         wr(&mut t, &mem, regs::STATUS, ACK);
-        wr(&mut t, &mem, regs::STATUS, ACK | DRV | DOK); // DRIVER_OK before FEATURES_OK
-        assert_eq!(rd(&mut t, regs::STATUS), ACK | DRV, "bits up to the bad one apply");
+        wr(&mut t, &mem, regs::STATUS, ACK | DRV | DOK); // two bits, DRIVER_OK before FEATURES_OK
+        assert_eq!(rd(&mut t, regs::STATUS), ACK, "a write adding two bits changes nothing");
+        wr(&mut t, &mem, regs::STATUS, ACK | DRV);
         wr(&mut t, &mem, regs::STATUS, ACK); // clearing a bit
         assert_eq!(rd(&mut t, regs::STATUS), ACK | DRV);
         wr(&mut t, &mem, regs::STATUS, ACK | DRV | 0x10); // unknown bit
@@ -755,6 +742,26 @@ mod tests {
         assert_eq!(rd(&mut t, regs::STATUS) & FOK, 0);
         wr(&mut t, &mem, regs::STATUS, 0);
         assert_eq!(rd(&mut t, regs::STATUS), 0);
+    }
+
+    /// Firecracker's transport refuses a driver that sets ACKNOWLEDGE and DRIVER in one write,
+    /// and so does this one: the device never reaches FEATURES_OK that way.
+    #[test]
+    fn acknowledge_and_driver_in_one_write_is_refused() {
+        let mem = memory();
+        let mut t = MmioTransport::new(Dummy::default());
+        wr(&mut t, &mem, regs::STATUS, ACK | DRV);
+        assert_eq!(rd(&mut t, regs::STATUS), 0);
+        assert!(matches!(t.take_errors().as_slice(), [MmioError::InvalidStatus { from: 0, to: 3 }]));
+        wr(&mut t, &mem, regs::DRIVER_FEATURES_SEL, 1);
+        wr(&mut t, &mem, regs::DRIVER_FEATURES, 1);
+        wr(&mut t, &mem, regs::STATUS, ACK | DRV | FOK);
+        assert_eq!(rd(&mut t, regs::STATUS) & FOK, 0, "no FEATURES_OK after the refused write");
+        // One bit at a time, in order, it works.
+        wr(&mut t, &mem, regs::STATUS, 0);
+        t.take_errors();
+        negotiate(&mut t, &mem);
+        assert!(t.take_errors().is_empty());
     }
 
     #[test]

@@ -9,7 +9,11 @@
 
 /// Version of this contract. The guest reports it when it signals readiness; the VMM refuses
 /// a guest that speaks another version.
-pub const ABI_VERSION: u32 = 1;
+///
+/// 2: requests and responses are framed ([`frame`]: a length before the request, an outcome
+/// and a length before the response) instead of ending at a SHUTDOWN; [`ReadyInfo`] announces
+/// the largest request the guest can hold (`max_request`).
+pub const ABI_VERSION: u32 = 2;
 
 /// The vsock CID of the host, as the virtio-vsock specification reserves it.
 pub const HOST_CID: u64 = 2;
@@ -231,16 +235,91 @@ pub struct ReadyInfo {
     pub buf_alloc: u32,
     /// Capabilities of the guest, bits of [`ready_flags`]; 0 for guests that predate them.
     pub flags: u32,
+    /// The largest request (the length in its [`frame`] header) the guest can hold; the VMM
+    /// refuses a larger one before the guest sees it. At most the guest's RAM size.
+    pub max_request: u32,
 }
 
 impl ReadyInfo {
     /// Size of the encoded structure.
-    pub const SIZE: usize = 16;
+    pub const SIZE: usize = 20;
 
     /// Decodes the structure as it lies in guest memory (little-endian).
     pub fn from_le_bytes(b: [u8; Self::SIZE]) -> Self {
         let word = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-        ReadyInfo { abi_version: word(0), port: word(4), buf_alloc: word(8), flags: word(12) }
+        ReadyInfo { abi_version: word(0), port: word(4), buf_alloc: word(8), flags: word(12), max_request: word(16) }
+    }
+}
+
+/// How a request and its response travel on their vsock connection (one request per
+/// connection): each is preceded by a small little-endian header, so that neither side needs
+/// the other to shut the stream down to know where a message ends.
+///
+/// - Host to guest: a [`RequestHeader`] (the request's length, 4 bytes), then the request.
+/// - Guest to host: a [`ResponseHeader`] (an [`outcome`] and a length, 8 bytes), then that
+///   many bytes: the function's response, or, for [`outcome::FUNCTION_ERROR`], its error
+///   message (UTF-8).
+///
+/// Both sides treat the other's header as hostile: a length beyond what they accept, or an
+/// unknown outcome, ends the connection.
+pub mod frame {
+    /// Values of [`ResponseHeader::outcome`].
+    pub mod outcome {
+        /// The function returned a response.
+        pub const OK: u32 = 0;
+        /// The function returned an error; the bytes are its message.
+        pub const FUNCTION_ERROR: u32 = 1;
+    }
+
+    /// What precedes a request.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct RequestHeader {
+        /// The request's length in bytes.
+        pub len: u32,
+    }
+
+    impl RequestHeader {
+        /// Size on the wire.
+        pub const SIZE: usize = 4;
+
+        /// Encodes the header.
+        pub fn encode(&self) -> [u8; Self::SIZE] {
+            self.len.to_le_bytes()
+        }
+
+        /// Decodes the header.
+        pub fn decode(b: [u8; Self::SIZE]) -> Self {
+            RequestHeader { len: u32::from_le_bytes(b) }
+        }
+    }
+
+    /// What precedes a response.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct ResponseHeader {
+        /// [`outcome::OK`] or [`outcome::FUNCTION_ERROR`].
+        pub outcome: u32,
+        /// The length in bytes of what follows.
+        pub len: u32,
+    }
+
+    impl ResponseHeader {
+        /// Size on the wire.
+        pub const SIZE: usize = 8;
+
+        /// Encodes the header.
+        pub fn encode(&self) -> [u8; Self::SIZE] {
+            let mut b = [0u8; Self::SIZE];
+            b[..4].copy_from_slice(&self.outcome.to_le_bytes());
+            b[4..].copy_from_slice(&self.len.to_le_bytes());
+            b
+        }
+
+        /// Decodes the header; `None` for an unknown outcome.
+        pub fn decode(b: [u8; Self::SIZE]) -> Option<Self> {
+            let outcome = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            let len = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+            matches!(outcome, outcome::OK | outcome::FUNCTION_ERROR).then_some(ResponseHeader { outcome, len })
+        }
     }
 }
 
@@ -354,18 +433,20 @@ mod tests {
 
     #[test]
     fn structures_have_their_documented_sizes() {
-        assert_eq!(core::mem::size_of::<ReadyInfo>(), 16);
+        assert_eq!(core::mem::size_of::<ReadyInfo>(), ReadyInfo::SIZE);
         assert_eq!(core::mem::size_of::<HostInfo>(), 56);
         assert_eq!(core::mem::size_of::<Text>(), 16);
     }
 
     #[test]
     fn encodings_match_the_in_memory_layout() {
-        let r = ReadyInfo { abi_version: 1, port: 5000, buf_alloc: 65536, flags: 0 };
-        let mut b = [0u8; 16];
-        b[0..4].copy_from_slice(&1u32.to_le_bytes());
+        let r = ReadyInfo { abi_version: 2, port: 5000, buf_alloc: 65536, flags: 1, max_request: 7 << 20 };
+        let mut b = [0u8; 20];
+        b[0..4].copy_from_slice(&2u32.to_le_bytes());
         b[4..8].copy_from_slice(&5000u32.to_le_bytes());
         b[8..12].copy_from_slice(&65536u32.to_le_bytes());
+        b[12..16].copy_from_slice(&1u32.to_le_bytes());
+        b[16..20].copy_from_slice(&(7u32 << 20).to_le_bytes());
         assert_eq!(ReadyInfo::from_le_bytes(b), r);
         let h = HostInfo { entropy: [7; 32], unix_time_ns: 9, tsc: 10, generation: 11 };
         let e = h.to_le_bytes();
@@ -373,6 +454,17 @@ mod tests {
         assert_eq!(e[32], 9);
         assert_eq!(e[48], 11);
         assert_eq!(core::mem::size_of::<HostInfo>(), HostInfo::SIZE);
+    }
+
+    #[test]
+    fn frame_headers_round_trip_and_refuse_unknown_outcomes() {
+        let request = frame::RequestHeader { len: 0x0102_0304 };
+        assert_eq!(request.encode(), [4, 3, 2, 1]);
+        assert_eq!(frame::RequestHeader::decode(request.encode()), request);
+        let response = frame::ResponseHeader { outcome: frame::outcome::FUNCTION_ERROR, len: 5 };
+        assert_eq!(response.encode(), [1, 0, 0, 0, 5, 0, 0, 0]);
+        assert_eq!(frame::ResponseHeader::decode(response.encode()), Some(response));
+        assert_eq!(frame::ResponseHeader::decode([2, 0, 0, 0, 0, 0, 0, 0]), None);
     }
 
     #[test]

@@ -17,13 +17,15 @@ extern "C" {
 #endif
 
 /* The response being built. It belongs to the SDK, which sends it when mu2_function returns 0
- * and then frees it; the function only writes to it through the mu2_response_* calls. */
+ * and then frees it (also when it returns anything else); the function only writes to it
+ * through the mu2_response_* calls. */
 typedef struct mu2_response mu2_response;
 
 /*
  * Defined by the program: answers one request. `request` holds `len` bytes, readable until the
- * function returns (do not keep the pointer). Return 0 to send the response; anything else
- * stops the VM as a crash (a panic naming the value), and the caller gets no response.
+ * function returns (do not keep the pointer). Return 0 to send the response; anything else is a
+ * function error, "mu2_function returned <value>", that the caller gets instead (mu2 invoke
+ * exits with code 8, the daemon answers 500).
  */
 int mu2_function(const uint8_t *request, size_t len, mu2_response *response);
 

@@ -19,17 +19,17 @@ extern "C" {
     fn mu2_function(request: *const u8, len: usize, response: *mut c_void) -> c_int;
 }
 
-/// Runs the C function on one request.
-fn call(request: &[u8]) -> Vec<u8> {
+/// Runs the C function on one request: a non-zero return is a function error naming the value.
+fn call(request: &[u8]) -> Result<Vec<u8>, alloc::string::String> {
     let mut response = Response::default();
     // SAFETY: `mu2_function` is defined by the C program with the signature mu2.h declares;
     // mu2.h lets it read `len` bytes at `request`, and reach `response` only through the
     // functions below, both during the call only, and both outlive the call.
     let status = unsafe { mu2_function(request.as_ptr(), request.len(), (&raw mut response).cast()) };
     if status != 0 {
-        panic!("mu2_function returned {status}");
+        return Err(alloc::format!("mu2_function returned {status}"));
     }
-    response.bytes
+    Ok(response.bytes)
 }
 
 #[no_mangle]

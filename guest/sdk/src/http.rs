@@ -9,8 +9,11 @@
 //! stream. The framing is HTTP itself so that a guest can use any HTTP parser; this module
 //! parses with `httparse`.
 
-use alloc::string::String;
+use alloc::string::{String, ToString};
 use alloc::vec::Vec;
+use core::fmt::Display;
+
+use crate::outcome::{IntoOutcome, Outcome};
 
 /// Most request headers a guest accepts.
 pub const MAX_HEADERS: usize = 64;
@@ -167,12 +170,28 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
+impl IntoOutcome for Response {
+    fn into_outcome(self) -> Outcome {
+        Outcome::Response(self.encode())
+    }
+}
+
+impl<E: Display> IntoOutcome for Result<Response, E> {
+    fn into_outcome(self) -> Outcome {
+        match self {
+            Ok(response) => response.into_outcome(),
+            Err(e) => Outcome::Error(e.to_string()),
+        }
+    }
+}
+
 /// Serves `handler` forever with the HTTP framing announced. Request bytes that are not an
-/// HTTP request get a 400 response.
-pub fn serve(mut handler: impl FnMut(&Request<'_>) -> Response) -> ! {
+/// HTTP request get a 400 response; a handler's error is a function error (the dispatcher
+/// answers 500 with its message).
+pub fn serve<R: IntoOutcome>(mut handler: impl FnMut(&Request<'_>) -> R) -> ! {
     crate::serve_with_flags(mu2_abi::ready_flags::HTTP, move |bytes| match parse_request(bytes) {
-        Ok(request) => handler(&request).encode(),
-        Err(e) => Response::text(400, alloc::format!("mu2 guest: bad request framing: {e:?}\n")).encode(),
+        Ok(request) => handler(&request).into_outcome(),
+        Err(e) => Response::text(400, alloc::format!("mu2 guest: bad request framing: {e:?}\n")).into_outcome(),
     })
 }
 

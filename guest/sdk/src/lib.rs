@@ -35,6 +35,7 @@ mod heap;
 pub mod http;
 #[cfg(not(test))]
 mod mem;
+mod outcome;
 mod random;
 mod serve;
 mod sysdev;
@@ -50,6 +51,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use global::Global;
 
 pub use heap::{free as heap_free, size as heap_size};
+pub use outcome::{IntoOutcome, Outcome};
 pub use random::{fill_random, random_u64};
 pub use serve::{serve, serve_with_flags};
 pub use sysdev::present as sysdev_present;
@@ -217,8 +219,9 @@ macro_rules! entry {
     };
 }
 
-/// Declares an HTTP function, `fn(&http::Request) -> http::Response`: the guest announces the
-/// HTTP framing, so the mu2 dispatcher hands it whole HTTP requests (see [`http`]).
+/// Declares an HTTP function, `fn(&http::Request) -> http::Response` or `-> Result<http::Response,
+/// E>` with `E: Display`: the guest announces the HTTP framing, so the mu2 dispatcher hands it
+/// whole HTTP requests (see [`http`]); an error reaches the client as a 500 with its message.
 #[macro_export]
 macro_rules! http_function {
     ($f:path) => {
@@ -229,8 +232,10 @@ macro_rules! http_function {
     };
 }
 
-/// Declares the guest's function, `fn(&[u8]) -> Vec<u8>`: the runtime serves it over vsock,
-/// one request per connection, forever.
+/// Declares the guest's function, `fn(&[u8]) -> Vec<u8>` or `fn(&[u8]) -> Result<Vec<u8>, E>`
+/// with `E: Display`: the runtime serves it over vsock, one request per connection, forever.
+/// An error goes back to the caller as a function error with its message (a distinct
+/// outcome: `mu2 invoke` exits with code 8, the daemon answers 500), not as a response.
 #[macro_export]
 macro_rules! function {
     ($f:path) => {

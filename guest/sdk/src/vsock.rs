@@ -4,13 +4,18 @@
 //! descriptor pairs (data straight from the response buffer: no copy), the event queue (2)
 //! holds a few buffers and only a transport reset matters there.
 //!
-//! One connection is served at a time. The host may send RW data and SHUTDOWN right behind
-//! its REQUEST (up to the `buf_alloc` announced in `ReadyInfo`), so the connection counts as
-//! established as soon as the REQUEST arrives; the RESPONSE goes out with the next batch.
-//! Every packet is host-controlled data: a malformed one is dropped or answered with RST,
+//! One connection is served at a time, one request per connection, framed as
+//! `mu2_abi::frame` says: a length, then the request; an outcome and a length, then the
+//! response. The frame, not a SHUTDOWN, ends the request, so a peer that shuts the connection
+//! down (even fully) after a whole request still gets its answer. The host may send the
+//! request right behind its REQUEST (up to the `buf_alloc` announced in `ReadyInfo`), so the
+//! connection counts as established as soon as the REQUEST arrives; the RESPONSE goes out with
+//! the next batch. Every packet is host-controlled data: a malformed one, a request longer
+//! than the guest announced it can hold, or bytes past the request are answered with RST,
 //! never a panic.
 
 use alloc::vec::Vec;
+use mu2_abi::frame::{RequestHeader, ResponseHeader};
 use mu2_abi::vsock::{op, shutdown, TYPE_STREAM};
 
 use crate::virtio::mmio::{reg, status, Transport, MAGIC_VALUE, VERSION};
@@ -57,9 +62,13 @@ const _: () = assert!(TX_SLOTS * HDR_STRIDE + EVENT_SIZE as usize * EVENT_LEN <=
 static RINGS: Dma<Page> = Dma::new(Page::ZERO);
 /// RX buffers.
 static RX_BUFFERS: Dma<[Page; RX_PAGES]> = Dma::new([Page::ZERO; RX_PAGES]);
-/// TX packet headers (one per slot), then the event buffers.
+/// TX packet headers (one per slot, each followed by room for a small inline payload: the
+/// response's frame header), then the event buffers.
 static TX_HEADERS: Dma<Page> = Dma::new(Page::ZERO);
-const HDR_STRIDE: usize = 48;
+const HDR_STRIDE: usize = 56;
+/// Where a slot's inline payload starts.
+const INLINE_OFFSET: usize = 48;
+const _: () = assert!(INLINE_OFFSET >= Header::SIZE && INLINE_OFFSET + ResponseHeader::SIZE <= HDR_STRIDE);
 
 /// The 44-byte little-endian packet header.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -132,9 +141,9 @@ impl Header {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    /// Taking request bytes.
+    /// Taking the request's frame header, then its bytes.
     Receiving,
-    /// The peer sent SHUTDOWN(send): the request is whole, the function has not run yet.
+    /// The request is whole (as long as its frame header said); the function has not run yet.
     Complete,
     /// The function is running.
     Handling,
@@ -156,7 +165,15 @@ struct Conn {
     /// `fwd_cnt` as last told to the peer.
     fwd_reported: u32,
     phase: Phase,
+    /// The request's frame header, as much of it as arrived.
+    request_header: [u8; RequestHeader::SIZE],
+    request_header_len: usize,
+    /// The request's length, once its frame header is whole.
+    request_len: Option<usize>,
     request: Vec<u8>,
+    /// The response's frame header, then its bytes.
+    response_header: ResponseHeader,
+    response_header_sent: bool,
     response: Vec<u8>,
     sent: usize,
     need_response: bool,
@@ -176,7 +193,12 @@ impl Conn {
             fwd_cnt: 0,
             fwd_reported: 0,
             phase: Phase::Receiving,
+            request_header: [0; RequestHeader::SIZE],
+            request_header_len: 0,
+            request_len: None,
             request: Vec::new(),
+            response_header: ResponseHeader { outcome: 0, len: 0 },
+            response_header_sent: false,
             response: Vec::new(),
             sent: 0,
             need_response: true,
@@ -190,6 +212,71 @@ impl Conn {
     /// counters, as the specification has them).
     fn credit(&self) -> u32 {
         self.peer_buf_alloc.saturating_sub(self.tx_cnt.wrapping_sub(self.peer_fwd_cnt))
+    }
+
+    /// Takes request bytes of an RW packet: the frame header first, then the request, which
+    /// is allocated once, at the length the header gives, if that is at most `max_request`.
+    /// The request is complete when it has that length.
+    fn take_request_bytes(&mut self, mut data: &[u8], max_request: u32) -> Result<(), RequestRefused> {
+        let len = match self.request_len {
+            Some(len) => len,
+            None => {
+                let n = (RequestHeader::SIZE - self.request_header_len).min(data.len());
+                let (head, rest) = data.split_at(n);
+                self.request_header[self.request_header_len..self.request_header_len + n].copy_from_slice(head);
+                self.request_header_len += n;
+                data = rest;
+                if self.request_header_len < RequestHeader::SIZE {
+                    return Ok(());
+                }
+                let len = RequestHeader::decode(self.request_header).len;
+                if len > max_request {
+                    return Err(RequestRefused::TooLarge);
+                }
+                let len = len as usize;
+                self.request.try_reserve_exact(len).map_err(|_| RequestRefused::TooLarge)?;
+                self.request_len = Some(len);
+                len
+            }
+        };
+        if data.len() > len - self.request.len() {
+            return Err(RequestRefused::PastTheFrame);
+        }
+        self.request.extend_from_slice(data);
+        if self.request.len() == len {
+            self.phase = Phase::Complete;
+        }
+        Ok(())
+    }
+}
+
+/// Why a request's bytes end its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RequestRefused {
+    /// Its frame header names more than the guest can hold.
+    TooLarge,
+    /// Bytes past the length its frame header named.
+    PastTheFrame,
+}
+
+/// What a TX packet carries after its header.
+#[derive(Debug, Clone, Copy)]
+enum Payload {
+    /// Nothing.
+    None,
+    /// Bytes in memory that stays untouched until the device has used the packet.
+    At(u64, usize),
+    /// A few bytes, copied into the slot beside the header.
+    Inline([u8; ResponseHeader::SIZE]),
+}
+
+impl Payload {
+    fn len(&self) -> usize {
+        match self {
+            Payload::None => 0,
+            Payload::At(_, len) => *len,
+            Payload::Inline(bytes) => bytes.len(),
+        }
     }
 }
 
@@ -206,6 +293,8 @@ pub(crate) struct Vsock {
     tx_free: u64,
     tx_slots: usize,
     conn: Option<Conn>,
+    /// The largest request accepted (what `ReadyInfo::max_request` announces).
+    max_request: u32,
     /// Responses whose data descriptors may still be in flight; freed once TX is idle.
     retired: Vec<Vec<u8>>,
     rx_kick: bool,
@@ -219,6 +308,8 @@ pub enum InitError {
     NotVirtioMmio,
     /// A virtio device, but not vsock.
     NotVsock,
+    /// The device's status did not read back as 0 after a reset.
+    Reset,
     /// The device lacks VIRTIO_F_VERSION_1 or refused FEATURES_OK.
     Features,
     /// A queue is missing.
@@ -253,6 +344,9 @@ fn event_buffer(i: u16) -> u64 {
     TX_HEADERS.addr() + (TX_SLOTS * HDR_STRIDE) as u64 + u64::from(i) * EVENT_LEN as u64
 }
 
+/// How many status reads a reset may take before the device counts as broken.
+const RESET_POLLS: u32 = 1000;
+
 /// Largest power of two ≤ min(wanted, device maximum), or None if the queue is missing.
 fn queue_size(transport: Transport, index: u16, wanted: u16) -> Option<u16> {
     transport.write(reg::QUEUE_SEL, u32::from(index));
@@ -261,12 +355,27 @@ fn queue_size(transport: Transport, index: u16, wanted: u16) -> Option<u16> {
 }
 
 impl Vsock {
-    /// Brings the device up (virtio 1.2 §3.1.1) and fills the RX and event queues. Call
-    /// once: the rings are static.
-    pub(crate) fn init(transport: Transport, port: u32) -> Result<Self, InitError> {
+    /// Brings the device up in the order of virtio 1.2 §3.1.1, one status bit per write (a
+    /// transport may refuse more, as Firecracker's does), and fills the RX and event queues.
+    /// Takes requests of at most `max_request` bytes. Call once: the rings are static.
+    pub(crate) fn init(transport: Transport, port: u32, max_request: u32) -> Result<Self, InitError> {
         probe(transport)?;
+        // 1. Reset; a virtio-mmio driver waits until the status reads back as 0 (§4.2.3.1).
         transport.write(reg::STATUS, 0);
-        transport.write(reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        let mut polls = 0;
+        while transport.read(reg::STATUS) != 0 {
+            polls += 1;
+            if polls == RESET_POLLS {
+                return Err(InitError::Reset);
+            }
+            core::hint::spin_loop();
+        }
+        // 2. ACKNOWLEDGE, 3. DRIVER.
+        let mut status = status::ACKNOWLEDGE;
+        transport.write(reg::STATUS, status);
+        status |= status::DRIVER;
+        transport.write(reg::STATUS, status);
+        // 4. Read the device's features, accept the subset understood: VERSION_1 alone.
         transport.write(reg::DEVICE_FEATURES_SEL, 1);
         if transport.read(reg::DEVICE_FEATURES) & F_VERSION_1_HIGH == 0 {
             transport.write(reg::STATUS, status::FAILED);
@@ -276,13 +385,15 @@ impl Vsock {
         transport.write(reg::DRIVER_FEATURES, F_VERSION_1_HIGH);
         transport.write(reg::DRIVER_FEATURES_SEL, 0);
         transport.write(reg::DRIVER_FEATURES, 0);
-        let status = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+        // 5. FEATURES_OK, 6. read back: the device may not accept the features.
+        status |= status::FEATURES_OK;
         transport.write(reg::STATUS, status);
         if transport.read(reg::STATUS) & status::FEATURES_OK == 0 {
             transport.write(reg::STATUS, status::FAILED);
             return Err(InitError::Features);
         }
 
+        // 7. Device-specific setup: the queues, the configuration (the CID), the buffers.
         let sizes = [(RX_QUEUE, RX_SIZE), (TX_QUEUE, TX_SIZE), (EVENT_QUEUE, EVENT_SIZE)]
             .map(|(index, wanted)| queue_size(transport, index, wanted));
         let [Some(rx_size), Some(tx_size), Some(event_size)] = sizes else {
@@ -313,10 +424,12 @@ impl Vsock {
             tx_free: (1u64 << tx_slots) - 1,
             tx_slots,
             conn: None,
+            max_request,
             retired: Vec::new(),
             rx_kick: true,
             tx_kick: false,
         };
+        dev.cid = dev.read_cid();
         for id in 0..rx_size {
             let (addr, len) = rx_buffer(id);
             dev.rx.set_desc(id, Desc { addr, len: len as u32, flags: F_WRITE, next: 0 });
@@ -326,8 +439,8 @@ impl Vsock {
             dev.event.set_desc(id, Desc { addr: event_buffer(id), len: EVENT_LEN as u32, flags: F_WRITE, next: 0 });
             dev.event.push(id);
         }
+        // 8. DRIVER_OK: the device is live.
         transport.write(reg::STATUS, status | status::DRIVER_OK);
-        dev.cid = dev.read_cid();
         dev.rx.kick();
         dev.event.kick();
         Ok(dev)
@@ -439,22 +552,21 @@ impl Vsock {
                 if conn.fwd_cnt.wrapping_sub(conn.fwd_reported) > BUF_ALLOC / 2 {
                     conn.need_credit_update = true;
                 }
-                if conn.phase == Phase::Receiving {
-                    if conn.request.try_reserve(data.len()).is_err() {
-                        self.reset(&hdr);
-                        self.drop_conn();
-                        return;
-                    }
-                    conn.request.extend_from_slice(data);
+                let taken = match conn.phase {
+                    Phase::Receiving => conn.take_request_bytes(data, self.max_request),
+                    _ if data.is_empty() => Ok(()),
+                    _ => Err(RequestRefused::PastTheFrame),
+                };
+                if taken.is_err() {
+                    self.reset(&hdr);
+                    self.drop_conn();
                 }
             }
             op::SHUTDOWN => {
+                // Only a request cut short ends here: one that is whole is answered whatever
+                // the peer shut down (Firecracker's hybrid vsock turns a host's half-close into
+                // a full SHUTDOWN).
                 if hdr.flags & shutdown::SEND != 0 && conn.phase == Phase::Receiving {
-                    conn.phase = Phase::Complete;
-                }
-                let unanswered = conn.phase != Phase::Responding || conn.sent < conn.response.len();
-                if hdr.flags & shutdown::RCV != 0 && unanswered {
-                    // The peer will not read the response.
                     self.reset(&hdr);
                     self.drop_conn();
                 }
@@ -474,7 +586,7 @@ impl Vsock {
         if hdr.op != op::RST {
             let mut reply = hdr.reset_reply();
             reply.src_cid = self.cid;
-            self.send(&reply, None, true);
+            self.send(&reply, Payload::None, true);
         }
     }
 
@@ -493,14 +605,26 @@ impl Vsock {
         Some(core::mem::take(&mut conn.request))
     }
 
-    /// Hands over the function's response for the connection being handled.
-    pub(crate) fn respond(&mut self, response: Vec<u8>) {
+    /// Hands over what the function returned for the connection being handled: `outcome`
+    /// (`mu2_abi::frame::outcome`) and the response or error message. A body too long for the
+    /// frame's length becomes a function error saying so.
+    pub(crate) fn respond(&mut self, outcome: u32, body: Vec<u8>) {
+        let (outcome, body) = match u32::try_from(body.len()) {
+            Ok(_) => (outcome, body),
+            Err(_) => {
+                let message = alloc::format!("the response of {} bytes does not fit a frame", body.len());
+                self.retired.push(body);
+                (mu2_abi::frame::outcome::FUNCTION_ERROR, message.into_bytes())
+            }
+        };
         match self.conn.as_mut().filter(|c| c.phase == Phase::Handling) {
             Some(conn) => {
-                conn.response = response;
+                // The length fits: checked above.
+                conn.response_header = ResponseHeader { outcome, len: body.len() as u32 };
+                conn.response = body;
                 conn.phase = Phase::Responding;
             }
-            None => self.retired.push(response),
+            None => self.retired.push(body),
         }
     }
 
@@ -521,8 +645,8 @@ impl Vsock {
     }
 
     /// Sends a packet of the connection; every one carries our credit.
-    fn send_conn(&mut self, op: u16, flags: u32, data: Option<(u64, usize)>, control: bool) -> bool {
-        let len = data.map_or(0, |(_, n)| n as u32);
+    fn send_conn(&mut self, op: u16, flags: u32, data: Payload, control: bool) -> bool {
+        let len = data.len() as u32;
         let Some(hdr) = self.conn_header(op, flags, len) else { return false };
         if !self.send(&hdr, data, control) {
             return false;
@@ -535,7 +659,7 @@ impl Vsock {
     }
 
     /// Queues one packet on TX. Data packets leave `TX_CONTROL_RESERVE` slots free.
-    fn send(&mut self, hdr: &Header, data: Option<(u64, usize)>, control: bool) -> bool {
+    fn send(&mut self, hdr: &Header, data: Payload, control: bool) -> bool {
         let free = self.tx_free.count_ones() as usize;
         if free == 0 || (!control && free <= TX_CONTROL_RESERVE) {
             return false;
@@ -548,6 +672,17 @@ impl Vsock {
         unsafe { (addr as *mut [u8; Header::SIZE]).write_volatile(hdr.encode()) };
         let (head, data_desc) = (2 * slot as u16, 2 * slot as u16 + 1);
         let mut desc = Desc { addr, len: Header::SIZE as u32, flags: 0, next: 0 };
+        let data = match data {
+            Payload::None => None,
+            Payload::At(data_addr, len) => Some((data_addr, len)),
+            Payload::Inline(bytes) => {
+                let inline = addr + INLINE_OFFSET as u64;
+                // SAFETY: as for the header: the slot's inline room is static memory the
+                // device does not read until the packet is pushed below.
+                unsafe { (inline as *mut [u8; ResponseHeader::SIZE]).write_volatile(bytes) };
+                Some((inline, bytes.len()))
+            }
+        };
         if let Some((data_addr, len)) = data {
             desc.flags = F_NEXT;
             desc.next = data_desc;
@@ -559,36 +694,51 @@ impl Vsock {
         true
     }
 
-    /// Sends what the connection owes the peer: RESPONSE, response data within the peer's
-    /// credit, SHUTDOWN, credit updates. Then notifies the queues that want it.
+    /// Sends what the connection owes the peer: RESPONSE, the response's frame header and
+    /// data within the peer's credit, SHUTDOWN, credit updates. Then notifies the queues that
+    /// want it.
     pub(crate) fn pump(&mut self) {
-        if self.conn.as_ref().is_some_and(|c| c.need_response) && self.send_conn(op::RESPONSE, 0, None, true) {
+        if self.conn.as_ref().is_some_and(|c| c.need_response) && self.send_conn(op::RESPONSE, 0, Payload::None, true) {
             if let Some(conn) = self.conn.as_mut() {
                 conn.need_response = false;
             }
         }
         while let Some(conn) = self.conn.as_ref().filter(|c| c.phase == Phase::Responding && !c.need_response) {
+            let credit = conn.credit() as usize;
             let remaining = conn.response.len() - conn.sent;
+            if !conn.response_header_sent {
+                // The frame header goes whole, in a packet of its own (no copy of the response).
+                let header = conn.response_header.encode();
+                if credit < header.len() {
+                    self.request_credit();
+                    break;
+                }
+                if !self.send_conn(op::RW, 0, Payload::Inline(header), false) {
+                    break;
+                }
+                if let Some(conn) = self.conn.as_mut() {
+                    conn.response_header_sent = true;
+                    conn.tx_cnt = conn.tx_cnt.wrapping_add(header.len() as u32);
+                }
+                continue;
+            }
             if remaining == 0 {
-                if !conn.shutdown_sent && self.send_conn(op::SHUTDOWN, shutdown::RCV | shutdown::SEND, None, true) {
+                if !conn.shutdown_sent
+                    && self.send_conn(op::SHUTDOWN, shutdown::RCV | shutdown::SEND, Payload::None, true)
+                {
                     if let Some(conn) = self.conn.as_mut() {
                         conn.shutdown_sent = true;
                     }
                 }
                 break;
             }
-            let credit = conn.credit() as usize;
             if credit == 0 {
-                if !conn.credit_requested && self.send_conn(op::CREDIT_REQUEST, 0, None, true) {
-                    if let Some(conn) = self.conn.as_mut() {
-                        conn.credit_requested = true;
-                    }
-                }
+                self.request_credit();
                 break;
             }
             let chunk = remaining.min(MAX_CHUNK).min(credit);
             let addr = conn.response.as_ptr() as u64 + conn.sent as u64;
-            if !self.send_conn(op::RW, 0, Some((addr, chunk)), false) {
+            if !self.send_conn(op::RW, 0, Payload::At(addr, chunk), false) {
                 break;
             }
             if let Some(conn) = self.conn.as_mut() {
@@ -597,13 +747,23 @@ impl Vsock {
             }
         }
         if self.conn.as_ref().is_some_and(|c| c.need_credit_update) {
-            self.send_conn(op::CREDIT_UPDATE, 0, None, true);
+            self.send_conn(op::CREDIT_UPDATE, 0, Payload::None, true);
         }
         if core::mem::take(&mut self.rx_kick) {
             self.rx.kick();
         }
         if core::mem::take(&mut self.tx_kick) {
             self.tx.kick();
+        }
+    }
+
+    /// Asks the peer for credit, once until it grants some.
+    fn request_credit(&mut self) {
+        let asked = self.conn.as_ref().is_none_or(|c| c.credit_requested);
+        if !asked && self.send_conn(op::CREDIT_REQUEST, 0, Payload::None, true) {
+            if let Some(conn) = self.conn.as_mut() {
+                conn.credit_requested = true;
+            }
         }
     }
 }
@@ -619,7 +779,7 @@ impl Vsock {
             let (addr, len) = rx_buffer(id);
             self.rx.set_desc(id, Desc { addr, len: len as u32, flags: 0, next: 0 });
         }
-        let sent = self.send_conn(op::CREDIT_REQUEST, 0, None, true);
+        let sent = self.send_conn(op::CREDIT_REQUEST, 0, Payload::None, true);
         self.tx.notify();
         sent
     }
@@ -694,6 +854,36 @@ mod tests {
         assert_eq!(c.credit(), 65);
         c.peer_fwd_cnt = c.tx_cnt.wrapping_add(1);
         assert_eq!(c.credit(), 0, "a peer claiming more than was sent grants nothing extra");
+    }
+
+    #[test]
+    fn a_request_ends_at_its_frame_length_whatever_the_packets() {
+        let mut c = Conn::new(&Header::default());
+        let mut framed = RequestHeader { len: 5 }.encode().to_vec();
+        framed.extend_from_slice(b"hello");
+        // Split across packets everywhere, the header included.
+        for piece in [&framed[..1], &framed[1..6], &framed[6..]] {
+            assert_eq!(c.phase, Phase::Receiving);
+            assert_eq!(c.take_request_bytes(piece, 5), Ok(()));
+        }
+        assert_eq!((c.phase, &c.request[..]), (Phase::Complete, &b"hello"[..]));
+        assert_eq!(c.request.capacity(), 5, "allocated once, at the framed length");
+
+        let mut empty = Conn::new(&Header::default());
+        assert_eq!(empty.take_request_bytes(&RequestHeader { len: 0 }.encode(), 0), Ok(()));
+        assert_eq!(empty.phase, Phase::Complete, "an empty request is whole at its header");
+    }
+
+    #[test]
+    fn a_request_too_large_or_past_its_frame_is_refused() {
+        let mut c = Conn::new(&Header::default());
+        assert_eq!(c.take_request_bytes(&RequestHeader { len: 6 }.encode(), 5), Err(RequestRefused::TooLarge));
+        assert_eq!(c.request.capacity(), 0, "nothing allocated for a refused length");
+
+        let mut c = Conn::new(&Header::default());
+        let mut framed = RequestHeader { len: 2 }.encode().to_vec();
+        framed.extend_from_slice(b"abc");
+        assert_eq!(c.take_request_bytes(&framed, 10), Err(RequestRefused::PastTheFrame));
     }
 
     #[test]

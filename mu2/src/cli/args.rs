@@ -2,7 +2,6 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use mu2_vmm::source::{GuestSettings, ImageSource, SourceError};
@@ -88,22 +87,9 @@ impl GuestArgs {
     }
 }
 
-/// Parses `500ms`, `10s`, `2m`, …; a bare number is seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let value: f64 = number.parse().map_err(|_| format!("`{s}` is not a duration like 500ms or 10s"))?;
-    let scale = match unit {
-        "us" | "µs" => 1e-6,
-        "ms" => 1e-3,
-        "" | "s" => 1.0,
-        "m" => 60.0,
-        "h" => 3600.0,
-        _ => return Err(format!("unknown time unit `{unit}` (use us, ms, s, m or h)")),
-    };
-    Duration::try_from_secs_f64(value * scale).map_err(|e| format!("`{s}`: {e}"))
-}
+/// Parses `500ms`, `10s`, `2m`, …; a bare number is seconds (the library's syntax, shared with
+/// the control API).
+pub use mu2_vmm::duration::parse as parse_duration;
 
 /// The bytes of a `--data` argument: the string itself, or with `@FILE` the file's bytes.
 pub fn request_bytes(data: &str) -> Result<Vec<u8>, Failure> {
@@ -112,19 +98,5 @@ pub fn request_bytes(data: &str) -> Result<Vec<u8>, Failure> {
             Ok(std::fs::read(path).map_err(|source| CliError::ReadRequest { path: path.to_string(), source })?)
         }
         None => Ok(data.as_bytes().to_vec()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
-        assert_eq!(parse_duration("1.5m"), Ok(Duration::from_secs(90)));
-        assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("5 days").is_err());
     }
 }

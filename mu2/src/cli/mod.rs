@@ -21,7 +21,7 @@ use crate::failure::Failure;
 #[command(name = "mu2", version, about = "Run every request in a brand-new micro-VM.")]
 #[command(after_help = "Exit codes: 0 ok, 1 other failure, 2 bad input, 3 guest crashed (fault, panic), \
                         4 timeout, 5 KVM unavailable, 6 guest broke the device protocol, \
-                        7 resource exhausted (memory, file descriptors). \
+                        7 resource exhausted (memory, file descriptors), 8 the function returned an error. \
                         Log messages go to stderr: RUST_LOG=info (or debug) for more than warnings.")]
 pub struct Cli {
     #[command(subcommand)]

@@ -128,6 +128,18 @@ pub enum ServeError {
         #[source]
         source: Box<crate::source::SourceError>,
     },
+    /// A route names an image the daemon cannot serve (no such built-in guest, or the daemon
+    /// refused it).
+    #[error("--route {prefix}={image}")]
+    RouteRefused {
+        /// The route's path prefix.
+        prefix: String,
+        /// The image it names.
+        image: String,
+        /// Why (the registry's refusal; its type is the daemon's own).
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A socket or directory could not be set up.
     #[error("{what} {path}")]
     Io {
@@ -155,6 +167,7 @@ impl Classify for ServeError {
             ServeError::Config(_) | ServeError::Activation(_) => FailureKind::BadInput,
             ServeError::Hypervisor(e) => e.kind(),
             ServeError::Route { source, .. } => source.kind(),
+            ServeError::RouteRefused { .. } => FailureKind::BadInput,
             ServeError::Io { source, .. } => crate::error::io_kind(source),
         }
     }

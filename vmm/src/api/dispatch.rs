@@ -137,6 +137,10 @@ pub fn encode_request(method: &str, target: &str, headers: &[(String, Vec<u8>)],
     out
 }
 
+fn is_daemons(name: &str) -> bool {
+    name.len() >= 6 && name[..6].eq_ignore_ascii_case("x-mu2-")
+}
+
 /// Parses an HTTP guest's answer, of at most `max_body` body bytes, keeping its end-to-end
 /// headers. The body runs to its content-length, or to the end.
 pub fn decode_response(bytes: &[u8], max_body: usize) -> Result<Response, DispatchError> {
@@ -145,13 +149,24 @@ pub fn decode_response(bytes: &[u8], max_body: usize) -> Result<Response, Dispat
     if !(200..=599).contains(&response.status) {
         return Err(DispatchError::Status(response.status));
     }
-    response.headers.retain(|(name, _)| !is_hop_by_hop(name));
+    // The x-mu2-* headers are the daemon's to set: a guest cannot speak for it.
+    response.headers.retain(|(name, _)| !is_hop_by_hop(name) && !is_daemons(name));
     Ok(response)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_guest_cannot_set_the_daemons_headers() {
+        let answer =
+            b"HTTP/1.1 200 OK\r\nX-MU2-VM-ID: 7\r\nx-mu2-run-us: 1\r\nx-other: 1\r\ncontent-length: 2\r\n\r\nok";
+        let response = decode_response(answer, 1024).unwrap();
+        let names: Vec<_> = response.headers.iter().map(|(n, _)| n.to_ascii_lowercase()).collect();
+        assert_eq!(names, ["x-other"]);
+        assert_eq!(response.body, b"ok");
+    }
 
     #[test]
     fn routes_by_longest_whole_segment_prefix() {

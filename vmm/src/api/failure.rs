@@ -2,9 +2,9 @@
 //! `mu2_requests_total` outcome per [`FailureKind`], so that the same failure gives the same
 //! status from `POST /images/{name}/invoke`, from a dispatcher route and from `PUT`.
 //!
-//! The daemon's own refusals (404, 405, 409, 411, 413, 431, 429 for `--max-vms`, 503 while
-//! shutting down) are not failures of the library: their statuses stay where the daemon
-//! decides them.
+//! The daemon's own refusals (400 for a malformed request or setting, 404, 405, 409, 411, 413,
+//! 431, 429 for `--max-vms`, 503 while shutting down) are not failures of the library: their
+//! statuses stay where the daemon decides them.
 
 use super::metrics::Outcome;
 use crate::error::FailureKind;
@@ -15,6 +15,8 @@ pub(super) fn status(kind: FailureKind) -> u16 {
         FailureKind::BadInput => 400,
         // The guest is the upstream the daemon answers for.
         FailureKind::GuestCrash | FailureKind::GuestProtocol => 502,
+        // The function itself failed: the daemon relays its message.
+        FailureKind::FunctionError => 500,
         FailureKind::Timeout => 504,
         // The same request may succeed later, or on another host.
         FailureKind::KvmUnavailable | FailureKind::ResourceExhausted => 503,
@@ -27,6 +29,7 @@ pub(super) fn outcome(kind: FailureKind) -> Outcome {
     match kind {
         FailureKind::Timeout => Outcome::Timeout,
         FailureKind::GuestCrash | FailureKind::GuestProtocol => Outcome::GuestError,
+        FailureKind::FunctionError => Outcome::FunctionError,
         FailureKind::BadInput
         | FailureKind::KvmUnavailable
         | FailureKind::ResourceExhausted
@@ -44,6 +47,7 @@ mod tests {
             (FailureKind::BadInput, 400, Outcome::Error),
             (FailureKind::GuestCrash, 502, Outcome::GuestError),
             (FailureKind::GuestProtocol, 502, Outcome::GuestError),
+            (FailureKind::FunctionError, 500, Outcome::FunctionError),
             (FailureKind::Timeout, 504, Outcome::Timeout),
             (FailureKind::KvmUnavailable, 503, Outcome::Error),
             (FailureKind::ResourceExhausted, 503, Outcome::Error),

@@ -18,12 +18,19 @@ use super::metrics::{self, Gauges, Metrics, Outcome};
 use super::model::{self, ApiRequest, ApiResponse, ModelError};
 use super::registry::{AdmissionError, Entry, Registry, RegistryError};
 use crate::error::{error_chain, Classify};
-use crate::fork::{ForkError, Mode, Served};
+use crate::fork::{Engine, ForkError, Mode, Served};
 use crate::guests;
+use crate::invoke::RequestTooLarge;
 
 /// How long the warm-up waits for the routes' pools to fill before it moves on (a pool that
 /// fills later still makes the daemon ready: readiness is looked at on every `/healthz`).
 const POOL_FILL_WAIT: Duration = Duration::from_secs(60);
+
+/// A pool-mode engine's pool that is not full yet: (VMs ready, pool size).
+fn pool_short(engine: &Engine) -> Option<(usize, usize)> {
+    let (depth, size) = (engine.pool_depth(), engine.config().pool_size);
+    (engine.mode() == Mode::Pool && depth < size).then_some((depth, size))
+}
 
 /// Whether the daemon should get traffic, as `/healthz` says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +71,15 @@ enum Failure {
     /// No dispatcher route matches the path.
     #[error("no route for {0}")]
     NoRoute(String),
+    /// The request is larger than the image's guest can hold.
+    #[error("image `{image}`")]
+    TooLarge {
+        /// The image.
+        image: String,
+        /// The limit, and how to raise it.
+        #[source]
+        source: RequestTooLarge,
+    },
     /// The engine could not serve it.
     #[error("image `{image}`")]
     Serve {
@@ -91,6 +107,7 @@ impl Failure {
             Failure::Registry(e) => e.status(),
             Failure::Admission(e) => e.status(),
             Failure::NoRoute(_) => 404,
+            Failure::TooLarge { .. } => 413,
             Failure::Serve { source, .. } => failure::status(source.kind()),
             Failure::Answer { source, .. } => failure::status(source.kind()),
         }
@@ -102,9 +119,11 @@ impl Failure {
             Failure::Serve { source, .. } => failure::outcome(source.kind()),
             Failure::Answer { source, .. } => failure::outcome(source.kind()),
             Failure::Registry(RegistryError::Build { source, .. }) => failure::outcome(source.kind()),
-            Failure::Request(_) | Failure::Registry(_) | Failure::Admission(_) | Failure::NoRoute(_) => {
-                Outcome::Rejected
-            }
+            Failure::Request(_)
+            | Failure::Registry(_)
+            | Failure::Admission(_)
+            | Failure::NoRoute(_)
+            | Failure::TooLarge { .. } => Outcome::Rejected,
         }
     }
 
@@ -174,7 +193,7 @@ impl Handlers {
                 Err(RegistryError::Build { source, .. }) => {
                     return Err(ServeError::Route { prefix, image, source: Box::new(source) })
                 }
-                Err(e) => return Err(ServeError::Config(format!("--route {prefix}={image}: {}", error_chain(&e)))),
+                Err(e) => return Err(ServeError::RouteRefused { prefix, image, source: Box::new(e) }),
             }
         }
         Ok(())
@@ -184,17 +203,12 @@ impl Handlers {
     /// them ready; `/healthz` answers 503 until then. Runs on the warm-up thread, after the
     /// listeners are up; ends early if the daemon stops.
     pub(super) fn wait_for_pools(&self) {
-        if self.config.mode == Mode::Pool {
-            let until = Instant::now() + POOL_FILL_WAIT;
-            for (_, image) in self.routes.iter() {
-                let Some(entry) = self.registry.get(image) else { continue };
-                // Not the engine's own wait: a shutdown must not wait for a pool to fill.
-                while entry.engine().pool_depth() < self.config.pool_size
-                    && Instant::now() < until
-                    && !self.lifecycle.stopping()
-                {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
+        let until = Instant::now() + POOL_FILL_WAIT;
+        for (_, image) in self.routes.iter() {
+            let Some(entry) = self.registry.get(image) else { continue };
+            // Not the engine's own wait: a shutdown must not wait for a pool to fill.
+            while pool_short(entry.engine()).is_some() && Instant::now() < until && !self.lifecycle.stopping() {
+                std::thread::sleep(Duration::from_millis(5));
             }
         }
         match self.readiness() {
@@ -219,13 +233,11 @@ impl Handlers {
         for (_, image) in self.routes.iter() {
             match self.registry.get(image) {
                 None => waiting.push(format!("image `{image}`")),
-                Some(entry) if self.config.mode == Mode::Pool => {
-                    let depth = entry.engine().pool_depth();
-                    if depth < self.config.pool_size {
-                        waiting.push(format!("image `{image}`: {depth} of {} VMs pooled", self.config.pool_size));
+                Some(entry) => {
+                    if let Some((depth, size)) = pool_short(entry.engine()) {
+                        waiting.push(format!("image `{image}`: {depth} of {size} VMs pooled"));
                     }
                 }
-                Some(_) => {}
             }
         }
         if !waiting.is_empty() {
@@ -286,8 +298,8 @@ impl Handlers {
                 self.registry.delete(&name)?;
                 Ok(ApiResponse::json(200, &json!({ "deleted": name })))
             }
-            ApiRequest::PutImage { name, spec } => {
-                let entry = self.registry.create(&name, &spec)?;
+            ApiRequest::PutImage { name, spec, serve } => {
+                let entry = self.registry.create(&name, &spec, &serve)?;
                 Ok(ApiResponse::json(201, &entry.describe()))
             }
             ApiRequest::Invoke { name, body } => {
@@ -334,7 +346,7 @@ impl Handlers {
             let input =
                 dispatch::encode_request(&request.method, &request.target, &request.headers, prefix, &request.body);
             self.run(&entry, &input, |answer| {
-                dispatch::decode_response(&answer, self.config.max_response)
+                dispatch::decode_response(&answer, entry.engine().config().max_response)
                     .map_err(|source| Failure::Answer { image: image.to_string(), source })
             })?
         } else {
@@ -356,15 +368,19 @@ impl Handlers {
         answer: impl FnOnce(Vec<u8>) -> Result<T, Failure>,
     ) -> Result<(T, Timing), Failure> {
         let start = Instant::now();
-        let lease = match self.registry.admit(entry) {
+        // Refused before a VM is made for it: the guest could not hold it.
+        let admitted = match entry.engine().check_request(input) {
+            Ok(()) => self.registry.admit(entry).map_err(Failure::from),
+            Err(source) => Err(Failure::TooLarge { image: entry.name().to_string(), source }),
+        };
+        let lease = match admitted {
             Ok(lease) => lease,
-            Err(e) => {
-                let failure = Failure::from(e);
+            Err(failure) => {
                 self.metrics.request(entry.name(), failure.outcome(), start.elapsed(), None);
                 return Err(failure);
             }
         };
-        let served = entry.engine().serve(input, self.config.timeout);
+        let served = entry.engine().serve(input, entry.timeout());
         drop(lease);
         entry.count_request();
         let (result, fork_run) = match served {

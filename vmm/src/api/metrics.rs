@@ -36,6 +36,8 @@ pub enum Outcome {
     Timeout,
     /// The guest crashed or broke the protocol (502).
     GuestError,
+    /// The function returned an error (500).
+    FunctionError,
     /// Refused by `--max-vms` (429) or because the daemon stops (503).
     Rejected,
     /// Any other failure: no VM could be made, a resource limit, a bad image.
@@ -49,6 +51,7 @@ impl Outcome {
             Outcome::Ok => "ok",
             Outcome::Timeout => "timeout",
             Outcome::GuestError => "guest_error",
+            Outcome::FunctionError => "function_error",
             Outcome::Rejected => "rejected",
             Outcome::Error => "error",
         }

@@ -230,7 +230,8 @@ impl Daemon {
         }
         // Requests in flight end within their timeout; idle connections notice the flag
         // within a read timeout.
-        let open = self.lifecycle.drain(Instant::now() + self.timeout + DRAIN_GRACE);
+        let open =
+            self.lifecycle.drain(Instant::now() + self.handlers.registry().longest_timeout(self.timeout) + DRAIN_GRACE);
         if open > 0 {
             log::warn!("{open} connections still open after the drain deadline");
         }

@@ -1,11 +1,16 @@
 //! The control API's model: requests and responses as plain values, apart from the HTTP
 //! framing, so that routing and validation are unit-testable without sockets or KVM.
 
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
+use std::time::Duration;
 
-use serde::Deserialize;
+use serde_json::{Map, Value};
 
 use super::http;
+use crate::arch::EntryMode;
+use crate::fork::Mode;
+use crate::source::GuestSettings;
 
 /// Longest image name.
 pub const MAX_NAME: usize = 64;
@@ -17,8 +22,10 @@ pub enum ApiRequest {
     PutImage {
         /// The image's name.
         name: String,
-        /// Where it comes from.
+        /// Where it comes from (and how its guest boots).
         spec: ImageSpec,
+        /// How its requests are served.
+        serve: ServeSettings,
     },
     /// `GET /images`.
     ListImages,
@@ -52,15 +59,15 @@ pub enum ImageSpec {
     Function {
         /// Its name (see `mu2 guests`).
         function: String,
-        /// Guest memory, MiB.
-        mem_mib: u64,
+        /// How it boots; `cmdline` is the caller's, which the daemon appends to its own.
+        guest: GuestSettings,
     },
     /// A guest ELF on the daemon's file system, booted and frozen.
     Kernel {
         /// The ELF file.
         kernel: PathBuf,
-        /// Guest memory, MiB.
-        mem_mib: u64,
+        /// How it boots, as for [`ImageSpec::Function`].
+        guest: GuestSettings,
     },
     /// An image directory that exists already (`mu2 snapshot`), registered as it is.
     Path {
@@ -74,6 +81,48 @@ pub enum ImageSpec {
 
 /// Default guest memory of images made through the API, MiB.
 pub const DEFAULT_MEM_MIB: u64 = 64;
+
+/// How one image's requests are served (`PUT /images/{name}` body); a setting left out is the
+/// daemon's flag of the same name.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServeSettings {
+    /// `mode`: fresh, pool or reuse.
+    pub mode: Option<Mode>,
+    /// `pool_size`: VMs kept ready (pool), or the most VMs kept (reuse).
+    pub pool_size: Option<usize>,
+    /// `timeout`: one request's deadline in its VM.
+    pub timeout: Option<Duration>,
+    /// `max_response`: the largest response accepted from the guest, bytes.
+    pub max_response: Option<usize>,
+}
+
+/// Every field `PUT /images/{name}` takes.
+pub const PUT_FIELDS: [&str; 12] = [
+    "function",
+    "kernel",
+    "path",
+    "http",
+    "mem_mib",
+    "vcpus",
+    "cmdline",
+    "entry",
+    "mode",
+    "pool_size",
+    "timeout",
+    "max_response",
+];
+/// The fields that say how a guest boots: only for `function` and `kernel`.
+const BOOT_FIELDS: [&str; 4] = ["mem_mib", "vcpus", "cmdline", "entry"];
+/// Allowed `vcpus` (the host's own maximum is checked when the guest boots).
+pub const VCPUS: RangeInclusive<u64> = 1..=255;
+/// Longest `cmdline`: it shares the guest's 4 KiB command line with the VMM's own keys.
+pub const MAX_CMDLINE: usize = 1024;
+/// Allowed `pool_size` (in pool mode also below `--max-vms`).
+pub const POOL_SIZE: RangeInclusive<u64> = 1..=1024;
+/// Allowed `timeout`.
+pub const TIMEOUT: RangeInclusive<Duration> = Duration::from_millis(1)..=Duration::from_secs(600);
+/// Allowed `max_response`, bytes.
+pub const MAX_RESPONSE: RangeInclusive<u64> = 1..=1 << 30;
 
 /// Why a request was refused before it reached the daemon's state.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +149,14 @@ pub enum ModelError {
     /// The JSON names no image source, several, or a setting that does not apply.
     #[error("bad image spec: {0}")]
     BadSpec(&'static str),
+    /// A field is unknown, or its value is of the wrong type or out of range.
+    #[error("bad image spec: `{field}` {rule}")]
+    BadField {
+        /// The field.
+        field: String,
+        /// What it must be.
+        rule: String,
+    },
 }
 
 impl ModelError {
@@ -108,7 +165,9 @@ impl ModelError {
         match self {
             ModelError::NotFound(_) => 404,
             ModelError::MethodNotAllowed { .. } => 405,
-            ModelError::BadName(_) | ModelError::BadJson(_) | ModelError::BadSpec(_) => 400,
+            ModelError::BadName(_) | ModelError::BadJson(_) | ModelError::BadSpec(_) | ModelError::BadField { .. } => {
+                400
+            }
         }
     }
 }
@@ -121,26 +180,121 @@ pub fn valid_name(name: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PutBody {
-    function: Option<String>,
-    kernel: Option<PathBuf>,
-    path: Option<PathBuf>,
-    mem_mib: Option<u64>,
-    http: Option<bool>,
+/// The fields of a `PUT` body, each read with a check that names it.
+struct Fields<'a>(&'a Map<String, Value>);
+
+fn bad_field(field: &str, rule: impl Into<String>) -> ModelError {
+    ModelError::BadField { field: field.to_string(), rule: rule.into() }
 }
 
-fn parse_spec(body: &[u8]) -> Result<ImageSpec, ModelError> {
-    let put: PutBody = serde_json::from_slice(body).map_err(ModelError::BadJson)?;
-    let mem_mib = put.mem_mib.unwrap_or(DEFAULT_MEM_MIB);
-    match (put.function, put.kernel, put.path) {
-        (Some(function), None, None) => Ok(ImageSpec::Function { function, mem_mib }),
-        (None, Some(kernel), None) => Ok(ImageSpec::Kernel { kernel, mem_mib }),
-        (None, None, Some(path)) if put.mem_mib.is_none() => Ok(ImageSpec::Path { path, http: put.http }),
-        (None, None, Some(_)) => Err(ModelError::BadSpec("`mem_mib` does not apply to an existing image")),
-        _ => Err(ModelError::BadSpec("give exactly one of `function`, `kernel` or `path`")),
+impl<'a> Fields<'a> {
+    /// The field's value; JSON `null` counts as absent.
+    fn get(&self, field: &str) -> Option<&'a Value> {
+        self.0.get(field).filter(|v| !v.is_null())
     }
+
+    fn has(&self, field: &str) -> bool {
+        self.get(field).is_some()
+    }
+
+    fn string(&self, field: &str) -> Result<Option<&'a str>, ModelError> {
+        self.get(field).map(|v| v.as_str().ok_or_else(|| bad_field(field, "must be a string"))).transpose()
+    }
+
+    fn boolean(&self, field: &str) -> Result<Option<bool>, ModelError> {
+        self.get(field).map(|v| v.as_bool().ok_or_else(|| bad_field(field, "must be true or false"))).transpose()
+    }
+
+    /// An integer within `range`; `rule` says what the field must be.
+    fn integer(&self, field: &str, range: RangeInclusive<u64>, rule: &str) -> Result<Option<u64>, ModelError> {
+        let Some(value) = self.get(field) else { return Ok(None) };
+        match value.as_u64() {
+            Some(n) if range.contains(&n) => Ok(Some(n)),
+            _ => Err(bad_field(field, format!("must be {rule}, not {value}"))),
+        }
+    }
+
+    /// A string from `choices`, parsed by `parse`.
+    fn choice<T>(
+        &self,
+        field: &str,
+        choices: &str,
+        parse: impl Fn(&str) -> Option<T>,
+    ) -> Result<Option<T>, ModelError> {
+        let Some(text) = self.string(field)? else { return Ok(None) };
+        parse(text).map(Some).ok_or_else(|| bad_field(field, format!("must be {choices}, not `{text}`")))
+    }
+}
+
+fn parse_guest(fields: &Fields<'_>) -> Result<GuestSettings, ModelError> {
+    let defaults = GuestSettings::default();
+    let (min_mib, max_mib) = (mu2_abi::layout::MIN_MEM >> 20, mu2_abi::layout::MAX_MEM >> 20);
+    let mem_rule = format!("an even number of MiB from {min_mib} to {max_mib}");
+    let mem_mib = match fields.integer("mem_mib", min_mib..=max_mib, &mem_rule)? {
+        Some(n) if n % 2 != 0 => return Err(bad_field("mem_mib", format!("must be {mem_rule}, not {n}"))),
+        n => n.unwrap_or(DEFAULT_MEM_MIB),
+    };
+    let vcpu_rule = format!("an integer from {} to {}", VCPUS.start(), VCPUS.end());
+    let vcpus = fields.integer("vcpus", VCPUS, &vcpu_rule)?.map_or(defaults.vcpus, |n| n as u8);
+    let cmdline = fields.string("cmdline")?.unwrap_or_default();
+    if cmdline.len() > MAX_CMDLINE || !cmdline.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+        return Err(bad_field("cmdline", format!("must be at most {MAX_CMDLINE} printable ASCII characters")));
+    }
+    let entry = fields.choice("entry", "native or linux", |s| match s {
+        "native" => Some(EntryMode::Native),
+        "linux" => Some(EntryMode::Linux),
+        _ => None,
+    })?;
+    Ok(GuestSettings { mem_mib, vcpus, cmdline: cmdline.to_string(), entry: entry.unwrap_or(defaults.entry) })
+}
+
+fn parse_serve(fields: &Fields<'_>) -> Result<ServeSettings, ModelError> {
+    let mode = fields.choice("mode", "fresh, pool or reuse", |s| s.parse().ok())?;
+    let pool_rule = format!("an integer from {} to {}", POOL_SIZE.start(), POOL_SIZE.end());
+    let pool_size = fields.integer("pool_size", POOL_SIZE, &pool_rule)?.map(|n| n as usize);
+    let timeout_rule = format!(
+        "a duration from {} to {} such as \"2s\" or \"500ms\"",
+        crate::duration::format(*TIMEOUT.start()),
+        crate::duration::format(*TIMEOUT.end())
+    );
+    let timeout = match fields.get("timeout") {
+        None => None,
+        Some(value) => match value.as_str().map(crate::duration::parse) {
+            Some(Ok(d)) if TIMEOUT.contains(&d) => Some(d),
+            _ => return Err(bad_field("timeout", format!("must be {timeout_rule}, not {value}"))),
+        },
+    };
+    let response_rule = format!("a number of bytes from {} to {}", MAX_RESPONSE.start(), MAX_RESPONSE.end());
+    let max_response = fields.integer("max_response", MAX_RESPONSE, &response_rule)?.map(|n| n as usize);
+    Ok(ServeSettings { mode, pool_size, timeout, max_response })
+}
+
+fn parse_spec(body: &[u8]) -> Result<(ImageSpec, ServeSettings), ModelError> {
+    let value: Value = serde_json::from_slice(body).map_err(ModelError::BadJson)?;
+    let Some(map) = value.as_object() else { return Err(ModelError::BadSpec("the body must be a JSON object")) };
+    if let Some(unknown) = map.keys().find(|k| !PUT_FIELDS.contains(&k.as_str())) {
+        return Err(bad_field(unknown, format!("is not a setting (known: {})", PUT_FIELDS.join(", "))));
+    }
+    let fields = Fields(map);
+    let serve = parse_serve(&fields)?;
+    let booted = |fields: &Fields<'_>| {
+        if fields.has("http") {
+            return Err(bad_field("http", "applies only to an existing image (a booted guest announces it)"));
+        }
+        parse_guest(fields)
+    };
+    let spec = match (fields.string("function")?, fields.string("kernel")?, fields.string("path")?) {
+        (Some(function), None, None) => ImageSpec::Function { function: function.to_string(), guest: booted(&fields)? },
+        (None, Some(kernel), None) => ImageSpec::Kernel { kernel: kernel.into(), guest: booted(&fields)? },
+        (None, None, Some(path)) => {
+            if let Some(field) = BOOT_FIELDS.iter().find(|f| fields.has(f)) {
+                return Err(bad_field(field, "does not apply to an existing image"));
+            }
+            ImageSpec::Path { path: path.into(), http: fields.boolean("http")? }
+        }
+        _ => return Err(ModelError::BadSpec("give exactly one of `function`, `kernel` or `path`")),
+    };
+    Ok((spec, serve))
 }
 
 fn image_name(raw: &str) -> Result<String, ModelError> {
@@ -168,7 +322,8 @@ pub fn parse(method: &str, target: &str, body: Vec<u8>) -> Result<ApiRequest, Mo
         (["images", name], "DELETE") => Ok(ApiRequest::DeleteImage { name: image_name(name)? }),
         (["images", name], "PUT") => {
             let name = image_name(name)?;
-            Ok(ApiRequest::PutImage { name, spec: parse_spec(&body)? })
+            let (spec, serve) = parse_spec(&body)?;
+            Ok(ApiRequest::PutImage { name, spec, serve })
         }
         (["images", _], _) => Err(not_allowed("GET, PUT, DELETE")),
         (["images", name, "invoke"], "POST") => Ok(ApiRequest::Invoke { name: image_name(name)?, body }),
@@ -246,21 +401,84 @@ mod tests {
             parsed("POST", "/images/echo/invoke", b"hi".to_vec()),
             ApiRequest::Invoke { name: "echo".into(), body: b"hi".to_vec() }
         );
+        let guest = GuestSettings::default();
         assert_eq!(
             parsed("PUT", "/images/e", br#"{"function":"echo"}"#.to_vec()),
             ApiRequest::PutImage {
                 name: "e".into(),
-                spec: ImageSpec::Function { function: "echo".into(), mem_mib: DEFAULT_MEM_MIB }
+                spec: ImageSpec::Function { function: "echo".into(), guest: guest.clone() },
+                serve: ServeSettings::default(),
             }
         );
         assert_eq!(
             parsed("PUT", "/images/k", br#"{"kernel":"/g.elf","mem_mib":32}"#.to_vec()),
-            ApiRequest::PutImage { name: "k".into(), spec: ImageSpec::Kernel { kernel: "/g.elf".into(), mem_mib: 32 } }
+            ApiRequest::PutImage {
+                name: "k".into(),
+                spec: ImageSpec::Kernel { kernel: "/g.elf".into(), guest: GuestSettings { mem_mib: 32, ..guest } },
+                serve: ServeSettings::default(),
+            }
         );
         assert_eq!(
             parsed("PUT", "/images/p", br#"{"path":"/img","http":true}"#.to_vec()),
-            ApiRequest::PutImage { name: "p".into(), spec: ImageSpec::Path { path: "/img".into(), http: Some(true) } }
+            ApiRequest::PutImage {
+                name: "p".into(),
+                spec: ImageSpec::Path { path: "/img".into(), http: Some(true) },
+                serve: ServeSettings::default(),
+            }
         );
+    }
+
+    #[test]
+    fn takes_every_setting_the_cli_has() {
+        let body = br#"{"function":"work","mem_mib":128,"vcpus":2,"cmdline":"x=1","entry":"linux",
+            "mode":"reuse","pool_size":3,"timeout":"1500ms","max_response":4096}"#;
+        let ApiRequest::PutImage { spec, serve, .. } = parsed("PUT", "/images/w", body.to_vec()) else {
+            panic!("not a PUT")
+        };
+        let guest = GuestSettings { mem_mib: 128, vcpus: 2, cmdline: "x=1".into(), entry: EntryMode::Linux };
+        assert_eq!(spec, ImageSpec::Function { function: "work".into(), guest });
+        let want = ServeSettings {
+            mode: Some(Mode::Reuse),
+            pool_size: Some(3),
+            timeout: Some(Duration::from_millis(1500)),
+            max_response: Some(4096),
+        };
+        assert_eq!(serve, want);
+        // Serving settings apply to an existing image too; null is the same as absent.
+        let body = br#"{"path":"/img","mode":"fresh","timeout":"2s","vcpus":null}"#;
+        let ApiRequest::PutImage { serve, .. } = parsed("PUT", "/images/p", body.to_vec()) else { panic!("not a PUT") };
+        assert_eq!((serve.mode, serve.timeout), (Some(Mode::Fresh), Some(Duration::from_secs(2))));
+    }
+
+    #[test]
+    fn a_bad_setting_is_named_with_what_it_must_be() {
+        let refusal = |body: &str| match parse("PUT", "/images/e", body.as_bytes().to_vec()) {
+            Err(e @ ModelError::BadField { .. }) => (e.status(), e.to_string()),
+            other => panic!("{body}: {other:?}"),
+        };
+        for (body, field, rule) in [
+            (r#"{"function":"echo","vcpus":0}"#, "vcpus", "from 1 to 255"),
+            (r#"{"function":"echo","vcpus":"2"}"#, "vcpus", "from 1 to 255"),
+            (r#"{"function":"echo","mem_mib":7}"#, "mem_mib", "from 8 to 3328"),
+            (r#"{"function":"echo","mem_mib":65}"#, "mem_mib", "even"),
+            (r#"{"function":"echo","entry":"uefi"}"#, "entry", "native or linux"),
+            (r#"{"function":"echo","mode":"warm"}"#, "mode", "fresh, pool or reuse"),
+            (r#"{"function":"echo","pool_size":0}"#, "pool_size", "from 1 to 1024"),
+            (r#"{"function":"echo","timeout":"0s"}"#, "timeout", "from 1ms to 600000ms"),
+            (r#"{"function":"echo","timeout":2000}"#, "timeout", "such as \"2s\""),
+            (r#"{"function":"echo","timeout":"11m"}"#, "timeout", "from 1ms"),
+            (r#"{"function":"echo","max_response":0}"#, "max_response", "from 1 to 1073741824"),
+            (r#"{"function":"echo","cmdline":"a\nb"}"#, "cmdline", "printable ASCII"),
+            (r#"{"function":"echo","http":true}"#, "http", "existing image"),
+            (r#"{"path":"/i","entry":"native"}"#, "entry", "does not apply"),
+            (r#"{"function":"echo","vpcus":2}"#, "vpcus", "is not a setting (known: function, kernel"),
+        ] {
+            let (status, message) = refusal(body);
+            assert_eq!(status, 400, "{body}");
+            assert!(message.contains(&format!("`{field}`")) && message.contains(rule), "{body}: {message}");
+        }
+        let long = format!(r#"{{"function":"echo","cmdline":"{}"}}"#, "x".repeat(MAX_CMDLINE + 1));
+        assert!(refusal(&long).1.contains("at most 1024"));
     }
 
     #[test]

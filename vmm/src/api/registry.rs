@@ -17,9 +17,9 @@ use serde_json::json;
 use super::config::ServeConfig;
 use super::failure;
 use super::listen::{lock, Lifecycle};
-use super::model::{self, ImageSpec};
+use super::model::{self, ImageSpec, ServeSettings};
 use crate::error::Classify;
-use crate::fork::{Engine, EngineConfig};
+use crate::fork::{Engine, EngineConfig, Mode};
 use crate::guests;
 use crate::hypervisor::Hypervisor;
 use crate::source::{GuestSettings, ImageSource, SourceError};
@@ -39,6 +39,11 @@ pub(super) struct Entry {
     owned: bool,
     http: bool,
     mem_mib: u64,
+    vcpus: usize,
+    /// How the daemon booted its guest; `None` for an image directory registered as it is.
+    guest: Option<GuestSettings>,
+    /// One request's deadline in its VM.
+    timeout: Duration,
     engine: Engine,
     in_flight: AtomicUsize,
     requests: AtomicU64,
@@ -61,6 +66,11 @@ impl Entry {
         &self.engine
     }
 
+    /// One request's deadline in its VM.
+    pub(super) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Counts one request that reached the engine.
     pub(super) fn count_request(&self) {
         self.requests.fetch_add(1, Ordering::Relaxed);
@@ -73,6 +83,8 @@ impl Entry {
             ImageSource::Kernel(k) => json!({ "kernel": k }),
             ImageSource::Dir(p) => json!({ "path": p }),
         };
+        let engine = self.engine.config();
+        let entry = self.guest.as_ref().map(|g| format!("{:?}", g.entry).to_lowercase());
         json!({
             "name": self.name,
             "ready": true,
@@ -81,7 +93,15 @@ impl Entry {
             "http": self.http,
             "content_id": self.engine.image().content_id().to_string(),
             "mem_mib": self.mem_mib,
-            "mode": format!("{:?}", self.engine.mode()).to_lowercase(),
+            "vcpus": self.vcpus,
+            "port": self.engine.image().state().port,
+            "cmdline": self.guest.as_ref().map(|g| g.cmdline.as_str()),
+            "entry": entry,
+            "mode": format!("{:?}", engine.mode).to_lowercase(),
+            "pool_size": engine.pool_size,
+            "timeout": crate::duration::format(self.timeout),
+            "max_response": engine.max_response,
+            "max_request": self.engine.image().state().max_request,
             "pool_depth": self.engine.pool_depth(),
             "in_flight": self.in_flight.load(Ordering::Relaxed),
             "requests": self.requests.load(Ordering::Relaxed),
@@ -119,6 +139,30 @@ pub(super) enum RegistryError {
     /// The daemon is shutting down.
     #[error("the daemon is shutting down")]
     Stopping,
+    /// A pool-mode `pool_size` at or above `--max-vms`.
+    #[error("bad image spec: `pool_size` must be below --max-vms {max_vms} in pool mode (pooled VMs count against it), not {pool_size}")]
+    PoolSize {
+        /// The size asked for.
+        pool_size: usize,
+        /// The daemon's `--max-vms`.
+        max_vms: usize,
+    },
+    /// The pools of the registered images and this one's would hold every VM `--max-vms`
+    /// allows, leaving none for requests.
+    #[error(
+        "image `{name}`: the pools of the registered images hold {pooled} of --max-vms {max_vms} VMs; \
+         a pool of {pool_size} more would leave none for requests (DELETE an image or lower `pool_size`)"
+    )]
+    PoolBudget {
+        /// The image.
+        name: String,
+        /// VMs the other images' pools hold when full.
+        pooled: usize,
+        /// This image's pool size.
+        pool_size: usize,
+        /// The daemon's `--max-vms`.
+        max_vms: usize,
+    },
     /// The image could not be made or loaded.
     #[error("image `{name}`")]
     Build {
@@ -135,7 +179,8 @@ impl RegistryError {
     pub(super) fn status(&self) -> u16 {
         match self {
             RegistryError::NotFound(_) => 404,
-            RegistryError::Exists(_) | RegistryError::InUse { .. } => 409,
+            RegistryError::PoolSize { .. } => 400,
+            RegistryError::Exists(_) | RegistryError::InUse { .. } | RegistryError::PoolBudget { .. } => 409,
             RegistryError::Stopping => 503,
             RegistryError::Build { source, .. } => failure::status(source.kind()),
         }
@@ -188,7 +233,10 @@ impl Drop for Lease<'_> {
 #[derive(Debug)]
 pub(super) struct Registry {
     hv: Arc<Hypervisor>,
+    /// The engine settings of an image whose `PUT` sets none (the daemon's flags).
     engine_config: EngineConfig,
+    /// The request deadline of such an image (`--timeout`).
+    timeout: Duration,
     max_vms: usize,
     images_dir: PathBuf,
     /// The daemon made `images_dir`: it removes it at shutdown.
@@ -214,6 +262,7 @@ impl Registry {
         Registry {
             hv,
             engine_config: config.engine_config(),
+            timeout: config.timeout,
             max_vms: config.max_vms,
             images_dir,
             owns_images_dir,
@@ -228,6 +277,12 @@ impl Registry {
     /// Requests holding a VM now.
     pub(super) fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The longest request deadline of any image (at least `default`): how long requests in
+    /// flight may still take.
+    pub(super) fn longest_timeout(&self, default: Duration) -> Duration {
+        lock(&self.images).values().map(|e| e.timeout).fold(default, Duration::max)
     }
 
     /// Each image's name and VMs ready in its pool.
@@ -263,14 +318,20 @@ impl Registry {
         if self.lifecycle.stopping() {
             return Err(RegistryError::Stopping);
         }
-        let spec = ImageSpec::Function { function: name.to_string(), mem_mib: model::DEFAULT_MEM_MIB };
-        let entry = self.build(name, &spec)?;
+        let spec = ImageSpec::Function { function: name.to_string(), guest: GuestSettings::default() };
+        let entry = self.build(name, &spec, &ServeSettings::default())?;
         lock(&self.images).insert(name.to_string(), entry.clone());
         Ok(entry)
     }
 
-    /// `PUT /images/{name}`: makes the image from `spec` and registers it.
-    pub(super) fn create(&self, name: &str, spec: &ImageSpec) -> Result<Arc<Entry>, RegistryError> {
+    /// `PUT /images/{name}`: makes the image from `spec`, served as `serve` says, and registers
+    /// it.
+    pub(super) fn create(
+        &self,
+        name: &str,
+        spec: &ImageSpec,
+        serve: &ServeSettings,
+    ) -> Result<Arc<Entry>, RegistryError> {
         let _building = lock(&self.building);
         if lock(&self.images).contains_key(name) {
             return Err(RegistryError::Exists(name.to_string()));
@@ -278,9 +339,36 @@ impl Registry {
         if self.lifecycle.stopping() {
             return Err(RegistryError::Stopping);
         }
-        let entry = self.build(name, spec)?;
+        let entry = self.build(name, spec, serve)?;
         lock(&self.images).insert(name.to_string(), entry.clone());
         Ok(entry)
+    }
+
+    /// The engine settings and request deadline of image `name` served as `serve` says, the
+    /// daemon's flags filling in what it leaves out. A pool must leave room under `--max-vms`
+    /// for requests, with the pools of the images already registered. The caller holds
+    /// `building`.
+    fn serving(&self, name: &str, serve: &ServeSettings) -> Result<(EngineConfig, Duration), RegistryError> {
+        let mut engine = self.engine_config;
+        engine.mode = serve.mode.unwrap_or(engine.mode);
+        engine.pool_size = serve.pool_size.unwrap_or(engine.pool_size);
+        engine.max_response = serve.max_response.unwrap_or(engine.max_response);
+        if engine.mode == Mode::Pool {
+            let (pool_size, max_vms) = (engine.pool_size, self.max_vms);
+            if pool_size >= max_vms {
+                return Err(RegistryError::PoolSize { pool_size, max_vms });
+            }
+            let pooled: usize = lock(&self.images)
+                .values()
+                .map(|e| e.engine.config())
+                .filter(|c| c.mode == Mode::Pool)
+                .map(|c| c.pool_size)
+                .sum();
+            if pooled + pool_size >= max_vms {
+                return Err(RegistryError::PoolBudget { name: name.to_string(), pooled, pool_size, max_vms });
+            }
+        }
+        Ok((engine, serve.timeout.unwrap_or(self.timeout)))
     }
 
     /// `DELETE /images/{name}`: refused while requests use it.
@@ -333,12 +421,13 @@ impl Registry {
 
     /// Makes (or, for an image directory, loads) the image `name` and starts its engine. The
     /// caller holds `building`.
-    fn build(&self, name: &str, spec: &ImageSpec) -> Result<Arc<Entry>, RegistryError> {
+    fn build(&self, name: &str, spec: &ImageSpec, serve: &ServeSettings) -> Result<Arc<Entry>, RegistryError> {
         let build_error = |source| RegistryError::Build { name: name.to_string(), source };
-        let (source, mem_mib) = match spec {
-            ImageSpec::Function { function, mem_mib } => (ImageSource::Builtin(function.clone()), *mem_mib),
-            ImageSpec::Kernel { kernel, mem_mib } => (ImageSource::Kernel(kernel.clone()), *mem_mib),
-            ImageSpec::Path { path, .. } => (ImageSource::Dir(path.clone()), model::DEFAULT_MEM_MIB),
+        let (engine_config, timeout) = self.serving(name, serve)?;
+        let (source, guest) = match spec {
+            ImageSpec::Function { function, guest } => (ImageSource::Builtin(function.clone()), Some(guest)),
+            ImageSpec::Kernel { kernel, guest } => (ImageSource::Kernel(kernel.clone()), Some(guest)),
+            ImageSpec::Path { path, .. } => (ImageSource::Dir(path.clone()), None),
         };
         let (dir, owned) = match &source {
             ImageSource::Dir(path) => (path.clone(), false),
@@ -347,7 +436,11 @@ impl Registry {
                 (self.images_dir.join(format!("{name}.{n}")), true)
             }
         };
-        let settings = GuestSettings { mem_mib, cmdline: GUEST_CMDLINE.into(), ..GuestSettings::default() };
+        // The daemon's own command line goes first; the caller's may add to it.
+        let settings = guest.map_or_else(GuestSettings::default, |g| GuestSettings {
+            cmdline: format!("{GUEST_CMDLINE} {}", g.cmdline),
+            ..g.clone()
+        });
         let (image, _) = match source.prepare(&self.hv, &settings, &dir, Some(Instant::now() + BUILD_TIMEOUT)) {
             Ok(prepared) => prepared,
             Err(e) => {
@@ -362,8 +455,8 @@ impl Registry {
             ImageSpec::Path { http: Some(http), .. } => *http,
             _ => image.info().http(),
         };
-        let mem_mib = image.state().mem_size >> 20;
-        let engine = Engine::new(self.hv.clone(), Arc::new(image), self.engine_config);
+        let (mem_mib, vcpus) = (image.state().mem_size >> 20, image.state().vcpus.len());
+        let engine = Engine::new(self.hv.clone(), Arc::new(image), engine_config);
         Ok(Arc::new(Entry {
             name: name.to_string(),
             source,
@@ -371,6 +464,9 @@ impl Registry {
             owned,
             http,
             mem_mib,
+            vcpus,
+            guest: guest.cloned(),
+            timeout,
             engine,
             in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),

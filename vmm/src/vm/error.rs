@@ -29,6 +29,16 @@ pub enum BuildError {
         /// The most this host allows.
         max: usize,
     },
+    /// A vsock buffer or connection limit is out of range.
+    #[error("vsock limit {name} of {value} is out of range (at most {max})")]
+    VsockLimit {
+        /// Which limit.
+        name: &'static str,
+        /// The value asked for.
+        value: u64,
+        /// The most allowed.
+        max: u64,
+    },
     /// A KVM call failed.
     #[error("KVM could not {what}")]
     Kvm {
@@ -55,9 +65,10 @@ pub enum BuildError {
 impl Classify for BuildError {
     fn kind(&self) -> FailureKind {
         match self {
-            BuildError::MemorySize { .. } | BuildError::VcpuCount { .. } | BuildError::Cmdline(_) => {
-                FailureKind::BadInput
-            }
+            BuildError::MemorySize { .. }
+            | BuildError::VcpuCount { .. }
+            | BuildError::VsockLimit { .. }
+            | BuildError::Cmdline(_) => FailureKind::BadInput,
             BuildError::Kvm { source, .. } => kvm_kind(source),
             BuildError::Memory(e) => e.kind(),
             BuildError::Arch(e) => e.kind(),
@@ -88,6 +99,14 @@ pub enum ProtocolError {
         guest: u32,
         /// This VMM's.
         vmm: u32,
+    },
+    /// The readiness report announces a largest request beyond the guest's memory.
+    #[error("guest announced requests of up to {max_request} bytes with {mem_size} bytes of memory")]
+    MaxRequest {
+        /// What the guest announced.
+        max_request: u32,
+        /// Its memory.
+        mem_size: u64,
     },
     /// KVM ran guest code where it was asked only to finish the last exit.
     #[error("the vCPU ran instead of stopping")]

@@ -171,6 +171,11 @@ impl Vm {
                     let mismatch = ProtocolError::AbiVersion { guest: info.abi_version, vmm: mu2_abi::ABI_VERSION };
                     return Err(self.fail(Failure::Protocol(mismatch)));
                 }
+                let mem_size = self.ram.size() as u64;
+                if u64::from(info.max_request) > mem_size {
+                    let claim = ProtocolError::MaxRequest { max_request: info.max_request, mem_size };
+                    return Err(self.fail(Failure::Protocol(claim)));
+                }
                 self.ready = Some(info);
                 Ok(Some(RunStop::Ready(info)))
             }
@@ -179,7 +184,8 @@ impl Vm {
                 Ok(Some(RunStop::Exited(code)))
             }
             SysdevRequest::Panic(addr) => {
-                let message = self.read_text(addr).unwrap_or_else(|| "(unreadable message)".into());
+                let message =
+                    self.read_text(addr).map_or_else(|| "(unreadable message)".into(), |t| super::printable(&t));
                 self.phase = Phase::Stopped;
                 Err(GuestError::Panic(message))
             }

@@ -184,6 +184,12 @@ impl std::fmt::Debug for Vm {
     }
 }
 
+/// A guest's text as it may be shown: control characters (which could drive a terminal, or
+/// fake a log line) replaced.
+pub(crate) fn printable(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { '\u{fffd}' } else { c }).collect()
+}
+
 fn next_vm_id() -> u64 {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
@@ -212,12 +218,17 @@ impl Vm {
         if config.vcpus == 0 || usize::from(config.vcpus) > max_vcpus {
             return Err(BuildError::VcpuCount { asked: config.vcpus, max: max_vcpus });
         }
+        if let Some((name, value, max)) = config.vsock.out_of_range() {
+            return Err(BuildError::VsockLimit { name, value, max });
+        }
         let kvm_err = |what| move |source| BuildError::Kvm { what, source };
-        let vm_fd = hv.kvm().create_vm().map_err(kvm_err("create a VM"))?;
-        // Validated above: the size fits in usize.
+        // Validated above: the size fits in usize. Mapped before the VM exists, so that on an
+        // early return below the VM's locals (declared later) are dropped before it.
         let ram = GuestRam::anonymous(config.mem_size as usize).map_err(BuildError::Memory)?;
-        // SAFETY: `ram` is kept in the returned `Vm`, whose field order drops the vCPUs and
-        // the VM before the memory.
+        let vm_fd = hv.kvm().create_vm().map_err(kvm_err("create a VM"))?;
+        // SAFETY: every KVM fd of this VM (`vm_fd`, and the vCPUs made below) is declared after
+        // `ram`, so an early return drops them first; on success they move into the `Vm`,
+        // whose field order drops the vCPUs and the VM before the memory.
         unsafe { ram.register(&vm_fd) }.map_err(kvm_err("register guest memory"))?;
 
         let mem = ram.memory();
@@ -315,6 +326,11 @@ impl Vm {
         self.ready
     }
 
+    /// Guest RAM size in bytes.
+    pub fn mem_size(&self) -> u64 {
+        self.ram.size() as u64
+    }
+
     /// Exit counters so far.
     pub fn stats(&self) -> ExitStats {
         self.stats
@@ -368,6 +384,12 @@ impl Vm {
 /// Inspection for tests, debuggers and research tools: what the guest and KVM hold.
 #[cfg(feature = "inspect")]
 impl Vm {
+    /// The vsock transport's record of driver misuse since the last call (a refused status
+    /// write, a bad register access, …).
+    pub fn vsock_transport_errors(&mut self) -> Vec<mu2_devices::virtio::mmio::MmioError> {
+        self.vsock_transport().take_errors()
+    }
+
     /// Guest memory.
     pub fn memory(&self) -> &GuestMemoryMmap {
         self.ram.memory()

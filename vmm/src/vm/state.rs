@@ -53,6 +53,9 @@ pub struct VmState {
     pub port: u32,
     /// The receive buffer the guest grants a new connection.
     pub buf_alloc: u32,
+    /// The largest request the guest can hold, as it announced when it became ready; a fork
+    /// does not announce it again.
+    pub max_request: u32,
     /// The TSC frequency the guest was told.
     pub tsc_khz: Option<u32>,
     /// The flags the guest announced when it became ready (`mu2_abi::ready_flags`), which a
@@ -84,6 +87,7 @@ impl VmState {
             port: self.port,
             buf_alloc: self.buf_alloc,
             flags: self.ready_flags,
+            max_request: self.max_request,
         }
     }
 }
@@ -112,6 +116,7 @@ impl Vm {
             vsock,
             port: ready.port,
             buf_alloc: ready.buf_alloc,
+            max_request: ready.max_request,
             tsc_khz: self.tsc_khz,
             ready_flags: ready.flags,
             cpu_template: self.cpu_template,

@@ -120,8 +120,8 @@ pub(crate) struct Connection {
     response_pending: bool,
     /// The guest should hear about our fwd_cnt (CREDIT_UPDATE) when nothing else carries it.
     credit_update_pending: bool,
-    /// The host asked to shut down its send side ...
-    host_shutdown: bool,
+    /// The SHUTDOWN flags the host asked for (0: none; always with "no more send") ...
+    host_shutdown: u32,
     /// ... and the SHUTDOWN went out (after all queued data).
     host_shutdown_sent: bool,
     /// The guest sent SHUTDOWN with "no more send".
@@ -171,7 +171,7 @@ impl Connection {
             request_pending: false,
             response_pending: false,
             credit_update_pending: false,
-            host_shutdown: false,
+            host_shutdown: 0,
             host_shutdown_sent: false,
             guest_shutdown_send: false,
             guest_shutdown_recv: false,
@@ -295,7 +295,7 @@ impl Connection {
     /// The host's SHUTDOWN can go: everything queued before it has been delivered.
     fn shutdown_ready(&self) -> bool {
         self.is_open()
-            && self.host_shutdown
+            && self.host_shutdown != 0
             && !self.host_shutdown_sent
             && !self.request_pending
             && !self.response_pending
@@ -322,7 +322,7 @@ impl Connection {
 
     /// The data-pass packet due (see [`Connection::has_data_work`]), marked as sent: an RW of
     /// at most `limit` bytes within the guest's credit, appended to `data`, or else the
-    /// host's SHUTDOWN(send).
+    /// host's SHUTDOWN with the flags it asked for.
     pub fn take_data_packet(&mut self, limit: usize, data: &mut Vec<u8>) -> Outbound {
         if self.can_send_data() {
             let credit = usize::try_from(self.peer_credit()).unwrap_or(usize::MAX);
@@ -333,7 +333,7 @@ impl Connection {
             self.outbound(op::RW, 0)
         } else {
             self.host_shutdown_sent = true;
-            self.outbound(op::SHUTDOWN, shutdown::SEND)
+            self.outbound(op::SHUTDOWN, self.host_shutdown)
         }
     }
 
@@ -348,29 +348,31 @@ impl Connection {
     /// Queues host bytes for the guest. False when the connection takes no more: closed,
     /// shut down by the host, or the guest receives no more.
     pub fn queue_for_guest(&mut self, data: &[u8]) -> bool {
-        if !self.is_open() || self.host_shutdown || self.guest_shutdown_recv {
+        if !self.is_open() || self.host_shutdown != 0 || self.guest_shutdown_recv {
             return false;
         }
         self.to_guest.extend(data);
         true
     }
 
-    /// The host sends no more: its SHUTDOWN(send) goes after the queued data. False when the
-    /// connection is closed.
-    pub fn shutdown_host_send(&mut self) -> bool {
+    /// The host sends no more: its SHUTDOWN goes after the queued data, with the send flag and
+    /// `also_rcv`'s receive flag. (The host still collects what the guest sends after a
+    /// receive shutdown: a peer may answer a request all the same.) False when the connection
+    /// is closed.
+    pub fn shutdown_host(&mut self, also_rcv: bool) -> bool {
         if !self.is_open() {
             return false;
         }
-        self.host_shutdown = true;
+        self.host_shutdown = shutdown::SEND | if also_rcv { shutdown::RCV } else { 0 };
         true
     }
 
-    /// Moves the guest's bytes into `out` (closed connections too) and returns how many;
-    /// advances fwd_cnt and may make a CREDIT_UPDATE due. `host_buf_alloc` as in
-    /// [`Connection::on_guest_packet`].
-    pub fn take_from_guest(&mut self, out: &mut Vec<u8>, host_buf_alloc: u32) -> usize {
-        let n = self.from_guest.len();
-        out.extend(self.from_guest.drain(..));
+    /// Moves at most `limit` of the guest's bytes into `out` (closed connections too) and
+    /// returns how many; advances fwd_cnt and may make a CREDIT_UPDATE due. `host_buf_alloc`
+    /// as in [`Connection::on_guest_packet`].
+    pub fn take_from_guest(&mut self, out: &mut Vec<u8>, limit: usize, host_buf_alloc: u32) -> usize {
+        let n = self.from_guest.len().min(limit);
+        out.extend(self.from_guest.drain(..n));
         // n <= host_buf_alloc, a u32.
         self.fwd_cnt = self.fwd_cnt.wrapping_add(n as u32);
         self.consumed(host_buf_alloc);
@@ -411,7 +413,7 @@ impl Connection {
             guest_port: self.guest_port,
             guest_eof: self.guest_shutdown_send || !self.is_open(),
             guest_recv_closed: self.guest_shutdown_recv || !self.is_open(),
-            host_send_closed: self.host_shutdown,
+            host_send_closed: self.host_shutdown != 0,
             readable: self.from_guest.len(),
             unsent: self.to_guest.len(),
         }
@@ -509,7 +511,7 @@ mod tests {
         assert_eq!(c.on_guest_packet(&pkt(op::RST), HOST_BUF), Transition::Closed { reset_guest: false });
         assert_eq!(phase(&c), ConnPhase::Closed(CloseReason::GuestReset));
         assert_eq!(c.state().unsent, 0, "undeliverable data is dropped");
-        assert!(!c.queue_for_guest(b"x") && !c.shutdown_host_send());
+        assert!(!c.queue_for_guest(b"x") && !c.shutdown_host(false));
         assert!(!c.has_control() && !c.has_data_work());
     }
 
@@ -550,7 +552,7 @@ mod tests {
         );
         assert_eq!(phase(&c), ConnPhase::Closed(CloseReason::ProtocolError));
         let mut out = Vec::new();
-        assert_eq!(c.take_from_guest(&mut out, HOST_BUF), 1000, "what fit the credit stays readable");
+        assert_eq!(c.take_from_guest(&mut out, usize::MAX, HOST_BUF), 1000, "what fit the credit stays readable");
         assert!(!c.has_control(), "no CREDIT_UPDATE on a closed connection");
     }
 
@@ -560,7 +562,7 @@ mod tests {
         assert_eq!(c.on_guest_packet(&rw(600), HOST_BUF), Transition::Data);
         c.push_from_guest(&[1; 600]);
         let mut out = Vec::new();
-        assert_eq!(c.take_from_guest(&mut out, HOST_BUF), 600);
+        assert_eq!(c.take_from_guest(&mut out, usize::MAX, HOST_BUF), 600);
         assert!(c.has_control());
         let update = c.take_control_packet();
         assert_eq!(update, Outbound { op: op::CREDIT_UPDATE, flags: 0, fwd_cnt: 600 });
@@ -616,7 +618,7 @@ mod tests {
     #[test]
     fn host_shutdown_goes_after_the_queued_data() {
         let mut c = Connection::outgoing(1, 2, 100);
-        assert!(c.queue_for_guest(b"request") && c.shutdown_host_send());
+        assert!(c.queue_for_guest(b"request") && c.shutdown_host(false));
         assert!(!c.queue_for_guest(b"late"));
         assert!(c.has_control() && !c.has_data_work(), "REQUEST first");
         assert_eq!(c.take_control_packet().op, op::REQUEST);
@@ -628,6 +630,22 @@ mod tests {
         assert_eq!((shut.op, shut.flags), (op::SHUTDOWN, shutdown::SEND));
         assert!(!c.has_data_work(), "one SHUTDOWN");
         assert!(c.state().host_send_closed);
+    }
+
+    #[test]
+    fn a_full_host_shutdown_still_takes_the_guests_answer() {
+        let mut c = established();
+        assert!(c.queue_for_guest(b"request") && c.shutdown_host(true));
+        let mut data = Vec::new();
+        assert_eq!(c.take_data_packet(usize::MAX, &mut data).op, op::RW);
+        let shut = c.take_data_packet(usize::MAX, &mut data);
+        assert_eq!((shut.op, shut.flags), (op::SHUTDOWN, shutdown::SEND | shutdown::RCV));
+        assert_eq!(c.on_guest_packet(&rw(6), HOST_BUF), Transition::Data);
+        c.push_from_guest(b"answer");
+        let mut out = Vec::new();
+        assert_eq!(c.take_from_guest(&mut out, 4, HOST_BUF), 4, "at most the limit");
+        assert_eq!(c.take_from_guest(&mut out, usize::MAX, HOST_BUF), 2);
+        assert_eq!(out, b"answer");
     }
 
     #[test]

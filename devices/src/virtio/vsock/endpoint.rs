@@ -130,8 +130,15 @@ impl HostEndpoint {
     /// Half-close: after all queued data, tell the guest the host sends no more (SHUTDOWN
     /// flag 2).
     pub fn shutdown_send(&mut self, id: ConnId) -> Result<(), VsockError> {
+        self.shutdown(id, false)
+    }
+
+    /// After all queued data, SHUTDOWN with "no more send", and with `also_rcv` "no more
+    /// receive" too: the full close other hosts send (Firecracker's hybrid vsock turns its
+    /// socket's half-close into one). Bytes the guest sends afterwards are still collected.
+    pub fn shutdown(&mut self, id: ConnId, also_rcv: bool) -> Result<(), VsockError> {
         let conn = self.conns.get_mut(&id).ok_or(VsockError::UnknownConnection(id))?;
-        if !conn.shutdown_host_send() {
+        if !conn.shutdown_host(also_rcv) {
             return Err(VsockError::NotWritable(id));
         }
         Ok(())
@@ -140,8 +147,13 @@ impl HostEndpoint {
     /// Moves the bytes the guest sent out of the connection into `out`; returns how many.
     /// Advances fwd_cnt and may queue a CREDIT_UPDATE. Works on closed connections too.
     pub fn recv(&mut self, id: ConnId, out: &mut Vec<u8>) -> Result<usize, VsockError> {
+        self.recv_up_to(id, out, usize::MAX)
+    }
+
+    /// [`HostEndpoint::recv`] of at most `limit` bytes; the rest stay readable.
+    pub fn recv_up_to(&mut self, id: ConnId, out: &mut Vec<u8>, limit: usize) -> Result<usize, VsockError> {
         let conn = self.conns.get_mut(&id).ok_or(VsockError::UnknownConnection(id))?;
-        Ok(conn.take_from_guest(out, self.config.host_buf_alloc))
+        Ok(conn.take_from_guest(out, limit, self.config.host_buf_alloc))
     }
 
     /// The connection's state, or `None` if it does not exist.

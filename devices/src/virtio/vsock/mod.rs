@@ -52,6 +52,29 @@ pub struct VsockConfig {
     pub max_connections: usize,
 }
 
+impl VsockConfig {
+    /// The most host receive buffer a connection may be granted.
+    pub const MAX_HOST_BUF_ALLOC: u32 = 64 << 20;
+    /// The largest packet payload either way.
+    pub const MAX_PACKET_DATA: u32 = 64 << 10;
+    /// The most connections at a time.
+    pub const MAX_CONNECTIONS: usize = 4096;
+
+    /// The first limit out of its range, if any: `(name, value, most allowed)`. Zero packet
+    /// data or connections are out of range too.
+    pub fn out_of_range(&self) -> Option<(&'static str, u64, u64)> {
+        let checks = [
+            ("host_buf_alloc", u64::from(self.host_buf_alloc), u64::from(Self::MAX_HOST_BUF_ALLOC), true),
+            ("max_packet_data", u64::from(self.max_packet_data), u64::from(Self::MAX_PACKET_DATA), false),
+            ("max_connections", self.max_connections as u64, Self::MAX_CONNECTIONS as u64, false),
+        ];
+        checks
+            .into_iter()
+            .find(|&(_, value, max, zero_ok)| value > max || (value == 0 && !zero_ok))
+            .map(|(name, value, max, _)| (name, value, max))
+    }
+}
+
 impl Default for VsockConfig {
     fn default() -> Self {
         VsockConfig {

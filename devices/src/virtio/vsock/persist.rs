@@ -51,6 +51,17 @@ pub enum VsockRestoreError {
     /// A reserved CID (0, 1, 2, or not below 2^32 - 1).
     #[error("invalid guest cid {0}")]
     GuestCid(u64),
+    /// A buffer or connection limit outside what the device allows: the limits bound host
+    /// memory, so an image may not raise them.
+    #[error("vsock limit {name} of {value} is out of range (at most {max})")]
+    Limit {
+        /// Which limit.
+        name: &'static str,
+        /// The saved value.
+        value: u64,
+        /// The most allowed.
+        max: u64,
+    },
     /// Accepted features the device does not offer.
     #[error("accepted features {acked:#x} not offered (device offers {offered:#x})")]
     UnknownFeatures {
@@ -108,6 +119,9 @@ impl Persist for Vsock {
         let cid = state.config.guest_cid;
         if cid <= HOST_CID || cid >= u64::from(u32::MAX) {
             return Err(VsockRestoreError::GuestCid(cid));
+        }
+        if let Some((name, value, max)) = state.config.out_of_range() {
+            return Err(VsockRestoreError::Limit { name, value, max });
         }
         let offered = FEATURES;
         if state.acked_features & !offered != 0 {
@@ -428,6 +442,13 @@ mod tests {
         for cid in [0, 1, 2, u64::from(u32::MAX), u64::MAX] {
             assert!(matches!(dev(&|s| s.config.guest_cid = cid), V::GuestCid(c) if c == cid));
         }
+        assert!(matches!(
+            dev(&|s| s.config.host_buf_alloc = u32::MAX),
+            V::Limit { name: "host_buf_alloc", value, .. } if value == u64::from(u32::MAX)
+        ));
+        assert!(matches!(dev(&|s| s.config.max_packet_data = 1 << 20), V::Limit { name: "max_packet_data", .. }));
+        assert!(matches!(dev(&|s| s.config.max_packet_data = 0), V::Limit { name: "max_packet_data", .. }));
+        assert!(matches!(dev(&|s| s.config.max_connections = usize::MAX), V::Limit { name: "max_connections", .. }));
         assert!(matches!(dev(&|s| s.next_id = 0), V::NextId(0)));
         assert!(matches!(dev(&|s| s.next_id = u64::MAX), V::NextId(_)));
         assert!(matches!(dev(&|s| s.next_port = 80), V::NextPort(80)));

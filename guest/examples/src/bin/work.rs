@@ -1,45 +1,61 @@
 //! Function guest for research: request `pages=N spin_us=M` (both optional, any order)
 //! writes one byte in each of N distinct fresh heap pages and spins M µs on the TSC; the
-//! response says what it did, in the same form.
+//! response says what it did, in the same form. A request it cannot carry out is a function
+//! error, with a message saying why.
 #![no_std]
 #![no_main]
 
 extern crate alloc;
 
-use alloc::alloc::{alloc, dealloc, Layout};
 use alloc::format;
+use alloc::string::String;
 use alloc::vec::Vec;
+use core::fmt;
 
 mu2_guest::function!(work);
 
 const PAGE: usize = 4096;
 
-fn work(request: &[u8]) -> Vec<u8> {
-    let (pages, spin_us) = match parse(request) {
-        Ok(v) => v,
-        Err(word) => {
-            return format!("error: cannot parse {:?}", core::str::from_utf8(word).unwrap_or("?")).into_bytes()
+/// Why a request cannot be carried out.
+#[derive(Debug)]
+enum WorkError {
+    /// A word that is not `pages=N` or `spin_us=M` with N, M numbers.
+    Unparsable(String),
+    /// More pages than an allocation can span.
+    TooManyPages(usize),
+    /// The pages do not fit in the heap.
+    OutOfHeap(usize),
+}
+
+impl fmt::Display for WorkError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WorkError::Unparsable(word) => {
+                write!(f, "cannot parse {word:?}: the request is `pages=N spin_us=M`, both optional")
+            }
+            WorkError::TooManyPages(pages) => write!(f, "pages={pages} is too many"),
+            WorkError::OutOfHeap(pages) => write!(f, "pages={pages} does not fit in the heap"),
         }
-    };
+    }
+}
+
+fn work(request: &[u8]) -> Result<Vec<u8>, WorkError> {
+    let (pages, spin_us) =
+        parse(request).map_err(|word| WorkError::Unparsable(String::from_utf8_lossy(word).into_owned()))?;
     if pages > 0 {
-        let Some(layout) = pages.checked_mul(PAGE).and_then(|size| Layout::from_size_align(size, PAGE).ok()) else {
-            return format!("error: pages={pages} is too many").into_bytes();
-        };
-        // SAFETY: the layout has a non-zero size.
-        let block = unsafe { alloc(layout) };
-        if block.is_null() {
-            return format!("error: pages={pages} does not fit in the heap").into_bytes();
-        }
+        let size = pages.checked_mul(PAGE).ok_or(WorkError::TooManyPages(pages))?;
+        let mut block: Vec<u8> = Vec::new();
+        block.try_reserve_exact(size).map_err(|_| WorkError::OutOfHeap(pages))?;
+        // Offsets a page apart land on `pages` distinct pages, aligned or not.
+        let spare = block.spare_capacity_mut();
         for page in 0..pages {
-            // SAFETY: `page * PAGE` is within the block just allocated. Volatile, so the
-            // write (and its page fault) really happens.
-            unsafe { block.add(page * PAGE).write_volatile(1) };
+            spare[page * PAGE].write(1);
         }
-        // SAFETY: allocated above with this layout.
-        unsafe { dealloc(block, layout) };
+        // The writes (and their page faults) must really happen, though nothing reads them.
+        core::hint::black_box(&block);
     }
     mu2_guest::spin_us(spin_us as u64);
-    format!("pages={pages} spin_us={spin_us}").into_bytes()
+    Ok(format!("pages={pages} spin_us={spin_us}").into_bytes())
 }
 
 /// `(pages, spin_us)`, or the word that is not understood.

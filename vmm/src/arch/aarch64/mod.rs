@@ -403,13 +403,13 @@ pub const VM_STATE_SCHEMA: &str = "VmState {
         vcpus: Vec<VcpuState { index: u8, init: kvm_vcpu_init, regs: Vec<(u64, Vec<u8>)>, mp_state: u32 }>,
         serial: SerialConsole::State,
         vsock: MmioTransportState<VsockState>,
-        port: u32, buf_alloc: u32, tsc_khz: Option<u32>,
+        port: u32, buf_alloc: u32, max_request: u32, tsc_khz: Option<u32>,
         ready_flags: u32,
         cpu_template: CpuTemplate { Host, Baseline },
         cpu_features: CpuFeatures {}
     }";
 /// [`VM_STATE_SCHEMA`]'s recorded fingerprint.
-pub const VM_STATE_FINGERPRINT: u64 = 0x2f92_19db_b4ee_4cb3;
+pub const VM_STATE_FINGERPRINT: u64 = 0x2846_0f39_a7f9_e83f;
 
 impl crate::error::Classify for ArchError {
     fn kind(&self) -> crate::error::FailureKind {

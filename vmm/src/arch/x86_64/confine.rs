@@ -44,10 +44,28 @@ pub fn structural_pages(state: &VcpuState, read_page: &mut dyn FnMut(u64) -> Opt
     }
     let mut pages = BTreeSet::from([tables::GDT & !(PAGE - 1), tables::RING0_STACK_PAGE]);
     // Every paging structure reachable from CR3.
-    let pml4 = sregs.cr3 & ADDRESS;
+    pages.extend(paging_structures(sregs.cr3 & ADDRESS, read_page)?);
+    if pages.len() > MAX_STRUCTURAL_PAGES {
+        return None;
+    }
+    Some(pages.into_iter().collect())
+}
+
+/// A guest-controlled table can hold any number of entries; a real hierarchy over 4 GiB has a
+/// few dozen pages at most.
+const MAX_STRUCTURAL_PAGES: usize = 4096;
+
+/// The pages of the 4-level paging hierarchy rooted at `pml4`; `None` if a table cannot be
+/// read or the hierarchy is implausibly large.
+fn paging_structures(pml4: u64, read_page: &mut dyn FnMut(u64) -> Option<Vec<u8>>) -> Option<BTreeSet<u64>> {
+    let mut pages = BTreeSet::new();
     let mut tables_to_walk = vec![(pml4, 4u8)];
+    // A page can serve as a table at several levels at once (the guest controls the entries),
+    // and each level reads it differently: walk it once per level it is reached at.
+    let mut walked = BTreeSet::new();
     while let Some((table, level)) = tables_to_walk.pop() {
-        if !pages.insert(table) && level != 4 {
+        pages.insert(table);
+        if !walked.insert((table, level)) {
             continue;
         }
         let bytes = read_page(table)?;
@@ -60,11 +78,56 @@ pub fn structural_pages(state: &VcpuState, read_page: &mut dyn FnMut(u64) -> Opt
             }
             tables_to_walk.push((entry & ADDRESS, level - 1));
         }
-        // A guest-controlled table can hold any number of entries; a real hierarchy over
-        // 4 GiB has a few dozen pages at most.
-        if pages.len() > 4096 {
+        if pages.len() > MAX_STRUCTURAL_PAGES {
             return None;
         }
     }
-    Some(pages.into_iter().collect())
+    Some(pages)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(entries: &[(usize, u64)]) -> Vec<u8> {
+        let mut page = vec![0u8; PAGE as usize];
+        for &(index, value) in entries {
+            page[index * 8..index * 8 + 8].copy_from_slice(&value.to_le_bytes());
+        }
+        page
+    }
+
+    #[test]
+    fn a_page_reached_at_two_levels_is_walked_at_both() {
+        // PML4 0x1000 → PDPT 0x2000 → PD 0x3000 → PT 0x5000 (whose entries are leaves). The
+        // PML4 also points at 0x3000 as a PDPT: read at level 3, its entry leads to 0x5000 as
+        // a page directory, whose entry leads to the page table 0x6000. The walk meets 0x3000
+        // at level 2 first; walking it only at the level it was first met at misses 0x6000.
+        let p = PRESENT;
+        let mut memory = std::collections::HashMap::from([
+            (0x1000u64, table(&[(0, 0x3000 | p), (1, 0x2000 | p)])),
+            (0x2000, table(&[(0, 0x3000 | p)])),
+            (0x3000, table(&[(0, 0x5000 | p)])),
+            (0x5000, table(&[(0, 0x6000 | p)])),
+            (0x6000, table(&[])),
+        ]);
+        let mut read = |addr: u64| memory.get_mut(&addr).map(|page| page.clone());
+        let pages = paging_structures(0x1000, &mut read).expect("readable");
+        for page in [0x1000, 0x2000, 0x3000, 0x5000, 0x6000] {
+            assert!(pages.contains(&page), "{page:#x} missing from {pages:x?}");
+        }
+    }
+
+    #[test]
+    fn an_unreadable_table_or_a_huge_hierarchy_allows_no_fast_reset() {
+        let mut none = |_| None;
+        assert!(paging_structures(0x1000, &mut none).is_none());
+        // Every entry of every table points at a new page: far more than a real hierarchy.
+        let mut fanout = |addr: u64| {
+            let entries: Vec<_> =
+                (0..512).map(|i| (i, (addr + 0x1000 * (i as u64 + 1)) << 9 & ADDRESS | PRESENT)).collect();
+            Some(table(&entries))
+        };
+        assert!(paging_structures(0x1000, &mut fanout).is_none());
+    }
 }

@@ -360,14 +360,14 @@ pub const VM_STATE_SCHEMA: &str = "VmState {
             debugregs: kvm_debugregs, mp_state: kvm_mp_state }>,
         serial: SerialConsole::State,
         vsock: MmioTransportState<VsockState>,
-        port: u32, buf_alloc: u32, tsc_khz: Option<u32>,
+        port: u32, buf_alloc: u32, max_request: u32, tsc_khz: Option<u32>,
         ready_flags: u32,
         cpu_template: CpuTemplate { Host, Baseline },
         cpu_features: CpuFeatures { leaf1_ecx: u32, leaf1_edx: u32, leaf7_ebx: u32, leaf7_ecx: u32, leaf7_edx: u32,
             ext1_ecx: u32, ext1_edx: u32, xsave_ops: u32, xsave_components: u64 }
     }";
 /// [`VM_STATE_SCHEMA`]'s recorded fingerprint.
-pub const VM_STATE_FINGERPRINT: u64 = 0x0263_b4e7_e1db_2006;
+pub const VM_STATE_FINGERPRINT: u64 = 0x8922_4db2_9997_a152;
 
 impl crate::error::Classify for ArchError {
     fn kind(&self) -> crate::error::FailureKind {

@@ -11,6 +11,12 @@
 //! TSS descriptor and the 32 IDT gates, load GDT/IDT/TR/CR3, `iretq` to CPL 3. The page
 //! tables are assembled at build time (`.data.mu2boot`), the GDT is static too; `.bss` is
 //! zeroed after the switch to CPL 3, at native speed.
+//!
+//! **PVH (32-bit protected mode, paging off)**: how QEMU loads an ELF kernel, and how
+//! Firecracker boots one that carries the PVH note (`.note.Xen`, XEN_ELFNOTE_PHYS32_ENTRY).
+//! `mu2_pvh_start` turns on long mode with the same page tables and GDT, copies the command
+//! line pointer and the memory map of the `hvm_start_info` (EBX) into a zero page, and joins
+//! the Linux path.
 
 #[path = "../../bootparams.rs"]
 mod bootparams;
@@ -33,6 +39,9 @@ const PDE_RAM: u64 = 0xe7; // P | RW | US | A | D | PS
 const PDE_MMIO: u64 = 0xff; // the same plus PWT | PCD
 const PTE_4K: u64 = 0x67; // P | RW | US | A | D
 
+/// `hvm_start_info.magic`, which a PVH loader passes in EBX.
+const PVH_START_INFO_MAGIC: u32 = 0x336e_c578;
+
 /// Bit `v` set: exception `v` pushes an error code (`mu2_abi::exception_has_error_code`).
 const ERROR_CODE_VECTORS: u32 = 0x0022_7d00;
 
@@ -53,6 +62,7 @@ global_asm!(
     "    ud2",
     // Linux 64-bit boot protocol: CPL 0, RSI = boot_params. SSE first: CR0.EM and TS off,
     // MP on; CR4.OSFXSR | OSXMMEXCPT.
+    "mu2_linux_entry:",
     "10: mov rax, cr0",
     "    and rax, -13",
     "    or eax, 2",
@@ -251,12 +261,92 @@ global_asm!(
     "    .quad mu2_boot_idt",
     ".section .mu2boot, \"aw\", @nobits",
     ".balign 4096",
+    // The zero page the PVH entry builds; only the fields the runtime reads are written.
+    "mu2_pvh_zero_page: .skip 4096",
     "mu2_boot_kstack: .skip {kstack_size}",
     "mu2_boot_ustack: .skip {ustack_size}",
     "mu2_boot_idt: .skip 32 * 16",
     // TSS, then an all-zero I/O permission bitmap (every port allowed) and its 0xff end
     // byte (zero too here: harmless, ports past 0xffff do not exist).
     "mu2_boot_tss: .skip 104 + 8192 + 1",
+    // PVH entry: 32-bit protected mode, paging off, EBX = hvm_start_info, no stack.
+    ".section .text.pvh, \"ax\"",
+    ".code32",
+    "mu2_pvh_start:",
+    "    cmp dword ptr [ebx], {pvh_magic}",
+    "    jne 49f",
+    "    mov esp, offset mu2_boot_kstack + {kstack_size}",
+    "    mov esi, ebx",
+    "    lgdt [mu2_boot_gdtr]",
+    "    mov eax, cr4",
+    "    or eax, 0x20",
+    "    mov cr4, eax",
+    "    mov eax, offset mu2_boot_pml4",
+    "    mov cr3, eax",
+    "    mov ecx, 0xc0000080",
+    "    rdmsr",
+    "    or eax, 0x100",
+    "    wrmsr",
+    "    mov eax, cr0",
+    "    or eax, 0x80000001",
+    "    mov cr0, eax",
+    // Long mode is on (compatibility mode): a far return into the 64-bit code segment.
+    "    mov eax, 0x08",
+    "    push eax",
+    "    mov eax, offset mu2_pvh_long",
+    "    push eax",
+    "    retf",
+    "49: hlt",
+    "    jmp 49b",
+    ".code64",
+    "mu2_pvh_long:",
+    "    mov eax, 0x10",
+    "    mov ds, eax",
+    "    mov es, eax",
+    "    mov ss, eax",
+    "    mov esi, esi",
+    "    lea rdi, [rip + mu2_pvh_zero_page]",
+    // cmdline_paddr (offset 24) into cmd_line_ptr (0x228) and ext_cmd_line_ptr (0xc8).
+    "    mov rax, [rsi + 24]",
+    "    mov [rdi + 0x228], eax",
+    "    shr rax, 32",
+    "    mov [rdi + 0xc8], eax",
+    // The memory map (version 1 on: memmap_paddr at 40, memmap_entries at 48), at most 128
+    // entries of 24 bytes, into the e820 table (0x2d0, 20-byte entries; count at 0x1e8).
+    "    xor ecx, ecx",
+    "    cmp dword ptr [rsi + 4], 1",
+    "    jb 42f",
+    "    mov ecx, [rsi + 48]",
+    "    cmp ecx, 128",
+    "    jbe 41f",
+    "    mov ecx, 128",
+    "41: mov r8, [rsi + 40]",
+    "    lea r9, [rdi + 0x2d0]",
+    "    mov edx, ecx",
+    "43: test edx, edx",
+    "    jz 42f",
+    "    mov rax, [r8]",
+    "    mov [r9], rax",
+    "    mov rax, [r8 + 8]",
+    "    mov [r9 + 8], rax",
+    "    mov eax, [r8 + 16]",
+    "    mov [r9 + 16], eax",
+    "    add r8, 24",
+    "    add r9, 20",
+    "    dec edx",
+    "    jmp 43b",
+    "42: mov [rdi + 0x1e8], cl",
+    "    mov rsi, rdi",
+    "    jmp mu2_linux_entry",
+    // The PVH note: where a PVH loader enters (XEN_ELFNOTE_PHYS32_ENTRY, 18).
+    ".section .note.Xen, \"a\", @note",
+    ".balign 4",
+    "    .long 4",
+    "    .long 4",
+    "    .long 18",
+    "    .asciz \"Xen\"",
+    ".balign 4",
+    "    .long mu2_pvh_start",
     ".text",
     rust_start = sym crate::rust_start,
     error_code_vectors = const ERROR_CODE_VECTORS,
@@ -270,6 +360,7 @@ global_asm!(
     pde_mmio = const PDE_MMIO,
     mmio_base = const layout::MMIO_BASE,
     mmio_end = const layout::MMIO_BASE + layout::MMIO_SIZE,
+    pvh_magic = const PVH_START_INFO_MAGIC,
 );
 
 /// Writes one byte to an I/O port.
