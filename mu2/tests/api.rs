@@ -331,7 +331,19 @@ fn dispatcher_serves_200_concurrent_requests_and_shutdown_is_clean() {
     kvm_or_skip!();
     let mut d = Daemon::start(
         "dispatch",
-        &["--route", "/hello=hello-http", "--route", "/echo=echo", "--pool-size", "4", "--timeout", "5s"],
+        &[
+            "--route",
+            "/hello=hello-http",
+            "--route",
+            "/echo=echo",
+            "--pool-size",
+            "4",
+            "--timeout",
+            "5s",
+            // The drain period has tests of its own.
+            "--drain-period",
+            "0",
+        ],
     );
     let r = d.http("GET", "/hello/world?status=201&a=b", &[("x-echo", "ping")], b"");
     assert_eq!(r.status, 201);

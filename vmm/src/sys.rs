@@ -3,9 +3,11 @@
 
 use std::ffi::{CStr, CString};
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
 
 /// Fills `buf` from the kernel's random source (getrandom, blocking until it is seeded).
 pub(crate) fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
@@ -292,13 +294,6 @@ pub(crate) fn pivot_into(root: &Path) -> std::io::Result<()> {
     std::env::set_current_dir("/")
 }
 
-/// Stops a listening socket's accept calls: a thread blocked in accept(2) on it returns
-/// (EINVAL), without a connection being made to it.
-pub(crate) fn shutdown_listener(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
-    // SAFETY: shutdown on a descriptor the caller keeps open; it touches no memory.
-    check(unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) })
-}
-
 /// The user `name`'s id and primary group, if it exists (getpwnam_r).
 pub(crate) fn lookup_user(name: &str) -> std::io::Result<Option<(libc::uid_t, libc::gid_t)>> {
     let name = CString::new(name).map_err(|_| std::io::ErrorKind::InvalidInput)?;
@@ -390,6 +385,117 @@ pub(crate) fn forbidden_execve() {
     unsafe { libc::execve(c"/bin/true".as_ptr(), argv.as_ptr(), envp.as_ptr()) };
 }
 
+/// Waits until `fd` is readable (for a listening socket: a connection is waiting) or `timeout`
+/// passes. Returns whether it is readable.
+pub(crate) fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> std::io::Result<bool> {
+    let mut pollfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // ppoll, not poll: the one call every architecture has (the seccomp filters allow it).
+    let wait = libc::timespec {
+        tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos()),
+    };
+    // SAFETY: `pollfd` is one valid, initialised element that outlives the call, matching the
+    // count of 1; `wait` is a valid timespec and the signal mask pointer may be null; `fd` is
+    // borrowed, so it stays open during the call. The result is checked.
+    let n = unsafe { libc::ppoll(&mut pollfd, 1, &wait, std::ptr::null()) };
+    match n {
+        n if n < 0 => {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                return Ok(false);
+            }
+            Err(e)
+        }
+        0 => Ok(false),
+        // POLLERR/POLLHUP count as readable: the accept that follows reports the error.
+        _ => Ok(true),
+    }
+}
+
+/// Clears `O_NONBLOCK` on `fd` (with fcntl).
+pub(crate) fn set_blocking(fd: BorrowedFd<'_>) -> std::io::Result<()> {
+    // SAFETY: F_GETFL and F_SETFL read and set the flags of a descriptor the caller keeps open
+    // (it is borrowed); they touch no memory. The results are checked.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// What an inherited descriptor is, as far as a socket-activated daemon cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SocketInfo {
+    /// `AF_INET`, `AF_INET6`, `AF_UNIX`, …
+    pub family: libc::c_int,
+    /// A `SOCK_STREAM` socket.
+    pub stream: bool,
+    /// `listen` was called on it.
+    pub listening: bool,
+}
+
+/// Looks at the descriptor number `fd` without taking it: `Ok(None)` if it is open but not a
+/// socket, an error if it is not open.
+pub(crate) fn socket_info(fd: RawFd) -> std::io::Result<Option<SocketInfo>> {
+    // SAFETY: an all-zero `stat` is a valid value of the plain C struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes one `stat` into `st`, which is valid for writes; any descriptor
+    // number is acceptable (a closed one fails with EBADF). The result is checked.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Ok(None);
+    }
+    let int_option = |name| -> std::io::Result<libc::c_int> {
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: `value` and `len` are valid for writes and `len` says the size of `value`;
+        // the kernel writes at most that many bytes. The result is checked.
+        let rc = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, name, (&raw mut value).cast(), &mut len) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(value)
+    };
+    Ok(Some(SocketInfo {
+        family: int_option(libc::SO_DOMAIN)?,
+        stream: int_option(libc::SO_TYPE)? == libc::SOCK_STREAM,
+        listening: int_option(libc::SO_ACCEPTCONN)? != 0,
+    }))
+}
+
+/// The inherited descriptors already claimed, so that none is wrapped twice.
+static CLAIMED: Mutex<Vec<RawFd>> = Mutex::new(Vec::new());
+
+/// Takes ownership of a descriptor this process inherited at exec (socket activation passes
+/// listeners from fd 3 on), marking it close-on-exec. Only descriptors from 3 on are taken,
+/// each at most once; the caller must claim them before the process opens any descriptor of
+/// its own, as systemd's `sd_listen_fds` contract requires.
+pub(crate) fn claim_inherited_fd(fd: RawFd) -> std::io::Result<OwnedFd> {
+    let mut claimed = CLAIMED.lock().unwrap_or_else(|p| p.into_inner());
+    if fd < 3 || claimed.contains(&fd) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("descriptor {fd} is not an inherited one that is still unclaimed"),
+        ));
+    }
+    // SAFETY: F_SETFD with FD_CLOEXEC only changes the descriptor's flags; a closed
+    // descriptor fails with EBADF, which is checked.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    claimed.push(fd);
+    // SAFETY: `fd` is open (F_SETFD succeeded). It was inherited at exec rather than opened by
+    // this process, which the caller guarantees by claiming before opening descriptors of its
+    // own, so no other object owns it; `CLAIMED` ensures this is its only `OwnedFd`.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// Makes a FIFO at `path`, mode 0600 (for tests of what refuses one).
 #[cfg(test)]
 pub(crate) fn mkfifo(path: &std::path::Path) -> std::io::Result<()> {
@@ -461,5 +567,40 @@ mod tests {
         let file = memfd(c"mu2-test").unwrap();
         file.set_len(8192).unwrap();
         assert_eq!(file.metadata().unwrap().len(), 8192);
+    }
+
+    #[test]
+    fn socket_info_tells_listeners_from_other_descriptors() {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let info = socket_info(tcp.as_raw_fd()).unwrap().expect("a socket");
+        assert_eq!(info, SocketInfo { family: libc::AF_INET, stream: true, listening: true });
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let info = socket_info(udp.as_raw_fd()).unwrap().expect("a socket");
+        assert!(!info.stream && !info.listening);
+        let file = memfd(c"mu2-test").unwrap();
+        assert_eq!(socket_info(file.as_raw_fd()).unwrap(), None);
+        assert!(socket_info(-1).is_err());
+    }
+
+    #[test]
+    fn a_listener_is_readable_once_a_client_connects() {
+        use std::os::fd::AsFd;
+        use std::os::unix::net::{UnixListener, UnixStream};
+        // A Unix socket: the aarch64 test VM has no network, not even loopback.
+        let dir = std::env::temp_dir().join(format!("mu2-sys-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("listener");
+        let listener = UnixListener::bind(&path).unwrap();
+        assert!(!wait_readable(listener.as_fd(), Duration::from_millis(10)).unwrap());
+        let _client = UnixStream::connect(&path).unwrap();
+        let readable = wait_readable(listener.as_fd(), Duration::from_secs(5)).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(readable);
+    }
+
+    #[test]
+    fn only_inherited_descriptors_are_claimed() {
+        assert!(claim_inherited_fd(0).is_err(), "stdin is not a passed listener");
+        assert!(claim_inherited_fd(2).is_err());
     }
 }

@@ -1,15 +1,18 @@
-//! `mu2 serve`: the daemon, until SIGINT or SIGTERM.
+//! `mu2 serve`: the daemon, until SIGINT or SIGTERM (after its drain period).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
-use mu2_vmm::api::{DaemonEnd, SandboxSettings, ServeConfig, ServeError};
+use mu2_vmm::api::{DaemonEnd, SandboxSettings, ServeConfig, ServeError, DEFAULT_DRAIN_PERIOD};
 use mu2_vmm::sandbox::OnForbidden;
 
 use super::args::parse_duration;
 use crate::failure::{CliError, Failure};
 
+/// Listeners passed by a service manager (systemd's LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES)
+/// are used instead of binding --http and --api-sock: a TCP one (or one named `http`) for the
+/// dispatcher, a Unix one (or one named `api`) for the control API.
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     /// The control API's Unix socket (created mode 0600, removed on exit).
@@ -63,6 +66,11 @@ pub struct ServeArgs {
     /// daemon: for finding what a new code path needs.
     #[arg(long)]
     seccomp_log: bool,
+    /// After SIGTERM, answer 503 on /healthz for this long while still serving, so a load
+    /// balancer moves traffic away; then stop (default 5s; 0: stop at once; a second signal
+    /// cuts it short).
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    drain_period: Option<Duration>,
 }
 
 /// A size in bytes with an optional K, M or G suffix (powers of 1024).
@@ -113,10 +121,12 @@ pub fn serve(args: &ServeArgs) -> Result<(), Failure> {
         timeout: args.timeout,
         max_body: args.max_body,
         sandbox: sandbox_settings(args)?,
+        drain_period: args.drain_period.unwrap_or(DEFAULT_DRAIN_PERIOD),
         ..ServeConfig::new(args.api_sock.clone())
     };
     let announce = |daemon: &mu2_vmm::api::Daemon| {
-        for line in startup_lines(args, daemon.http_addr()) {
+        let api_sock = daemon.api_sock().unwrap_or(&args.api_sock);
+        for line in startup_lines(args, api_sock, daemon.http_addr()) {
             eprintln!("{line}");
         }
         match args.no_sandbox {
@@ -133,10 +143,11 @@ pub fn serve(args: &ServeArgs) -> Result<(), Failure> {
     }
 }
 
-/// What `mu2 serve` says on stderr once it accepts requests, one line each: the API socket, the
-/// dispatcher's address as bound (so `--http 127.0.0.1:0` tells its port), each route, the mode.
-fn startup_lines(args: &ServeArgs, http: Option<std::net::SocketAddr>) -> Vec<String> {
-    let mut lines = vec![format!("mu2 serve: control API on unix socket {}", args.api_sock.display())];
+/// What `mu2 serve` says on stderr once it accepts requests, one line each: the API socket and
+/// the dispatcher's address as they are (so `--http 127.0.0.1:0` tells its port, and a passed
+/// socket its own address), each route, the mode.
+fn startup_lines(args: &ServeArgs, api_sock: &Path, http: Option<std::net::SocketAddr>) -> Vec<String> {
+    let mut lines = vec![format!("mu2 serve: control API on unix socket {}", api_sock.display())];
     match http {
         Some(addr) => lines.push(format!("mu2 serve: HTTP dispatcher on http://{addr}")),
         None => lines.push("mu2 serve: no HTTP dispatcher (--http ADDR starts one)".to_string()),
@@ -144,6 +155,10 @@ fn startup_lines(args: &ServeArgs, http: Option<std::net::SocketAddr>) -> Vec<St
     for (prefix, image) in &args.routes {
         lines.push(format!("mu2 serve: route {prefix} -> image {image}"));
     }
+    lines.push(format!(
+        "mu2 serve: /healthz and /metrics on the dispatcher; drain period {:?} after SIGTERM",
+        args.drain_period.unwrap_or(DEFAULT_DRAIN_PERIOD)
+    ));
     let pool = match args.mode {
         mu2_vmm::fork::Mode::Pool => format!(", {} VMs pooled per image", args.pool_size),
         _ => String::new(),

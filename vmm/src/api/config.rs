@@ -4,11 +4,17 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::activation::ActivationError;
+use super::dispatch::{Routes, DAEMON_PATHS};
 use super::model;
 use crate::error::{Classify, FailureKind};
 use crate::fork::{EngineConfig, Mode};
 use crate::hypervisor::HypervisorError;
 use crate::invoke;
+
+/// The drain period unless told otherwise: long enough for a load balancer checking every
+/// second or two to see two failed checks.
+pub const DEFAULT_DRAIN_PERIOD: Duration = Duration::from_secs(5);
 
 /// Daemon settings (`mu2 serve` flags).
 #[derive(Debug, Clone)]
@@ -35,6 +41,9 @@ pub struct ServeConfig {
     pub max_response: usize,
     /// The sandbox, if any (`mu2 serve` has one unless `--no-sandbox`).
     pub sandbox: Option<super::SandboxSettings>,
+    /// How long the daemon reports not-ready on `/healthz`, still serving, between SIGTERM
+    /// and the shutdown (zero: none).
+    pub drain_period: Duration,
 }
 
 impl ServeConfig {
@@ -52,11 +61,13 @@ impl ServeConfig {
             max_body: 8 << 20,
             max_response: invoke::DEFAULT_MAX_RESPONSE,
             sandbox: None,
+            drain_period: DEFAULT_DRAIN_PERIOD,
         }
     }
 
-    /// Refuses settings the daemon cannot run with.
-    pub(super) fn validate(&self) -> Result<(), ServeError> {
+    /// Refuses settings the daemon cannot run with; `passed_http` says a service manager
+    /// passed the dispatcher's listener (socket activation), which stands in for `--http`.
+    pub(super) fn validate(&self, passed_http: bool) -> Result<(), ServeError> {
         if self.pool_size == 0 || self.max_vms == 0 {
             return Err(ServeError::Config("--pool-size and --max-vms must be at least 1".into()));
         }
@@ -69,13 +80,19 @@ impl ServeConfig {
         if let Some((_, image)) = self.routes.iter().find(|(_, image)| !model::valid_name(image)) {
             return Err(ServeError::Config(format!("route to invalid image name `{image}`")));
         }
+        if let Some((prefix, _)) = Routes::new(self.routes.iter().cloned()).shadowed() {
+            return Err(ServeError::Config(format!(
+                "route {prefix}: the daemon answers {} itself on the dispatcher's port",
+                DAEMON_PATHS.join(" and ")
+            )));
+        }
         // Routes are fixed at start, and only the built-in guests are images by then.
         if let Some((prefix, image)) = self.routes.iter().find(|(_, image)| crate::guests::find(image).is_none()) {
             return Err(ServeError::Config(format!(
                 "--route {prefix}={image}: no built-in guest `{image}` (a route names one of `mu2 guests`)"
             )));
         }
-        if self.http.is_none() {
+        if self.http.is_none() && !passed_http {
             if let Some((prefix, image)) = self.routes.first() {
                 return Err(ServeError::Config(format!(
                     "--route {prefix}={image} without --http: routes belong to the HTTP dispatcher, which --http ADDR starts"
@@ -97,6 +114,9 @@ pub enum ServeError {
     /// A setting is unusable.
     #[error("{0}")]
     Config(String),
+    /// The listeners passed by a service manager are unusable.
+    #[error("socket activation")]
+    Activation(#[source] ActivationError),
     /// /dev/kvm could not be opened.
     #[error("opening KVM")]
     Hypervisor(#[source] HypervisorError),
@@ -159,7 +179,7 @@ impl ServeError {
 impl Classify for ServeError {
     fn kind(&self) -> FailureKind {
         match self {
-            ServeError::Config(_) => FailureKind::BadInput,
+            ServeError::Config(_) | ServeError::Activation(_) => FailureKind::BadInput,
             ServeError::Hypervisor(e) => e.kind(),
             ServeError::Route { source, .. } => source.kind(),
             ServeError::RouteRefused { .. } => FailureKind::BadInput,

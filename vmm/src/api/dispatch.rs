@@ -39,6 +39,19 @@ impl Classify for DispatchError {
     }
 }
 
+/// The dispatcher's readiness probe, answered by the daemon itself (see docs/api.md).
+pub const HEALTHZ_PATH: &str = "/healthz";
+/// The dispatcher's Prometheus endpoint, answered by the daemon itself.
+pub const METRICS_PATH: &str = "/metrics";
+/// Paths the daemon answers on the dispatcher's port before any route is looked at.
+pub const DAEMON_PATHS: [&str; 2] = [HEALTHZ_PATH, METRICS_PATH];
+
+/// The daemon's own path that `target` names, if any (the query is ignored).
+pub fn daemon_path(target: &str) -> Option<&'static str> {
+    let path = target.split_once('?').map_or(target, |(p, _)| p);
+    DAEMON_PATHS.into_iter().find(|d| *d == path)
+}
+
 /// Path-prefix routes to image names.
 #[derive(Debug, Clone, Default)]
 pub struct Routes {
@@ -83,6 +96,14 @@ impl Routes {
                     || (path.starts_with(prefix.as_str()) && path.as_bytes().get(prefix.len()) == Some(&b'/'))
             })
             .map(|(p, i)| (p.as_str(), i.as_str()))
+    }
+
+    /// A route whose prefix is, or is under, one of [`DAEMON_PATHS`]: it could never be
+    /// reached, so the daemon refuses it.
+    pub fn shadowed(&self) -> Option<(&str, &str)> {
+        self.iter().find(|(prefix, _)| {
+            DAEMON_PATHS.iter().any(|d| prefix == d || prefix.strip_prefix(d).is_some_and(|rest| rest.starts_with('/')))
+        })
     }
 
     /// The routes, longest prefix first.
@@ -163,6 +184,19 @@ mod tests {
         assert_eq!(routes.find("/other"), None);
         assert_eq!(Routes::parse_arg("/a=b"), Ok(("/a".into(), "b".into())));
         assert!(Routes::parse_arg("a=b").is_err() && Routes::parse_arg("/a").is_err());
+    }
+
+    #[test]
+    fn the_daemons_own_paths_are_not_routes() {
+        assert_eq!(daemon_path("/healthz"), Some(HEALTHZ_PATH));
+        assert_eq!(daemon_path("/metrics?x=1"), Some(METRICS_PATH));
+        assert_eq!(daemon_path("/healthz/x"), None);
+        assert_eq!(daemon_path("/echo"), None);
+        let routes = |prefix: &str| Routes::new([(prefix.to_string(), "echo".to_string())]);
+        assert_eq!(routes("/healthz/").shadowed(), Some(("/healthz", "echo")));
+        assert_eq!(routes("/metrics/deep").shadowed(), Some(("/metrics/deep", "echo")));
+        assert_eq!(routes("/metricsx").shadowed(), None);
+        assert_eq!(routes("/").shadowed(), None, "a catch-all route leaves them to the daemon");
     }
 
     #[test]

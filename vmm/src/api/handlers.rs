@@ -3,8 +3,9 @@
 //! ([`Handlers::run`]: admission, [`Engine::serve`](crate::fork::Engine::serve), metrics) and
 //! answer a failure the same way.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 
@@ -17,9 +18,43 @@ use super::metrics::{self, Gauges, Metrics, Outcome};
 use super::model::{self, ApiRequest, ApiResponse, ModelError};
 use super::registry::{AdmissionError, Entry, Registry, RegistryError};
 use crate::error::{error_chain, Classify};
-use crate::fork::{ForkError, Served};
+use crate::fork::{Engine, ForkError, Mode, Served};
 use crate::guests;
 use crate::invoke::RequestTooLarge;
+
+/// How long the warm-up waits for the routes' pools to fill before it moves on (a pool that
+/// fills later still makes the daemon ready: readiness is looked at on every `/healthz`).
+const POOL_FILL_WAIT: Duration = Duration::from_secs(60);
+
+/// A pool-mode engine's pool that is not full yet: (VMs ready, pool size).
+fn pool_short(engine: &Engine) -> Option<(usize, usize)> {
+    let (depth, size) = (engine.pool_depth(), engine.config().pool_size);
+    (engine.mode() == Mode::Pool && depth < size).then_some((depth, size))
+}
+
+/// Whether the daemon should get traffic, as `/healthz` says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Readiness {
+    /// Every route's image is loaded and its pool was filled: 200.
+    Ready,
+    /// Still warming up, waiting for what is listed: 503.
+    Starting(Vec<String>),
+    /// SIGTERM received, the drain period runs: 503 while requests are still served.
+    Draining,
+    /// Shutting down: 503.
+    Stopping,
+}
+
+impl Readiness {
+    fn label(&self) -> &'static str {
+        match self {
+            Readiness::Ready => "ready",
+            Readiness::Starting(_) => "starting",
+            Readiness::Draining => "draining",
+            Readiness::Stopping => "stopping",
+        }
+    }
+}
 
 /// Why a request was refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +167,9 @@ pub(super) struct Handlers {
     registry: Registry,
     metrics: Arc<Metrics>,
     lifecycle: Arc<Lifecycle>,
+    /// Set once every route's image was loaded with a full pool; stays set, so that a pool
+    /// drained by load does not turn the daemon unready.
+    warmed: AtomicBool,
 }
 
 impl Handlers {
@@ -143,7 +181,7 @@ impl Handlers {
         metrics: Arc<Metrics>,
         lifecycle: Arc<Lifecycle>,
     ) -> Self {
-        Handlers { config, routes, registry, metrics, lifecycle }
+        Handlers { config, routes, registry, metrics, lifecycle, warmed: AtomicBool::new(false) }
     }
 
     /// The images.
@@ -151,8 +189,9 @@ impl Handlers {
         &self.registry
     }
 
-    /// Builds the built-in images behind routes, so that the first requests find them (and
-    /// their pools) ready. A route that cannot be served stops the start.
+    /// Builds the built-in images behind routes before the daemon listens (their pools start
+    /// filling; [`Handlers::wait_for_pools`] waits for them). A route that cannot be served
+    /// stops the start.
     pub(super) fn prepare_routes(&self) -> Result<(), ServeError> {
         for (prefix, image) in self.routes.iter() {
             let (prefix, image) = (prefix.to_string(), image.to_string());
@@ -165,6 +204,70 @@ impl Handlers {
             }
         }
         Ok(())
+    }
+
+    /// Waits until the routes' pools are full (pool mode), so that the first requests find
+    /// them ready; `/healthz` answers 503 until then. Runs on the warm-up thread, after the
+    /// listeners are up; ends early if the daemon stops.
+    pub(super) fn wait_for_pools(&self) {
+        let until = Instant::now() + POOL_FILL_WAIT;
+        for (_, image) in self.routes.iter() {
+            let Some(entry) = self.registry.get(image) else { continue };
+            // Not the engine's own wait: a shutdown must not wait for a pool to fill.
+            while pool_short(entry.engine()).is_some() && Instant::now() < until && !self.lifecycle.stopping() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        match self.readiness() {
+            Readiness::Ready => log::info!("ready: every route's image is loaded and its pool full"),
+            Readiness::Starting(waiting) => log::warn!("not ready: waiting for {}", waiting.join(", ")),
+            Readiness::Draining | Readiness::Stopping => {}
+        }
+    }
+
+    /// Whether the daemon should get traffic now.
+    pub(super) fn readiness(&self) -> Readiness {
+        if self.lifecycle.stopping() {
+            return Readiness::Stopping;
+        }
+        if self.lifecycle.draining() {
+            return Readiness::Draining;
+        }
+        if self.warmed.load(Ordering::SeqCst) {
+            return Readiness::Ready;
+        }
+        let mut waiting = Vec::new();
+        for (_, image) in self.routes.iter() {
+            match self.registry.get(image) {
+                None => waiting.push(format!("image `{image}`")),
+                Some(entry) => {
+                    if let Some((depth, size)) = pool_short(entry.engine()) {
+                        waiting.push(format!("image `{image}`: {depth} of {size} VMs pooled"));
+                    }
+                }
+            }
+        }
+        if !waiting.is_empty() {
+            return Readiness::Starting(waiting);
+        }
+        self.warmed.store(true, Ordering::SeqCst);
+        Readiness::Ready
+    }
+
+    /// `GET /healthz`: 200 when ready, else 503; a small JSON body says why.
+    fn healthz(&self) -> ApiResponse {
+        let readiness = self.readiness();
+        let status = if readiness == Readiness::Ready { 200 } else { 503 };
+        match readiness {
+            Readiness::Starting(waiting) => {
+                ApiResponse::json(status, &json!({ "status": "starting", "waiting_for": waiting }))
+            }
+            other => ApiResponse::json(status, &json!({ "status": other.label() })),
+        }
+    }
+
+    fn metrics_response(&self) -> ApiResponse {
+        ApiResponse::bytes(200, metrics::CONTENT_TYPE, self.metrics.render(&self.gauges()).into_bytes())
     }
 
     /// Answers a request on the control API's socket.
@@ -184,11 +287,7 @@ impl Handlers {
     fn try_handle(&self, request: ApiRequest) -> Result<ApiResponse, Failure> {
         match request {
             ApiRequest::Health => Ok(ApiResponse::json(200, &self.health())),
-            ApiRequest::Metrics => Ok(ApiResponse::bytes(
-                200,
-                "text/plain; version=0.0.4",
-                self.metrics.render(&self.gauges()).into_bytes(),
-            )),
+            ApiRequest::Metrics => Ok(self.metrics_response()),
             ApiRequest::ListImages => {
                 let (images, available) = self.registry.list();
                 Ok(ApiResponse::json(200, &json!({ "images": images, "builtin_available": available })))
@@ -223,9 +322,24 @@ impl Handlers {
         }
     }
 
-    /// Answers a request on the dispatcher's port: the route's image serves it in a new VM.
+    /// Answers a request on the dispatcher's port: `/healthz` and `/metrics` itself, any other
+    /// path by the route's image in a new VM.
     pub(super) fn dispatch(&self, request: Request) -> Response {
+        if let Some(path) = dispatch::daemon_path(&request.target) {
+            return self.daemon_path(path, &request.method).into();
+        }
         self.try_dispatch(request).unwrap_or_else(|f| f.response().into())
+    }
+
+    fn daemon_path(&self, path: &'static str, method: &str) -> ApiResponse {
+        if method != "GET" && method != "HEAD" {
+            return ApiResponse::error(405, format!("{path} takes GET or HEAD")).with_header("allow", "GET, HEAD");
+        }
+        if path == dispatch::HEALTHZ_PATH {
+            self.healthz()
+        } else {
+            self.metrics_response()
+        }
     }
 
     fn try_dispatch(&self, request: Request) -> Result<Response, Failure> {
@@ -297,13 +411,19 @@ impl Handlers {
             kvm_vms: metrics::live_kvm_vms(),
             threads: metrics::threads(),
             connections: self.lifecycle.connections(),
+            ready: self.readiness() == Readiness::Ready,
         }
     }
 
     fn health(&self) -> serde_json::Value {
         let g = self.gauges();
         json!({
-            "status": if self.lifecycle.stopping() { "stopping" } else { "ok" },
+            "status": match self.readiness() {
+                Readiness::Stopping => "stopping",
+                Readiness::Draining => "draining",
+                Readiness::Ready | Readiness::Starting(_) => "ok",
+            },
+            "ready": g.ready,
             "mode": format!("{:?}", self.config.mode).to_lowercase(),
             "images": g.images,
             "in_flight": g.in_flight,

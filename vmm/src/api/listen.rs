@@ -1,14 +1,18 @@
 //! The listeners: one accept loop for the control API's Unix socket and the dispatcher's TCP
-//! socket, a thread per connection reading requests and writing responses, and the stop flag
-//! they and the handlers look at.
+//! socket, a thread per connection reading requests and writing responses, and the daemon's
+//! lifecycle (serving, draining, stopping) they and the handlers look at.
 //!
 //! I/O is blocking, one thread per connection: a request runs its VM on its connection's
 //! thread, so the response leaves as soon as the guest's last byte arrives, with no hand-off
 //! between threads; `--max-vms` bounds the connections that hold a VM. An idle connection costs
-//! a parked thread, and notices the stop flag within [`POLL`].
+//! a parked thread, and notices the stop flag within [`POLL`]. The accept loop waits for a
+//! connection at most [`POLL`] at a time, so it stops without being woken and without taking
+//! a connection it would not serve: a socket passed by a service manager keeps those for the
+//! next daemon.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -23,25 +27,42 @@ use super::model::ApiResponse;
 use crate::error::error_chain;
 use crate::sandbox::ThreadClass;
 
-/// Read timeout of client sockets: how often an idle connection looks at the stop flag.
+/// Read timeout of client sockets: how often an idle connection looks at the stop flag; also
+/// how long the accept loop waits between looks at it.
 const POLL: Duration = Duration::from_millis(200);
 /// Pause after a failed accept, so that running out of descriptors does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+/// How long a connection accepted just before the shutdown may take to send its first
+/// request: it is answered (503) rather than closed unanswered, so a client or load balancer
+/// learns it may retry elsewhere.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
 
 /// Locks, ignoring poisoning: the guarded data are counters and maps that stay consistent.
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Whether the daemon is stopping, and how many client connections are open.
+/// Whether the daemon is draining or stopping, and how many client connections are open.
 #[derive(Debug, Default)]
 pub(super) struct Lifecycle {
+    draining: AtomicBool,
     stopping: AtomicBool,
     open: Mutex<usize>,
     closed: Condvar,
 }
 
 impl Lifecycle {
+    /// Whether the drain period has begun: `/healthz` answers 503 and responses close their
+    /// connections, while requests are still served.
+    pub(super) fn draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Begins the drain period.
+    pub(super) fn begin_drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
     /// Whether the shutdown has begun: no new request is served.
     pub(super) fn stopping(&self) -> bool {
         self.stopping.load(Ordering::SeqCst)
@@ -86,10 +107,12 @@ impl Drop for OpenConnection {
 }
 
 /// A listening socket: the Unix socket or the TCP socket.
-pub(super) trait Listen: Send + 'static {
+pub(super) trait Listen: AsFd + Send + 'static {
     /// A connection.
     type Stream: Read + Write + Send + 'static;
-    /// Waits for the next connection.
+    /// Makes `accept_next` return `WouldBlock` instead of waiting.
+    fn make_nonblocking(&self) -> std::io::Result<()>;
+    /// Takes the next connection.
     fn accept_next(&self) -> std::io::Result<Self::Stream>;
     /// Sets the socket options a connection is served with.
     fn configure(stream: &Self::Stream) -> std::io::Result<()>;
@@ -98,11 +121,18 @@ pub(super) trait Listen: Send + 'static {
 impl Listen for UnixListener {
     type Stream = UnixStream;
 
+    fn make_nonblocking(&self) -> std::io::Result<()> {
+        UnixListener::set_nonblocking(self, true)
+    }
+
     fn accept_next(&self) -> std::io::Result<UnixStream> {
         self.accept().map(|(stream, _)| stream)
     }
 
     fn configure(stream: &UnixStream) -> std::io::Result<()> {
+        // Served blocking, with a read timeout, whatever the listener's own mode (by fcntl,
+        // which every thread's seccomp filter allows, not std's ioctl).
+        crate::sys::set_blocking(stream.as_fd())?;
         stream.set_read_timeout(Some(POLL))
     }
 }
@@ -110,11 +140,18 @@ impl Listen for UnixListener {
 impl Listen for TcpListener {
     type Stream = TcpStream;
 
+    fn make_nonblocking(&self) -> std::io::Result<()> {
+        TcpListener::set_nonblocking(self, true)
+    }
+
     fn accept_next(&self) -> std::io::Result<TcpStream> {
         self.accept().map(|(stream, _)| stream)
     }
 
     fn configure(stream: &TcpStream) -> std::io::Result<()> {
+        // Served blocking, with a read timeout, whatever the listener's own mode (by fcntl,
+        // which every thread's seccomp filter allows, not std's ioctl).
+        crate::sys::set_blocking(stream.as_fd())?;
         // Responses leave in one write; do not hold them back.
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(POLL))
@@ -144,20 +181,34 @@ impl std::fmt::Debug for Endpoint {
     }
 }
 
-/// Starts the accept loop of `listener` on a thread of its own. It ends at the first
-/// connection accepted once the daemon stops (the daemon makes one to wake it).
+/// Starts the accept loop of `listener` on a thread of its own. It ends within [`POLL`] of
+/// the daemon stopping, and drops (closes) its listener then.
 pub(super) fn spawn_acceptor<L: Listen>(listener: L, endpoint: Endpoint) -> std::io::Result<JoinHandle<()>> {
+    listener.make_nonblocking()?;
     let endpoint = Arc::new(endpoint);
-    crate::sandbox::spawn(ThreadClass::Acceptor, format!("mu2-{}-accept", endpoint.label), move || loop {
-        let accepted = listener.accept_next();
-        if endpoint.lifecycle.stopping() {
-            break;
-        }
-        match accepted.and_then(|stream| L::configure(&stream).map(|()| stream)) {
-            Ok(stream) => spawn_connection(&endpoint, stream),
-            Err(e) => {
-                log::warn!("accepting on the {} listener: {e}", endpoint.label);
-                std::thread::sleep(ACCEPT_BACKOFF);
+    crate::sandbox::spawn(ThreadClass::Acceptor, format!("mu2-{}-accept", endpoint.label), move || {
+        while !endpoint.lifecycle.stopping() {
+            match crate::sys::wait_readable(listener.as_fd(), POLL) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    log::warn!("waiting on the {} listener: {e}", endpoint.label);
+                    std::thread::sleep(ACCEPT_BACKOFF);
+                    continue;
+                }
+            }
+            // Checked again: a connection that came with the stop stays queued for whoever
+            // holds the socket next.
+            if endpoint.lifecycle.stopping() {
+                break;
+            }
+            match listener.accept_next().and_then(|stream| L::configure(&stream).map(|()| stream)) {
+                Ok(stream) => spawn_connection(&endpoint, stream),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    log::warn!("accepting on the {} listener: {e}", endpoint.label);
+                    std::thread::sleep(ACCEPT_BACKOFF);
+                }
             }
         }
     })
@@ -179,8 +230,12 @@ fn spawn_connection<S: Read + Write + Send + 'static>(endpoint: &Arc<Endpoint>, 
 fn serve_connection<S: Read + Write>(endpoint: &Endpoint, mut stream: S) {
     let mut buf = Vec::new();
     let lifecycle = &endpoint.lifecycle;
+    let accepted = Instant::now();
+    let mut answered = 0u64;
     loop {
-        let request = match http::read_request(&mut stream, &mut buf, endpoint.max_body, &|| lifecycle.stopping()) {
+        // An idle connection closes once the daemon stops; a new one first gets its answer.
+        let give_up = || lifecycle.stopping() && (answered > 0 || accepted.elapsed() > FIRST_REQUEST_GRACE);
+        let request = match http::read_request(&mut stream, &mut buf, endpoint.max_body, &give_up) {
             Ok(request) => request,
             Err(e) => {
                 if let Some(status) = e.status() {
@@ -202,7 +257,10 @@ fn serve_connection<S: Read + Write>(endpoint: &Endpoint, mut stream: S) {
         } else {
             (endpoint.handler)(request)
         };
-        let keep_alive = client_keeps_alive && !lifecycle.stopping();
+        // While draining, each connection ends after its response, so that a keep-alive client
+        // reconnects, and a load balancer then picks a host that is not draining.
+        let keep_alive = client_keeps_alive && !lifecycle.stopping() && !lifecycle.draining();
+        answered += 1;
         endpoint.metrics.response(endpoint.label, response.status);
         if http::write_response(&mut stream, &response, keep_alive, head_only).is_err() || !keep_alive {
             return;

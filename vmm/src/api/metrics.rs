@@ -1,16 +1,34 @@
-//! The daemon's counters, histograms and gauges, rendered in the Prometheus text format.
+//! The daemon's counters, histograms and gauges, kept and rendered by `prometheus-client` in
+//! the Prometheus text format (0.0.4).
+//!
+//! Counters and histograms live for the daemon's lifetime in one registry. Gauges describe
+//! the daemon at the moment of a scrape (pool depths of the images that exist now, open
+//! connections, threads), so each render builds them afresh from a [`Gauges`] snapshot in a
+//! registry of their own: an image deleted since the last scrape leaves no stale series.
+//!
+//! Names follow Prometheus' conventions: `mu2_` prefix, base units in the name (`_seconds`),
+//! `_total` on counters (the crate adds it), histograms for latencies, and no rates computed
+//! in-process (`rate(mu2_forks_total[1m])` gives forks per second).
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime};
 
-/// Upper bounds of the latency histograms' buckets, seconds.
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+
+/// The `content-type` of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+/// Upper bounds of the latency histograms' buckets, seconds: 100 µs (a reuse-mode request) to
+/// 10 s (the default `--timeout`).
 const BUCKETS: &[f64] =
     &[0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 /// How a request ended, as counted in `mu2_requests_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Outcome {
     /// Answered by the guest.
     Ok,
@@ -27,7 +45,8 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    fn label(self) -> &'static str {
+    /// The `outcome` label value.
+    pub fn label(self) -> &'static str {
         match self {
             Outcome::Ok => "ok",
             Outcome::Timeout => "timeout",
@@ -39,84 +58,34 @@ impl Outcome {
     }
 }
 
-#[derive(Debug, Clone, Default)]
-struct Histogram {
-    counts: Vec<u64>,
-    sum: f64,
-    count: u64,
-}
-
-impl Histogram {
-    fn observe(&mut self, seconds: f64) {
-        if self.counts.is_empty() {
-            self.counts = vec![0; BUCKETS.len()];
-        }
-        if let Some(i) = BUCKETS.iter().position(|b| seconds <= *b) {
-            self.counts[i] += 1;
-        }
-        self.sum += seconds;
-        self.count += 1;
-    }
-
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let mut cumulative = 0;
-        for (i, bound) in BUCKETS.iter().enumerate() {
-            cumulative += self.counts.get(i).copied().unwrap_or(0);
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
-        }
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", self.count);
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum);
-        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count);
+impl EncodeLabelValue for Outcome {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.label(), encoder)
     }
 }
 
-/// Forks over the last few seconds, one bucket per second.
-#[derive(Debug)]
-struct Rate {
-    start: Instant,
-    buckets: [u64; Rate::WINDOW],
-    last_second: u64,
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RequestLabels {
+    image: String,
+    outcome: Outcome,
 }
 
-impl Rate {
-    const WINDOW: usize = 10;
-
-    fn advance(&mut self, now: Instant) {
-        let second = now.duration_since(self.start).as_secs();
-        let gap = second.saturating_sub(self.last_second).min(Self::WINDOW as u64);
-        for s in 0..gap {
-            self.buckets[((self.last_second + 1 + s) % Self::WINDOW as u64) as usize] = 0;
-        }
-        self.last_second = self.last_second.max(second);
-    }
-
-    fn add(&mut self, now: Instant) {
-        self.advance(now);
-        self.buckets[(self.last_second % Self::WINDOW as u64) as usize] += 1;
-    }
-
-    /// Forks per second over the last complete seconds of the window.
-    fn per_second(&mut self, now: Instant) -> f64 {
-        self.advance(now);
-        let current = (self.last_second % Self::WINDOW as u64) as usize;
-        let complete = (Self::WINDOW - 1).min(self.last_second as usize);
-        if complete == 0 {
-            return self.buckets[current] as f64;
-        }
-        let total: u64 = self.buckets.iter().enumerate().filter(|(i, _)| *i != current).map(|(_, c)| c).sum();
-        total as f64 / complete as f64
-    }
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ImageLabels {
+    image: String,
 }
 
-#[derive(Debug)]
-struct Inner {
-    requests: BTreeMap<(String, Outcome), u64>,
-    latency: BTreeMap<String, Histogram>,
-    fork: BTreeMap<String, Histogram>,
-    run: BTreeMap<String, Histogram>,
-    responses: BTreeMap<(&'static str, u16), u64>,
-    forks: u64,
-    rate: Rate,
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ResponseLabels {
+    listener: &'static str,
+    status: u16,
+}
+
+/// A histogram family whose members all get [`BUCKETS`].
+type Latency = Family<ImageLabels, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(BUCKETS.iter().copied())
 }
 
 /// Gauges read when the metrics are rendered.
@@ -134,13 +103,21 @@ pub struct Gauges {
     pub images: usize,
     /// Open client connections.
     pub connections: usize,
+    /// Whether `/healthz` answers 200 now.
+    pub ready: bool,
 }
 
 /// The daemon's metrics.
 #[derive(Debug)]
 pub struct Metrics {
-    inner: Mutex<Inner>,
-    started: Instant,
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: Latency,
+    fork: Latency,
+    run: Latency,
+    responses: Family<ResponseLabels, Counter>,
+    forks: Counter,
+    started_unix: f64,
 }
 
 impl Default for Metrics {
@@ -152,119 +129,109 @@ impl Default for Metrics {
 impl Metrics {
     /// Empty metrics.
     pub fn new() -> Self {
-        let now = Instant::now();
-        Metrics {
-            inner: Mutex::new(Inner {
-                requests: BTreeMap::new(),
-                latency: BTreeMap::new(),
-                fork: BTreeMap::new(),
-                run: BTreeMap::new(),
-                responses: BTreeMap::new(),
-                forks: 0,
-                rate: Rate { start: now, buckets: [0; Rate::WINDOW], last_second: 0 },
-            }),
-            started: now,
-        }
-    }
-
-    fn with<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
-        // A panic elsewhere while holding the lock leaves plain counters: still usable.
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut inner)
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency = Latency::new_with_constructor(latency_histogram);
+        let fork = Latency::new_with_constructor(latency_histogram);
+        let run = Latency::new_with_constructor(latency_histogram);
+        let responses = Family::<ResponseLabels, Counter>::default();
+        let forks = Counter::default();
+        let mut registry = Registry::default();
+        registry.register("mu2_requests", "Requests that reached an image, by image and outcome", requests.clone());
+        registry.register_with_unit(
+            "mu2_request_duration",
+            "Time from admission to the guest's answer, by image",
+            Unit::Seconds,
+            latency.clone(),
+        );
+        registry.register_with_unit(
+            "mu2_fork_duration",
+            "Getting a VM ready for a request, by image",
+            Unit::Seconds,
+            fork.clone(),
+        );
+        registry.register_with_unit(
+            "mu2_run_duration",
+            "Running a request in its VM, by image",
+            Unit::Seconds,
+            run.clone(),
+        );
+        registry.register("mu2_http_responses", "HTTP responses by listener and status", responses.clone());
+        registry.register("mu2_forks", "VMs handed a request", forks.clone());
+        let started_unix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        Metrics { registry, requests, latency, fork, run, responses, forks, started_unix }
     }
 
     /// Counts a request to `image` that ended with `outcome` after `total`; `fork_run` are the
-    /// engine's parts when a VM ran.
+    /// engine's parts (µs) when a VM ran.
     pub fn request(&self, image: &str, outcome: Outcome, total: Duration, fork_run: Option<(f64, f64)>) {
-        let now = Instant::now();
-        self.with(|m| {
-            *m.requests.entry((image.to_string(), outcome)).or_default() += 1;
-            m.latency.entry(image.to_string()).or_default().observe(total.as_secs_f64());
-            if let Some((fork_us, run_us)) = fork_run {
-                m.fork.entry(image.to_string()).or_default().observe(fork_us / 1e6);
-                m.run.entry(image.to_string()).or_default().observe(run_us / 1e6);
-            }
-            if !matches!(outcome, Outcome::Rejected) {
-                m.forks += 1;
-                m.rate.add(now);
-            }
-        })
+        let image = ImageLabels { image: image.to_string() };
+        self.requests.get_or_create(&RequestLabels { image: image.image.clone(), outcome }).inc();
+        self.latency.get_or_create(&image).observe(total.as_secs_f64());
+        if let Some((fork_us, run_us)) = fork_run {
+            self.fork.get_or_create(&image).observe(fork_us / 1e6);
+            self.run.get_or_create(&image).observe(run_us / 1e6);
+        }
+        if outcome != Outcome::Rejected {
+            self.forks.inc();
+        }
     }
 
     /// Counts an HTTP response on `listener` (`api` or `http`).
     pub fn response(&self, listener: &'static str, status: u16) {
-        self.with(|m| *m.responses.entry((listener, status)).or_default() += 1)
+        self.responses.get_or_create(&ResponseLabels { listener, status }).inc();
     }
 
-    /// The Prometheus text exposition.
+    /// The Prometheus text exposition: the counters and histograms, then `gauges`.
     pub fn render(&self, gauges: &Gauges) -> String {
-        let now = Instant::now();
-        let mut out = String::with_capacity(4096);
-        self.with(|m| {
-            out.push_str("# HELP mu2_requests_total Requests served by a VM, by image and outcome.\n");
-            out.push_str("# TYPE mu2_requests_total counter\n");
-            for ((image, outcome), n) in &m.requests {
-                let _ = writeln!(out, "mu2_requests_total{{image=\"{}\",outcome=\"{}\"}} {n}", esc(image), outcome.label());
+        let mut out = String::with_capacity(8192);
+        let mut now = Registry::default();
+        register_gauges(&mut now, gauges, self.started_unix);
+        // Writing into a String cannot fail; an error here would be the crate's own bug.
+        for registry in [&self.registry, &now] {
+            if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, registry) {
+                log::warn!("encoding metrics: {e}");
             }
-            for (name, help, map) in [
-                ("mu2_request_duration_seconds", "Time from admission to response, by image.", &m.latency),
-                ("mu2_fork_duration_seconds", "Getting a VM ready for a request, by image.", &m.fork),
-                ("mu2_run_duration_seconds", "Running a request in its VM, by image.", &m.run),
-            ] {
-                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-                for (image, h) in map {
-                    h.render(&mut out, name, &format!("image=\"{}\"", esc(image)));
-                }
-            }
-            out.push_str("# HELP mu2_http_responses_total HTTP responses by listener and status.\n");
-            out.push_str("# TYPE mu2_http_responses_total counter\n");
-            for ((listener, status), n) in &m.responses {
-                let _ = writeln!(out, "mu2_http_responses_total{{listener=\"{listener}\",status=\"{status}\"}} {n}");
-            }
-            let _ = writeln!(out, "# HELP mu2_forks_total VMs handed a request.\n# TYPE mu2_forks_total counter");
-            let _ = writeln!(out, "mu2_forks_total {}", m.forks);
-            let _ = writeln!(
-                out,
-                "# HELP mu2_forks_per_second VMs handed a request per second, over the last 10 s.\n# TYPE mu2_forks_per_second gauge"
-            );
-            let _ = writeln!(out, "mu2_forks_per_second {:.3}", m.rate.per_second(now));
-        });
-        let gauge = |out: &mut String, name: &str, help: &str, value: String| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
-        };
-        gauge(&mut out, "mu2_requests_in_flight", "Requests holding a VM now.", gauges.in_flight.to_string());
-        let pooled: usize = gauges.pool_depth.iter().map(|(_, d)| d).sum();
-        gauge(
-            &mut out,
-            "mu2_vms_in_use",
-            "VMs counted against --max-vms: requests in flight plus VMs waiting in pools.",
-            (gauges.in_flight + pooled).to_string(),
-        );
-        let _ = writeln!(out, "# HELP mu2_pool_depth VMs ready in an image's pool.\n# TYPE mu2_pool_depth gauge");
-        for (image, depth) in &gauges.pool_depth {
-            let _ = writeln!(out, "mu2_pool_depth{{image=\"{}\"}} {depth}", esc(image));
         }
-        if let Some(n) = gauges.kvm_vms {
-            gauge(&mut out, "mu2_live_vms", "KVM VMs this process holds (kernel's count).", n.to_string());
-        }
-        if let Some(n) = gauges.threads {
-            gauge(&mut out, "mu2_threads", "Threads of the daemon.", n.to_string());
-        }
-        gauge(&mut out, "mu2_images", "Images registered.", gauges.images.to_string());
-        gauge(&mut out, "mu2_connections", "Open client connections.", gauges.connections.to_string());
-        gauge(
-            &mut out,
-            "mu2_uptime_seconds",
-            "Seconds since the daemon started.",
-            format!("{:.3}", self.started.elapsed().as_secs_f64()),
-        );
         out
     }
 }
 
-/// Escapes a label value.
-fn esc(value: &str) -> String {
-    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+/// Adds to `registry` the gauges of one scrape.
+fn register_gauges(registry: &mut Registry, g: &Gauges, started_unix: f64) {
+    let int = |value: usize| {
+        let gauge = Gauge::<i64>::default();
+        gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
+        gauge
+    };
+    let pooled: usize = g.pool_depth.iter().map(|(_, d)| d).sum();
+    registry.register("mu2_requests_in_flight", "Requests holding a VM now", int(g.in_flight));
+    registry.register(
+        "mu2_vms_in_use",
+        "VMs counted against --max-vms: requests in flight plus VMs waiting in pools",
+        int(g.in_flight + pooled),
+    );
+    let pool_depth = Family::<ImageLabels, Gauge>::default();
+    for (image, depth) in &g.pool_depth {
+        pool_depth.get_or_create(&ImageLabels { image: image.clone() }).set(i64::try_from(*depth).unwrap_or(i64::MAX));
+    }
+    registry.register("mu2_pool_depth", "VMs ready in an image's pool", pool_depth);
+    if let Some(n) = g.kvm_vms {
+        registry.register("mu2_live_vms", "KVM VMs this process holds (the kernel's count)", int(n));
+    }
+    if let Some(n) = g.threads {
+        registry.register("mu2_threads", "Threads of the daemon", int(n));
+    }
+    registry.register("mu2_images", "Images registered", int(g.images));
+    registry.register("mu2_connections", "Open client connections", int(g.connections));
+    registry.register("mu2_ready", "1 while /healthz answers 200, else 0", int(usize::from(g.ready)));
+    let started = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+    started.set(started_unix);
+    registry.register_with_unit(
+        "mu2_start_time",
+        "When the daemon started, seconds since the Unix epoch",
+        Unit::Seconds,
+        started,
+    );
 }
 
 /// KVM VMs open in this process: file descriptors that are KVM VM inodes.
@@ -285,31 +252,47 @@ pub fn threads() -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::client::metric_value;
 
     #[test]
-    fn renders_counters_and_histograms() {
+    fn renders_counters_histograms_and_gauges() {
         let m = Metrics::new();
         m.request("echo", Outcome::Ok, Duration::from_micros(300), Some((50.0, 200.0)));
         m.request("echo", Outcome::Timeout, Duration::from_secs(1), None);
+        m.request("echo", Outcome::Rejected, Duration::from_micros(5), None);
         m.response("api", 200);
-        let text = m.render(&Gauges { in_flight: 2, pool_depth: vec![("echo".into(), 3)], ..Gauges::default() });
-        assert!(text.contains("mu2_requests_total{image=\"echo\",outcome=\"ok\"} 1"), "{text}");
-        assert!(text.contains("mu2_requests_total{image=\"echo\",outcome=\"timeout\"} 1"));
-        assert!(text.contains("mu2_request_duration_seconds_bucket{image=\"echo\",le=\"0.0005\"} 1"));
-        assert!(text.contains("mu2_request_duration_seconds_count{image=\"echo\"} 2"));
-        assert!(text.contains("mu2_http_responses_total{listener=\"api\",status=\"200\"} 1"));
-        assert!(text.contains("mu2_vms_in_use 5"));
-        assert!(text.contains("mu2_forks_total 2"));
+        let gauges = Gauges { in_flight: 2, pool_depth: vec![("echo".into(), 3)], ready: true, ..Gauges::default() };
+        let text = m.render(&gauges);
+        assert!(text.contains("mu2_requests_total{image=\"echo\",outcome=\"ok\"} 1\n"), "{text}");
+        assert!(!text.contains("outcome=\"guest_error\""), "only outcomes that happened: {text}");
+        assert_eq!(metric_value(&text, "mu2_requests_total", "outcome=\"timeout\""), 1.0);
+        assert!(text.contains("# TYPE mu2_request_duration_seconds histogram\n"), "{text}");
+        assert_eq!(metric_value(&text, "mu2_request_duration_seconds_bucket", "le=\"0.0005\""), 2.0, "{text}");
+        assert_eq!(metric_value(&text, "mu2_request_duration_seconds_bucket", "le=\"+Inf\""), 3.0);
+        assert_eq!(metric_value(&text, "mu2_request_duration_seconds_count", "image=\"echo\""), 3.0);
+        assert_eq!(metric_value(&text, "mu2_fork_duration_seconds_sum", "image=\"echo\""), 50e-6);
+        assert!(text.contains("mu2_http_responses_total{listener=\"api\",status=\"200\"} 1\n"), "{text}");
+        assert_eq!(metric_value(&text, "mu2_vms_in_use", ""), 5.0);
+        assert_eq!(metric_value(&text, "mu2_pool_depth", "image=\"echo\""), 3.0);
+        assert_eq!(metric_value(&text, "mu2_forks_total", ""), 2.0, "a rejected request forks nothing");
+        assert_eq!(metric_value(&text, "mu2_ready", ""), 1.0);
+        assert!(metric_value(&text, "mu2_start_time_seconds", "") > 1.6e9);
     }
 
     #[test]
-    fn rate_forgets_old_seconds() {
-        let start = Instant::now();
-        let mut r = Rate { start, buckets: [0; Rate::WINDOW], last_second: 0 };
-        for _ in 0..10 {
-            r.add(start);
-        }
-        assert_eq!(r.per_second(start), 10.0);
-        assert_eq!(r.per_second(start + Duration::from_secs(30)), 0.0);
+    fn gauges_of_a_scrape_leave_nothing_for_the_next() {
+        let m = Metrics::new();
+        let first = m.render(&Gauges { pool_depth: vec![("gone".into(), 4)], ..Gauges::default() });
+        assert!(first.contains("image=\"gone\""), "{first}");
+        let second = m.render(&Gauges::default());
+        assert!(!second.contains("image=\"gone\""), "{second}");
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let m = Metrics::new();
+        m.request("a\"b\\c\nd", Outcome::Ok, Duration::ZERO, None);
+        let text = m.render(&Gauges::default());
+        assert!(text.contains(r#"image="a\"b\\c\nd""#), "{text}");
     }
 }

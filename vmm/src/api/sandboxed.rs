@@ -146,6 +146,7 @@ fn explain(signal: i32) -> &'static str {
 /// ended; in the child, returns what `run` returned.
 pub(super) fn supervise(
     mut config: ServeConfig,
+    owns_api_sock: bool,
     run: impl FnOnce(ServeConfig, Prepared) -> Result<(), ServeError>,
 ) -> Result<(), ServeError> {
     let Some(settings) = config.sandbox.clone() else { return run(config, Prepared::default()) };
@@ -159,8 +160,11 @@ pub(super) fn supervise(
             Some(dir)
         }
     };
-    let cleanup =
-        Cleanup { api_sock: config.api_sock.clone(), dirs: made_images.into_iter().collect(), cgroups: vec![] };
+    let cleanup = Cleanup {
+        api_sock: owns_api_sock.then(|| config.api_sock.clone()),
+        dirs: made_images.into_iter().collect(),
+        cgroups: vec![],
+    };
     let mut cleanup = cleanup;
     let root = crate::sys::make_temp_dir(&tmp, "mu2-root-")
         .map_err(ServeError::io("creating a directory in", tmp.display()))?;
@@ -220,7 +224,8 @@ fn wait_forwarding_signals(pid: libc::pid_t) -> std::io::Result<crate::sys::Chil
 
 /// What the supervisor removes once the daemon is gone.
 struct Cleanup {
-    api_sock: PathBuf,
+    /// The API socket, unless a service manager made it.
+    api_sock: Option<PathBuf>,
     dirs: Vec<PathBuf>,
     cgroups: Vec<PathBuf>,
 }
@@ -228,8 +233,10 @@ struct Cleanup {
 impl Drop for Cleanup {
     fn drop(&mut self) {
         // Only a socket: whatever else is there now is not the daemon's.
-        if std::fs::symlink_metadata(&self.api_sock).is_ok_and(|m| m.file_type().is_socket()) {
-            let _ = std::fs::remove_file(&self.api_sock);
+        if let Some(sock) = &self.api_sock {
+            if std::fs::symlink_metadata(sock).is_ok_and(|m| m.file_type().is_socket()) {
+                let _ = std::fs::remove_file(sock);
+            }
         }
         for dir in &self.dirs {
             let _ = std::fs::remove_dir_all(dir);

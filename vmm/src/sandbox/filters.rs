@@ -129,8 +129,8 @@ const FILES: &[Syscall] = &[
     allow!(SYS_unlinkat),
 ];
 
-/// The daemon's main thread once it serves: waits for the stop request, stops the accept
-/// loops (shutdown(2) on their sockets), drops every engine (VMs, threads), removes what it
+/// The daemon's main thread once it serves: waits for the stop request, joins the accept
+/// loops, drops every engine (VMs, threads), removes what it
 /// made; and the signal watcher it starts.
 const MAIN: &[Syscall] = &[
     allow!(SYS_exit_group),
@@ -141,14 +141,14 @@ const MAIN: &[Syscall] = &[
     allow!(SYS_ppoll),
     allow!(SYS_read),
     allow!(SYS_recvfrom),
-    allow!(SYS_shutdown),
     allow!(SYS_statx),
     allow!(SYS_timer_delete),
     allow!(SYS_unlinkat),
 ];
 
-/// An accept loop: takes connections, sets their options, hands them to a new thread.
-const ACCEPTOR: &[Syscall] = &[allow!(SYS_accept4), allow!(SYS_setsockopt)];
+/// An accept loop: waits for connections (polling, so that it sees the stop flag), takes
+/// them, sets their options, hands them to a new thread.
+const ACCEPTOR: &[Syscall] = &[allow!(SYS_accept4), allow!(SYS_ppoll), allow!(SYS_setsockopt)];
 
 /// A client connection: reads requests and writes responses, and runs its request's VM (and
 /// builds images) on this thread.

@@ -1,0 +1,276 @@
+//! A small closed-loop HTTP/1.1 load generator for `scripts/test-cluster`: a fixed number of
+//! requests over keep-alive connections at a fixed concurrency, bounded in time, with every
+//! request's outcome counted — status, or the connection error that stood in for one — and
+//! latency percentiles. The connection is opened again after a `connection: close` or an
+//! error; no request is retried (retrying is the load balancer's job, and is what is tested).
+//!
+//! ```sh
+//! cargo run --release -p mu2 --example loadgen -- --addr 127.0.0.1:8080 --path /echo \
+//!     --requests 20000 --concurrency 8 --check-echo
+//! ```
+//!
+//! Prints one JSON object: `requests`, `ok` (2xx with the right body), `failed`, `statuses`,
+//! `errors`, `servers` (counts by the value of `--server-header`), `seconds`, `rps`,
+//! `p50_us`, `p90_us`, `p99_us`, `max_us`. Exits 0 whatever the outcomes; the caller judges.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use mu2_vmm::api::client::parse_response;
+
+/// Largest response head or body accepted: the test's responses are a few hundred bytes.
+const MAX_RESPONSE: usize = 1 << 20;
+/// How many distinct error messages are kept.
+const MAX_ERROR_KINDS: usize = 32;
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// The server, HOST:PORT.
+    #[arg(long)]
+    addr: String,
+    /// Request path; repeat to send to several in turn.
+    #[arg(long = "path", default_value = "/echo")]
+    paths: Vec<String>,
+    /// Requests in all.
+    #[arg(long, default_value_t = 1000)]
+    requests: usize,
+    /// Requests in flight at once (one connection each).
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Stop after this many seconds even if requests are left (they count as not sent).
+    #[arg(long, default_value_t = 120.0)]
+    max_seconds: f64,
+    /// Count a 2xx as ok only if its body is the request's body (an echo function).
+    #[arg(long)]
+    check_echo: bool,
+    /// Count responses by the value of this header (e.g. the load balancer's server name).
+    #[arg(long)]
+    server_header: Option<String>,
+    /// Write the number of completed requests to this file every 50 ms.
+    #[arg(long)]
+    progress_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default)]
+struct Tally {
+    ok: usize,
+    failed: usize,
+    statuses: BTreeMap<u16, usize>,
+    errors: BTreeMap<String, usize>,
+    servers: BTreeMap<String, usize>,
+    latencies_us: Vec<u64>,
+}
+
+impl Tally {
+    fn merge(&mut self, other: Tally) {
+        self.ok += other.ok;
+        self.failed += other.failed;
+        for (k, v) in other.statuses {
+            *self.statuses.entry(k).or_default() += v;
+        }
+        for (k, v) in other.errors {
+            if self.errors.len() < MAX_ERROR_KINDS || self.errors.contains_key(&k) {
+                *self.errors.entry(k).or_default() += v;
+            }
+        }
+        for (k, v) in other.servers {
+            *self.servers.entry(k).or_default() += v;
+        }
+        self.latencies_us.extend(other.latencies_us);
+    }
+
+    fn error(&mut self, message: String) {
+        self.failed += 1;
+        if self.errors.len() < MAX_ERROR_KINDS || self.errors.contains_key(&message) {
+            *self.errors.entry(message).or_default() += 1;
+        }
+    }
+}
+
+/// One complete response read off a keep-alive connection.
+struct Answer {
+    status: u16,
+    body: Vec<u8>,
+    close: bool,
+    server: Option<String>,
+}
+
+/// Reads one response: the head up to the blank line, then `content-length` bytes.
+fn read_answer(stream: &mut TcpStream, buf: &mut Vec<u8>, server_header: Option<&str>) -> Result<Answer, String> {
+    let mut chunk = [0u8; 8192];
+    let head_end = loop {
+        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        if buf.len() > MAX_RESPONSE {
+            return Err("response head too large".into());
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) if buf.is_empty() => return Err("closed without a response".into()),
+            Ok(0) => return Err("closed inside the response head".into()),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => return Err(format!("reading: {}", e.kind())),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    let header = |name: &str| {
+        head.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(':')).map(|v| v.trim().to_string()))
+    };
+    let length: usize = match header("content-length") {
+        Some(v) => v.parse().map_err(|_| "bad content-length".to_string())?,
+        None => return Err("response without content-length".into()),
+    };
+    if length > MAX_RESPONSE {
+        return Err("response body too large".into());
+    }
+    while buf.len() < head_end + length {
+        match stream.read(&mut chunk) {
+            Ok(0) => return Err("closed inside the response body".into()),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => return Err(format!("reading: {}", e.kind())),
+        }
+    }
+    let whole: Vec<u8> = buf.drain(..head_end + length).collect();
+    let parsed = parse_response(&whole, false).map_err(|e| format!("malformed response: {e}"))?;
+    let close = header("connection").is_some_and(|v| v.contains("close"));
+    let server = server_header.and_then(|h| parsed.header(&h.to_ascii_lowercase()).map(str::to_string));
+    Ok(Answer { status: parsed.status, body: parsed.body, close, server })
+}
+
+fn connect(addr: SocketAddr) -> Result<TcpStream, String> {
+    let stream =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| format!("connect: {}", e.kind()))?;
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
+    Ok(stream)
+}
+
+fn worker(args: &Args, addr: SocketAddr, next: &AtomicUsize, done: &AtomicUsize, deadline: Instant) -> Tally {
+    let mut tally = Tally::default();
+    let mut conn: Option<TcpStream> = None;
+    let mut buf = Vec::new();
+    loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        if i >= args.requests || Instant::now() >= deadline {
+            break;
+        }
+        let path = &args.paths[i % args.paths.len()];
+        let body = format!("request {i}");
+        let request =
+            format!("POST {path} HTTP/1.1\r\nhost: {}\r\ncontent-length: {}\r\n\r\n{body}", args.addr, body.len());
+        let start = Instant::now();
+        let result = (|| {
+            let stream = match conn.as_mut() {
+                Some(s) => s,
+                None => {
+                    buf.clear();
+                    conn.insert(connect(addr)?)
+                }
+            };
+            stream.write_all(request.as_bytes()).map_err(|e| format!("writing: {}", e.kind()))?;
+            read_answer(stream, &mut buf, args.server_header.as_deref())
+        })();
+        let elapsed = start.elapsed();
+        match result {
+            Ok(answer) => {
+                *tally.statuses.entry(answer.status).or_default() += 1;
+                if let Some(server) = answer.server {
+                    *tally.servers.entry(server).or_default() += 1;
+                }
+                let good_body = !args.check_echo || answer.body == body.as_bytes();
+                if (200..300).contains(&answer.status) && good_body {
+                    tally.ok += 1;
+                } else if !good_body {
+                    tally.error("2xx with a wrong body".into());
+                } else {
+                    tally.failed += 1;
+                }
+                if answer.close {
+                    conn = None;
+                }
+            }
+            Err(e) => {
+                tally.error(e);
+                conn = None;
+            }
+        }
+        tally.latencies_us.push(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX));
+        done.fetch_add(1, Ordering::Relaxed);
+    }
+    tally
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn main() -> Result<(), String> {
+    let args = Args::parse();
+    if args.concurrency == 0 || args.paths.is_empty() {
+        return Err("--concurrency and --path need at least one".into());
+    }
+    let addr = args
+        .addr
+        .to_socket_addrs()
+        .map_err(|e| format!("{}: {e}", args.addr))?
+        .next()
+        .ok_or_else(|| format!("{}: no address", args.addr))?;
+    let args = Arc::new(args);
+    let next = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let total = Arc::new(Mutex::new(Tally::default()));
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(args.max_seconds.clamp(0.0, 3600.0));
+    let workers: Vec<_> = (0..args.concurrency)
+        .map(|_| {
+            let (args, next, done, total) = (args.clone(), next.clone(), done.clone(), total.clone());
+            std::thread::spawn(move || {
+                let tally = worker(&args, addr, &next, &done, deadline);
+                total.lock().unwrap_or_else(|p| p.into_inner()).merge(tally);
+            })
+        })
+        .collect();
+    if let Some(path) = &args.progress_file {
+        while !workers.iter().all(|w| w.is_finished()) {
+            let _ = std::fs::write(path, format!("{}\n", done.load(Ordering::Relaxed)));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    for w in workers {
+        w.join().map_err(|_| "a worker panicked".to_string())?;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let mut tally = std::mem::take(&mut *total.lock().unwrap_or_else(|p| p.into_inner()));
+    if let Some(path) = &args.progress_file {
+        let _ = std::fs::write(path, format!("{}\n", done.load(Ordering::Relaxed)));
+    }
+    tally.latencies_us.sort_unstable();
+    let completed = tally.latencies_us.len();
+    let report = serde_json::json!({
+        "requests": completed,
+        "not_sent": args.requests.saturating_sub(completed),
+        "ok": tally.ok,
+        "failed": tally.failed,
+        "statuses": tally.statuses.iter().map(|(k, v)| (k.to_string(), *v)).collect::<BTreeMap<_, _>>(),
+        "errors": tally.errors,
+        "servers": tally.servers,
+        "seconds": seconds,
+        "rps": completed as f64 / seconds.max(1e-9),
+        "p50_us": percentile(&tally.latencies_us, 50.0),
+        "p90_us": percentile(&tally.latencies_us, 90.0),
+        "p99_us": percentile(&tally.latencies_us, 99.0),
+        "max_us": tally.latencies_us.last().copied().unwrap_or(0),
+    });
+    println!("{report}");
+    Ok(())
+}
