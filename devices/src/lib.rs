@@ -14,6 +14,7 @@ pub mod fuzzing;
 pub mod persist;
 pub mod serial;
 pub mod sysdev;
+pub mod throttle;
 pub mod virtio;
 
 /// Guest memory as devices see it.

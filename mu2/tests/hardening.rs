@@ -365,3 +365,179 @@ fn without_the_sandbox_the_hooked_call_goes_through() {
     assert_eq!(status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("mu2 serve: sandbox: none (--no-sandbox)") || stderr.is_empty(), "{stderr}");
 }
+
+/// Reads what the daemon sends on `stream` until it closes it or `within` passes.
+fn read_answer(stream: &mut std::os::unix::net::UnixStream, within: Duration) -> String {
+    use std::io::Read;
+    stream.set_read_timeout(Some(within)).expect("read timeout");
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while let Ok(n) = stream.read(&mut chunk) {
+        if n == 0 {
+            break;
+        }
+        answer.extend_from_slice(&chunk[..n]);
+        if answer.windows(4).any(|w| w == b"\r\n\r\n") && answer.ends_with(b"}") {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+fn threads_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count())
+}
+
+#[test]
+fn connections_beyond_the_cap_are_answered_503_and_threads_stay_bounded() {
+    kvm_or_skip!();
+    let scratch = Scratch::new("conn-cap");
+    let d = Daemon::start(&scratch, &["--mode", "fresh", "--max-connections", "4"], &[]);
+    let daemon = daemon_pid(d.pid());
+    let before = threads_of(daemon);
+    // Four idle connections take every slot...
+    let idle: Vec<_> = (0..4).map(|_| std::os::unix::net::UnixStream::connect(&d.sock).expect("connect")).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // ...so each of the next 200 is answered 503 at once and closed, and no thread is made
+    // for any of them.
+    for i in 0..200 {
+        let mut extra = std::os::unix::net::UnixStream::connect(&d.sock).expect("connect beyond the cap");
+        let answer = read_answer(&mut extra, Duration::from_secs(10));
+        assert!(answer.starts_with("HTTP/1.1 503"), "connection {i} beyond the cap: {answer:?}");
+        assert!(answer.contains("too many connections"), "{answer}");
+    }
+    let during = threads_of(daemon);
+    assert!(during <= before + 4 + 2, "threads {before} before, {during} with 4 idle connections and 200 refused");
+    drop(idle);
+    // Slots free again once the idle connections close.
+    let until = Instant::now() + Duration::from_secs(10);
+    while d.client().health().is_err() {
+        assert!(Instant::now() < until, "the daemon answers again once connections close");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(d.invoke("echo", b"after the flood"), (200, b"after the flood".to_vec()));
+}
+
+#[test]
+fn a_request_trickling_in_is_answered_408_at_the_read_timeout() {
+    use std::io::Write;
+    kvm_or_skip!();
+    let scratch = Scratch::new("slow-body");
+    let d = Daemon::start(&scratch, &["--mode", "fresh", "--read-timeout", "1s"], &[]);
+    let mut slow = std::os::unix::net::UnixStream::connect(&d.sock).expect("connect");
+    slow.write_all(b"POST /images/echo/invoke HTTP/1.1\r\ncontent-length: 1000\r\n\r\n").expect("head");
+    // A byte every 100 ms would take 100 s; the read timeout ends it after 1 s.
+    let writer = {
+        let mut slow = slow.try_clone().expect("clone");
+        std::thread::spawn(move || {
+            for _ in 0..100 {
+                if slow.write_all(b"x").is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let answer = read_answer(&mut slow, Duration::from_secs(30));
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    assert!(answer.contains("read timeout"), "{answer}");
+    drop(slow);
+    let _ = writer.join();
+    assert_eq!(d.invoke("echo", b"still serving"), (200, b"still serving".to_vec()));
+}
+
+#[test]
+fn request_bodies_beyond_the_buffered_budget_are_answered_503() {
+    use std::io::Write;
+    kvm_or_skip!();
+    let scratch = Scratch::new("buffered");
+    let d = Daemon::start(&scratch, &["--mode", "fresh", "--max-body", "1048576", "--max-buffered", "1M"], &[]);
+    // A body of the whole budget, sent in part: it holds the budget while it arrives.
+    let mut holder = std::os::unix::net::UnixStream::connect(&d.sock).expect("connect");
+    holder.write_all(b"POST /images/echo/invoke HTTP/1.1\r\ncontent-length: 1048576\r\n\r\npartial").expect("head");
+    std::thread::sleep(Duration::from_millis(300));
+    let r = d.client().request("POST", "/images/echo/invoke", &[b'y'; 1000]).expect("a second body");
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert!(String::from_utf8_lossy(&r.body).contains("no room for the request body"), "{:?}", r.body);
+    drop(holder);
+    // Given back once that connection is gone.
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = d.invoke("echo", &[b'z'; 1000]);
+        if status == 200 {
+            assert_eq!(body, vec![b'z'; 1000]);
+            break;
+        }
+        assert!(Instant::now() < until, "the budget was not given back: {status}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// KVM VMs the process `pid` holds now.
+fn kvm_vms_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |dir| {
+        dir.filter_map(Result::ok)
+            .filter(|e| std::fs::read_link(e.path()).is_ok_and(|t| t.as_os_str() == "anon_inode:kvm-vm"))
+            .count()
+    })
+}
+
+#[test]
+fn max_vms_bounds_every_live_vm_under_load_and_max_memory_bounds_guest_memory() {
+    kvm_or_skip!();
+    let scratch = Scratch::new("max-vms");
+    let d = Daemon::start(&scratch, &["--mode", "fresh", "--max-vms", "2", "--max-memory", "160M"], &[]);
+    let daemon = daemon_pid(d.pid());
+    // VMs finished with wait for the reaper; they count until it has destroyed them.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(kvm_vms_of(daemon));
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            peak
+        })
+    };
+    let load: Vec<_> = (0..4)
+        .map(|_| {
+            let client = d.client();
+            std::thread::spawn(move || {
+                let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+                for _ in 0..50 {
+                    let r = client.request("POST", "/images/echo/invoke", b"load").expect("invoke");
+                    *statuses.entry(r.status).or_default() += 1;
+                }
+                statuses
+            })
+        })
+        .collect();
+    let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+    for thread in load {
+        for (status, n) in thread.join().expect("load thread") {
+            *statuses.entry(status).or_default() += n;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.join().expect("sampler");
+    assert!(statuses.keys().all(|s| [200, 429, 503].contains(s)), "{statuses:?}");
+    assert!(statuses.get(&200).copied().unwrap_or(0) >= 50, "most requests are served: {statuses:?}");
+    assert!(peak <= 2, "at most --max-vms 2 KVM VMs at any time, saw {peak} ({statuses:?})");
+
+    // Guest memory: a pool of one 96 MiB VM and one more for a request do not fit 160 MiB,
+    // and a VM larger than the whole budget never runs.
+    let c = d.client();
+    let body = |r: &mu2_vmm::api::client::Response| String::from_utf8_lossy(&r.body).into_owned();
+    let pool = serde_json::json!({ "function": "echo", "mode": "pool", "pool_size": 1, "mem_mib": 96 });
+    let r = c.request("PUT", "/images/pooled", pool.to_string().as_bytes()).expect("PUT pooled");
+    assert_eq!(r.status, 409, "{}", body(&r));
+    assert!(body(&r).contains("--max-memory 160 MiB"), "{}", body(&r));
+    let big = serde_json::json!({ "function": "echo", "mem_mib": 192 });
+    c.put_image("big", &big).expect("PUT big (fresh mode: no pool to fit)");
+    let r = c.request("POST", "/images/big/invoke", b"too big").expect("invoke big");
+    assert_eq!(r.status, 503, "{}", body(&r));
+    assert!(body(&r).contains("this VM needs 192 MiB"), "{}", body(&r));
+    assert_eq!(d.invoke("echo", b"fits"), (200, b"fits".to_vec()));
+}

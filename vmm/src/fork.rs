@@ -9,6 +9,12 @@
 //!
 //! Destroying a VM blocks for milliseconds on some hosts, so it happens on a reaper thread,
 //! off the request path, in every mode.
+//!
+//! Every VM an engine makes holds a [`Permit`] of the engine's [`VmBudget`] (shared with other
+//! engines, as the daemon's images share `--max-vms` and `--max-memory`) from before it is
+//! made until the reaper has destroyed it. A request that needs a new VM waits briefly for
+//! one to fit; a pool builder only takes what leaves a VM for requests, and while requests
+//! wait, pools give VMs back.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
@@ -16,6 +22,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::budget::{BudgetSpent, ByteCharge, Permit, VmBudget};
 use crate::error::error_chain;
 use crate::hypervisor::Hypervisor;
 use crate::image::Image;
@@ -23,6 +30,7 @@ use crate::invoke::{self, InvokeError, RequestTooLarge};
 use crate::restore::{ResetKind, RestoreError};
 use crate::sandbox::{self, ThreadClass};
 use crate::vm::Vm;
+use mu2_devices::throttle::{Throttled, GUEST_WARNING_INTERVAL};
 
 /// How a request gets its VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +83,12 @@ pub enum ForkError {
     /// The pool's builders stopped.
     #[error("the VM pool is shut down")]
     PoolClosed,
+    /// The budget of VMs and memory has no room for a VM.
+    #[error("no VM for the request")]
+    Budget(#[source] BudgetSpent),
+    /// The pool stayed empty for the request's whole deadline.
+    #[error("the VM pool stayed empty for {0:?}")]
+    PoolEmpty(Duration),
     /// The request failed in the VM.
     #[error(transparent)]
     Invoke(#[from] InvokeError),
@@ -93,18 +107,47 @@ pub struct Served {
     pub run_us: f64,
     /// The VM's identifier (unique in this process).
     pub vm_id: u64,
+    /// The response's bytes of the budget's response bytes, held while this lives.
+    _held: Option<Arc<ByteCharge>>,
+}
+
+/// How long a request waits for its VM to fit the budget (VMs of finished requests are
+/// still being destroyed, or a pool gives one back) before it is refused.
+pub const ADMISSION_WAIT: Duration = Duration::from_millis(100);
+/// How recently a request must have waited for the budget for pools to give VMs back.
+const PRESSURE_WINDOW: Duration = Duration::from_millis(200);
+
+/// A VM and its share of the budget, given back after the VM is destroyed (fields drop in
+/// order).
+#[derive(Debug)]
+struct Leased {
+    vm: Vm,
+    _permit: Permit,
+}
+
+impl std::ops::Deref for Leased {
+    type Target = Vm;
+    fn deref(&self) -> &Vm {
+        &self.vm
+    }
+}
+
+impl std::ops::DerefMut for Leased {
+    fn deref_mut(&mut self) -> &mut Vm {
+        &mut self.vm
+    }
 }
 
 /// Destroys VMs on a background thread.
 #[derive(Debug)]
 struct Reaper {
-    tx: Option<Sender<Vm>>,
+    tx: Option<Sender<Leased>>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Reaper {
     fn start() -> Reaper {
-        let (tx, rx) = mpsc::channel::<Vm>();
+        let (tx, rx) = mpsc::channel::<Leased>();
         let thread = sandbox::spawn(ThreadClass::Recycler, "mu2-reaper".into(), move || {
             for vm in rx {
                 drop(vm);
@@ -114,7 +157,7 @@ impl Reaper {
         Reaper { tx: Some(tx), thread }
     }
 
-    fn reap(&self, vm: Vm) {
+    fn reap(&self, vm: Leased) {
         match (&self.tx, &self.thread) {
             (Some(tx), Some(_)) => {
                 if let Err(mpsc::SendError(vm)) = tx.send(vm) {
@@ -154,18 +197,27 @@ const WARM_UP_DEADLINE: Duration = Duration::from_millis(500);
 /// VMs restored ahead of time.
 #[derive(Debug)]
 struct Pool {
-    ready: Mutex<Receiver<Result<Vm, RestoreError>>>,
+    ready: Arc<Mutex<Receiver<Result<Leased, RestoreError>>>>,
     stop: Arc<AtomicBool>,
     builders: Vec<JoinHandle<()>>,
     depth: Arc<AtomicUsize>,
 }
 
 impl Pool {
-    fn start(hv: &Arc<Hypervisor>, image: &Arc<Image>, size: usize, builders: usize, written: Arc<Vec<u64>>) -> Pool {
+    fn start(
+        hv: &Arc<Hypervisor>,
+        image: &Arc<Image>,
+        budget: &Arc<VmBudget>,
+        size: usize,
+        builders: usize,
+        written: Arc<Vec<u64>>,
+    ) -> Pool {
         // The channel holds `size` VMs; each builder also holds one while it waits to hand
         // it over, so the channel is that much smaller.
         let capacity = size.saturating_sub(builders).max(1);
-        let (tx, rx): (SyncSender<Result<Vm, RestoreError>>, _) = mpsc::sync_channel(capacity);
+        let (tx, rx): (SyncSender<Result<Leased, RestoreError>>, _) = mpsc::sync_channel(capacity);
+        let ready = Arc::new(Mutex::new(rx));
+        let memory = image.state().mem_size;
         let stop = Arc::new(AtomicBool::new(false));
         let depth = Arc::new(AtomicUsize::new(0));
         let filling = Arc::new(AtomicBool::new(true));
@@ -175,6 +227,7 @@ impl Pool {
                 let (hv, image, tx, stop, depth) = (hv.clone(), image.clone(), tx.clone(), stop.clone(), depth.clone());
                 let written = written.clone();
                 let filling = filling.clone();
+                let (budget, ready) = (budget.clone(), ready.clone());
                 sandbox::spawn(ThreadClass::PoolBuilder, format!("mu2-pool-{i}"), move || {
                     while !stop.load(Ordering::Relaxed) {
                         // Refill in bursts: once the pool is full, wait until it is down to
@@ -189,7 +242,21 @@ impl Pool {
                             }
                             filling.store(true, Ordering::Relaxed);
                         }
-                        let vm = Vm::restore(&hv, &image).and_then(|vm| warmed(&hv, vm, &image, &written));
+                        // Requests waiting for room in the budget come first: build nothing,
+                        // and give one pooled VM back now and then.
+                        if budget.under_pressure(PRESSURE_WINDOW) {
+                            give_back_one(&ready, &depth);
+                            std::thread::sleep(Duration::from_millis(10));
+                            continue;
+                        }
+                        // One VM is left for requests of the budget's other engines.
+                        let Ok(permit) = budget.try_take(memory, 1) else {
+                            std::thread::sleep(Duration::from_millis(2));
+                            continue;
+                        };
+                        let vm = Vm::restore(&hv, &image)
+                            .and_then(|vm| warmed(&hv, vm, &image, &written))
+                            .map(|vm| Leased { vm, _permit: permit });
                         let failed = vm.is_err();
                         depth.fetch_add(1, Ordering::Relaxed);
                         if tx.send(vm).is_err() {
@@ -208,14 +275,28 @@ impl Pool {
                 .ok()
             })
             .collect();
-        Pool { ready: Mutex::new(rx), stop, builders, depth }
+        Pool { ready, stop, builders, depth }
     }
 
-    fn take(&self) -> Result<Vm, ForkError> {
+    /// The next pooled VM, waiting up to `wait` for one.
+    fn take(&self, wait: Duration) -> Result<Leased, ForkError> {
         let rx = self.ready.lock().map_err(|_| ForkError::PoolClosed)?;
-        let vm = rx.recv().map_err(|_| ForkError::PoolClosed)?;
+        let vm = rx.recv_timeout(wait).map_err(|e| match e {
+            mpsc::RecvTimeoutError::Timeout => ForkError::PoolEmpty(wait),
+            mpsc::RecvTimeoutError::Disconnected => ForkError::PoolClosed,
+        })?;
         self.depth.fetch_sub(1, Ordering::Relaxed);
         vm.map_err(ForkError::Restore)
+    }
+}
+
+/// Destroys one VM waiting in a pool, if there is one and no request is taking from it now.
+fn give_back_one(ready: &Mutex<Receiver<Result<Leased, RestoreError>>>, depth: &AtomicUsize) {
+    let Ok(rx) = ready.try_lock() else { return };
+    if let Ok(vm) = rx.try_recv() {
+        depth.fetch_sub(1, Ordering::Relaxed);
+        drop(rx);
+        drop(vm);
     }
 }
 
@@ -243,13 +324,13 @@ impl Drop for Pool {
 /// Reuse mode's VMs: reset ones ready for a request, and how many exist.
 #[derive(Debug, Default)]
 struct Kept {
-    ready: Mutex<Vec<Vm>>,
+    ready: Mutex<Vec<Leased>>,
     returned: Condvar,
     alive: AtomicUsize,
 }
 
 impl Kept {
-    fn put_back(&self, vm: Vm) {
+    fn put_back(&self, vm: Leased) {
         match self.ready.lock() {
             Ok(mut ready) => ready.push(vm),
             Err(poisoned) => poisoned.into_inner().push(vm),
@@ -266,13 +347,13 @@ impl Kept {
 /// Resets used VMs in the background (reuse mode).
 #[derive(Debug)]
 struct Resetter {
-    tx: Option<Sender<(Vm, bool)>>,
+    tx: Option<Sender<(Leased, bool)>>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Resetter {
-    fn start(image: Arc<Image>, kept: Arc<Kept>, reaper: Sender<Vm>, counts: Arc<[AtomicUsize; 2]>) -> Resetter {
-        let (tx, rx) = mpsc::channel::<(Vm, bool)>();
+    fn start(image: Arc<Image>, kept: Arc<Kept>, reaper: Sender<Leased>, counts: Arc<[AtomicUsize; 2]>) -> Resetter {
+        let (tx, rx) = mpsc::channel::<(Leased, bool)>();
         let thread = sandbox::spawn(ThreadClass::Recycler, "mu2-resetter".into(), move || {
             for (mut vm, clean) in rx {
                 match vm.reset_to(&image, clean) {
@@ -282,7 +363,13 @@ impl Resetter {
                         kept.put_back(vm);
                     }
                     Err(e) => {
-                        log::warn!("resetting VM {} failed, destroying it: {}", vm.id(), error_chain(&e));
+                        // A guest can make every reset fail: logged once per interval.
+                        static WARNINGS: Throttled = Throttled::new(GUEST_WARNING_INTERVAL);
+                        WARNINGS.warn(format_args!(
+                            "resetting VM {} failed, destroying it: {}",
+                            vm.id(),
+                            error_chain(&e)
+                        ));
                         kept.forget_one();
                         let _ = reaper.send(vm);
                     }
@@ -346,16 +433,23 @@ pub struct Engine {
     resetter: Option<Resetter>,
     kept: Arc<Kept>,
     reaper: Reaper,
+    budget: Arc<VmBudget>,
     /// Reuse-mode resets: [pages copied back, memory remapped].
     resets: Arc<[AtomicUsize; 2]>,
 }
 
 impl Engine {
-    /// Starts an engine; in pool mode the builders start filling the pool at once.
+    /// Starts an engine with a budget of its own that never refuses; in pool mode the
+    /// builders start filling the pool at once.
     pub fn new(hv: Arc<Hypervisor>, image: Arc<Image>, config: EngineConfig) -> Engine {
+        Engine::with_budget(hv, image, config, VmBudget::unlimited())
+    }
+
+    /// Starts an engine whose VMs count against `budget`, which other engines may share.
+    pub fn with_budget(hv: Arc<Hypervisor>, image: Arc<Image>, config: EngineConfig, budget: Arc<VmBudget>) -> Engine {
         let pool = (config.mode == Mode::Pool).then(|| {
             let written = Arc::new(probe_written_pages(&hv, &image));
-            Pool::start(&hv, &image, config.pool_size, config.pool_builders, written)
+            Pool::start(&hv, &image, &budget, config.pool_size, config.pool_builders, written)
         });
         let reaper = Reaper::start();
         let kept = Arc::new(Kept::default());
@@ -364,7 +458,7 @@ impl Engine {
             (Mode::Reuse, Some(tx)) => Some(Resetter::start(image.clone(), kept.clone(), tx.clone(), resets.clone())),
             _ => None,
         };
-        Engine { hv, image, config, pool, resetter, kept, reaper, resets }
+        Engine { hv, image, config, pool, resetter, kept, reaper, budget, resets }
     }
 
     /// The image.
@@ -417,17 +511,24 @@ impl Engine {
         self.pool_depth()
     }
 
-    fn vm_for_request(&self) -> Result<Vm, ForkError> {
+    fn vm_for_request(&self, timeout: Duration) -> Result<Leased, ForkError> {
         match self.config.mode {
-            Mode::Fresh => Vm::restore(&self.hv, &self.image).map_err(ForkError::Restore),
-            Mode::Pool => self.pool.as_ref().ok_or(ForkError::PoolClosed)?.take(),
+            Mode::Fresh => self.restored(),
+            Mode::Pool => self.pool.as_ref().ok_or(ForkError::PoolClosed)?.take(timeout),
             Mode::Reuse => self.kept_vm(),
         }
     }
 
+    /// A VM restored now, once the budget has room for it.
+    fn restored(&self) -> Result<Leased, ForkError> {
+        let permit = self.budget.take_within(self.image.state().mem_size, ADMISSION_WAIT).map_err(ForkError::Budget)?;
+        let vm = Vm::restore(&self.hv, &self.image).map_err(ForkError::Restore)?;
+        Ok(Leased { vm, _permit: permit })
+    }
+
     /// Reuse mode: a reset VM, a new one while fewer than `pool_size` exist, or else the next
     /// one the resetter hands back.
-    fn kept_vm(&self) -> Result<Vm, ForkError> {
+    fn kept_vm(&self) -> Result<Leased, ForkError> {
         let limit = self.config.pool_size.max(1);
         let mut ready = self.kept.ready.lock().map_err(|_| ForkError::PoolClosed)?;
         loop {
@@ -437,10 +538,7 @@ impl Engine {
             if self.kept.alive.load(Ordering::Relaxed) < limit {
                 self.kept.alive.fetch_add(1, Ordering::Relaxed);
                 drop(ready);
-                return Vm::restore(&self.hv, &self.image).map_err(|e| {
-                    self.kept.forget_one();
-                    ForkError::Restore(e)
-                });
+                return self.restored().inspect_err(|_| self.kept.forget_one());
             }
             ready = self.kept.returned.wait(ready).map_err(|_| ForkError::PoolClosed)?;
         }
@@ -457,7 +555,7 @@ impl Engine {
     pub fn serve(&self, request: &[u8], timeout: Duration) -> Result<Served, ForkError> {
         self.check_request(request).map_err(|e| ForkError::Invoke(e.into()))?;
         let start = Instant::now();
-        let mut vm = self.vm_for_request()?;
+        let mut vm = self.vm_for_request(timeout)?;
         if let Err(e) = vm.hand_out(&self.image) {
             if self.config.mode == Mode::Reuse {
                 self.kept.forget_one();
@@ -467,7 +565,9 @@ impl Engine {
         }
         let forked = Instant::now();
         let port = self.image.state().port;
-        let result = invoke::invoke(&mut vm, port, request, self.config.max_response, Some(forked + timeout));
+        let responses = Some(self.budget.responses());
+        let result =
+            invoke::invoke_counted(&mut vm, port, request, self.config.max_response, responses, Some(forked + timeout));
         let done = Instant::now();
         let vm_id = vm.id();
         match &self.resetter {
@@ -480,8 +580,9 @@ impl Engine {
             }
             _ => self.reaper.reap(vm),
         }
-        let response = result?;
-        Ok(Served { response, fork_us: micros(forked - start), run_us: micros(done - forked), vm_id })
+        let (response, held) = result?;
+        let held = held.map(Arc::new);
+        Ok(Served { response, fork_us: micros(forked - start), run_us: micros(done - forked), vm_id, _held: held })
     }
 
     /// Serves one request and reports how much guest memory its VM wrote (KiB), for
@@ -493,7 +594,7 @@ impl Engine {
     ) -> Result<(Served, Option<u64>), ForkError> {
         self.check_request(request).map_err(|e| ForkError::Invoke(e.into()))?;
         let start = Instant::now();
-        let mut vm = Vm::restore(&self.hv, &self.image).map_err(ForkError::Restore)?;
+        let mut vm = self.restored()?;
         vm.hand_out(&self.image).map_err(ForkError::Restore)?;
         let forked = Instant::now();
         let port = self.image.state().port;
@@ -503,7 +604,9 @@ impl Engine {
         let vm_id = vm.id();
         self.reaper.reap(vm);
         let response = result?;
-        Ok((Served { response, fork_us: micros(forked - start), run_us: micros(done - forked), vm_id }, private))
+        let served =
+            Served { response, fork_us: micros(forked - start), run_us: micros(done - forked), vm_id, _held: None };
+        Ok((served, private))
     }
 }
 
@@ -515,6 +618,8 @@ impl crate::error::Classify for ForkError {
         match self {
             ForkError::Restore(e) => e.kind(),
             ForkError::PoolClosed => crate::error::FailureKind::Internal,
+            ForkError::Budget(e) => e.kind(),
+            ForkError::PoolEmpty(_) => crate::error::FailureKind::ResourceExhausted,
             ForkError::Invoke(e) => e.kind(),
         }
     }

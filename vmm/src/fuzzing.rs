@@ -26,7 +26,8 @@ pub fn http_request(bytes: &[u8]) {
     let Some((&chunk, rest)) = bytes.split_first() else { return };
     let mut stream = Chunked { data: rest, chunk: usize::from(chunk).max(1) };
     let mut buf = Vec::new();
-    while let Ok(request) = http::read_request(&mut stream, &mut buf, 1 << 16, &|| true) {
+    let limits = http::ReadLimits::new(1 << 16);
+    while let Ok((request, _)) = http::read_request(&mut stream, &mut buf, &limits, &|| true) {
         let _ = request.header("content-type");
         let _ = model::parse(&request.method, &request.target, request.body);
         let _ = dispatch::Routes::new([("/a".to_string(), "x".to_string())]).find(&request.target);

@@ -6,12 +6,14 @@
 //! and the guest answers in one go: one exit for the whole exchange. The frame, not a
 //! shutdown, says where each message ends, so nothing more is sent.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use mu2_abi::frame::{outcome, RequestHeader, ResponseHeader};
 use mu2_abi::ReadyInfo;
 use mu2_devices::virtio::vsock::{CloseReason, ConnId, ConnPhase, HostEndpoint, VsockError};
 
+use crate::budget::{ByteBudget, ByteCharge};
 use crate::error::{Classify, FailureKind};
 
 /// The most response buffer reserved on a guest's announcement alone.
@@ -109,6 +111,9 @@ pub enum InvokeError {
     /// The guest sent more than its response frame.
     #[error("guest sent {0} bytes past its response frame")]
     PastTheFrame(usize),
+    /// The response does not fit the bytes the daemon buffers for responses at once.
+    #[error("no room for the guest's response")]
+    ResponseBudget(#[source] crate::budget::BytesSpent),
     /// The response exceeds the limit.
     #[error("response exceeds the {limit}-byte limit")]
     ResponseTooLarge {
@@ -163,16 +168,26 @@ fn device_error(vm: &mut Vm) -> Option<VsockError> {
 /// The response frame as it arrives: its header apart, so the body lands in its own buffer
 /// without being moved again.
 #[derive(Debug)]
-struct ResponseFrame {
+struct ResponseFrame<'a> {
     max_response: usize,
+    /// Where the response's bytes are counted, with the other responses buffered at once.
+    responses: Option<&'a Arc<ByteBudget>>,
+    charge: Option<ByteCharge>,
     head: Vec<u8>,
     header: Option<ResponseHeader>,
     body: Vec<u8>,
 }
 
-impl ResponseFrame {
-    fn new(max_response: usize) -> Self {
-        ResponseFrame { max_response, head: Vec::with_capacity(ResponseHeader::SIZE), header: None, body: Vec::new() }
+impl<'a> ResponseFrame<'a> {
+    fn new(max_response: usize, responses: Option<&'a Arc<ByteBudget>>) -> Self {
+        ResponseFrame {
+            max_response,
+            responses,
+            charge: None,
+            head: Vec::with_capacity(ResponseHeader::SIZE),
+            header: None,
+            body: Vec::new(),
+        }
     }
 
     /// Takes what the guest sent of the frame, and no more.
@@ -186,6 +201,9 @@ impl ResponseFrame {
             let len = usize::try_from(header.len).unwrap_or(usize::MAX);
             if len > self.max_response {
                 return Err(InvokeError::ResponseTooLarge { limit: self.max_response });
+            }
+            if let Some(responses) = self.responses {
+                self.charge = Some(responses.charge(len).map_err(InvokeError::ResponseBudget)?);
             }
             // The announced length is the guest's word: reserve at most a little up front and
             // let the buffer grow with the bytes that actually arrive.
@@ -210,15 +228,15 @@ impl ResponseFrame {
         self.header.is_some() && self.received() == self.expected()
     }
 
-    /// The outcome of a complete frame.
-    fn finish(self) -> Result<Vec<u8>, InvokeError> {
+    /// The outcome of a complete frame, with the bytes it holds of the response budget.
+    fn finish(self) -> Result<(Vec<u8>, Option<ByteCharge>), InvokeError> {
         match self.header {
             Some(h) if h.outcome == outcome::FUNCTION_ERROR => {
                 let mut message = self.body;
                 message.truncate(MAX_ERROR_MESSAGE);
                 Err(InvokeError::Function { message: String::from_utf8_lossy(&message).into_owned() })
             }
-            _ => Ok(self.body),
+            _ => Ok((self.body, self.charge)),
         }
     }
 }
@@ -232,13 +250,27 @@ pub fn invoke(
     max_response: usize,
     deadline: Option<Instant>,
 ) -> Result<Vec<u8>, InvokeError> {
+    invoke_counted(vm, port, request, max_response, None, deadline).map(|(response, _)| response)
+}
+
+/// [`invoke`], counting the response's bytes against `responses` (from its header, before
+/// they arrive) until the returned charge is dropped.
+pub(crate) fn invoke_counted(
+    vm: &mut Vm,
+    port: u32,
+    request: &[u8],
+    max_response: usize,
+    responses: Option<&Arc<ByteBudget>>,
+    deadline: Option<Instant>,
+) -> Result<(Vec<u8>, Option<ByteCharge>), InvokeError> {
     let ready = vm.ready_info().ok_or(InvokeError::NeverReady)?;
     RequestTooLarge::check(request.len(), ready.max_request, vm.mem_size())?;
     // Within max_request, a u32.
     let header = RequestHeader { len: request.len() as u32 };
     let vsock = vm.vsock();
     let conn = vsock.connect(port, ready.buf_alloc).map_err(InvokeError::Device)?;
-    let result = send(vsock, conn, &header, request).and_then(|()| answer(vm, conn, port, max_response, deadline));
+    let result =
+        send(vsock, conn, &header, request).and_then(|()| answer(vm, conn, port, max_response, responses, deadline));
     vm.vsock().abort(conn);
     vm.vsock().remove(conn);
     result
@@ -255,9 +287,10 @@ fn answer(
     conn: ConnId,
     port: u32,
     max_response: usize,
+    responses: Option<&Arc<ByteBudget>>,
     deadline: Option<Instant>,
-) -> Result<Vec<u8>, InvokeError> {
-    let mut frame = ResponseFrame::new(max_response);
+) -> Result<(Vec<u8>, Option<ByteCharge>), InvokeError> {
+    let mut frame = ResponseFrame::new(max_response, responses);
     loop {
         let entries_before = vm.stats().entries;
         let stop = vm.run(deadline)?;
@@ -314,6 +347,7 @@ impl Classify for InvokeError {
             | InvokeError::PastTheFrame(_)
             | InvokeError::ResponseTooLarge { .. }
             | InvokeError::Stalled { .. } => FailureKind::GuestProtocol,
+            InvokeError::ResponseBudget(e) => e.kind(),
         }
     }
 }

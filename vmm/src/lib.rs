@@ -16,6 +16,7 @@
 //! See ARCHITECTURE.md at the repository root for the code map and a request's path.
 
 pub mod api;
+pub mod budget;
 pub mod duration;
 pub mod error;
 pub mod floor;

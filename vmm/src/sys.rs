@@ -412,6 +412,13 @@ pub(crate) fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> std::io::R
     }
 }
 
+/// This machine's physical memory, bytes.
+pub(crate) fn physical_memory() -> Option<u64> {
+    // SAFETY: sysconf takes a name and touches no memory.
+    let (pages, page) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    u64::try_from(pages).ok()?.checked_mul(u64::try_from(page).ok()?)
+}
+
 /// Clears `O_NONBLOCK` on `fd` (with fcntl).
 pub(crate) fn set_blocking(fd: BorrowedFd<'_>) -> std::io::Result<()> {
     // SAFETY: F_GETFL and F_SETFL read and set the flags of a descriptor the caller keeps open

@@ -16,6 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use self::persist::{MmioRestoreError, MmioTransportState};
 use super::{VirtioDevice, VirtioError};
+use crate::throttle::{Throttled, GUEST_WARNING_INTERVAL};
 use crate::GuestMemoryMmap;
 
 mod persist;
@@ -317,7 +318,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
     }
 
     fn error(&mut self, e: MmioError) {
-        log::warn!("virtio-mmio: {e}");
+        // A guest can repeat its misuse at will: the log says so once per interval.
+        static WARNINGS: Throttled = Throttled::new(GUEST_WARNING_INTERVAL);
+        WARNINGS.warn(format_args!("virtio-mmio: {e}"));
         self.error_count += 1;
         if self.errors.len() < MAX_RECORDED_ERRORS {
             self.errors.push(e);

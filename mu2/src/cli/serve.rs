@@ -33,9 +33,26 @@ pub struct ServeArgs {
     /// VMs kept ready per image in pool mode.
     #[arg(long, value_name = "N", default_value_t = 8)]
     pool_size: usize,
-    /// Most VMs in use at once (requests in flight plus pooled VMs); beyond it requests get 429.
+    /// Most live VMs: serving, pooled, being reset or destroyed (requests beyond it: 429 when
+    /// all are serving, else 503 after a brief wait).
     #[arg(long, value_name = "N", default_value_t = 256)]
     max_vms: usize,
+    /// Most guest memory of the live VMs, each counting its whole memory size (e.g. 16G;
+    /// default: this machine's physical memory); a request beyond it waits briefly, then 503.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    max_memory: Option<u64>,
+    /// Most bytes of guest responses buffered at once, over all requests (503 beyond).
+    #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value = "1G")]
+    max_response_bytes: u64,
+    /// Most bytes of request bodies buffered at once, over all connections (503 beyond).
+    #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value = "256M")]
+    max_buffered: u64,
+    /// How long a request may take to arrive, head and body, from its first byte (408 beyond).
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "10s")]
+    read_timeout: Duration,
+    /// Most connections open at once on each listener; the next is answered 503 and closed.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    max_connections: usize,
     /// Deadline of one request in its VM.
     #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "10s")]
     timeout: Duration,
@@ -120,10 +137,15 @@ pub fn serve(args: &ServeArgs) -> Result<(), Failure> {
         max_vms: args.max_vms,
         timeout: args.timeout,
         max_body: args.max_body,
+        max_buffered: usize::try_from(args.max_buffered).unwrap_or(usize::MAX),
+        max_response_bytes: usize::try_from(args.max_response_bytes).unwrap_or(usize::MAX),
+        read_timeout: args.read_timeout,
+        max_connections: args.max_connections,
         sandbox: sandbox_settings(args)?,
         drain_period: args.drain_period.unwrap_or(DEFAULT_DRAIN_PERIOD),
         ..ServeConfig::new(args.api_sock.clone())
     };
+    let config = ServeConfig { max_memory: args.max_memory.unwrap_or(config.max_memory), ..config };
     let announce = |daemon: &mu2_vmm::api::Daemon| {
         let api_sock = daemon.api_sock().unwrap_or(&args.api_sock);
         for line in startup_lines(args, api_sock, daemon.http_addr()) {
@@ -168,6 +190,15 @@ fn startup_lines(args: &ServeArgs, api_sock: &Path, http: Option<std::net::Socke
         format!("{:?}", args.mode).to_lowercase(),
         args.max_vms,
         args.timeout
+    ));
+    let memory = args.max_memory.map_or_else(|| "this machine's memory".to_string(), |m| format!("{} MiB", m >> 20));
+    lines.push(format!(
+        "mu2 serve: limits: guest memory {memory}, {} connections per listener, requests read within {:?}, \
+         {} MiB of bodies and {} MiB of responses buffered",
+        args.max_connections,
+        args.read_timeout,
+        args.max_buffered >> 20,
+        args.max_response_bytes >> 20
     ));
     lines
 }

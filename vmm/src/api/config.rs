@@ -16,6 +16,13 @@ use crate::invoke;
 /// second or two to see two failed checks.
 pub const DEFAULT_DRAIN_PERIOD: Duration = Duration::from_secs(5);
 
+/// The default of `--max-buffered`: 256 MiB of request bodies buffered at once.
+pub const DEFAULT_MAX_BUFFERED: usize = 256 << 20;
+/// The default of `--max-connections`, per listener.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// The default of `--max-response-bytes`: 1 GiB of responses buffered at once.
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 1 << 30;
+
 /// Daemon settings (`mu2 serve` flags).
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -31,12 +38,22 @@ pub struct ServeConfig {
     pub mode: Mode,
     /// VMs kept ready per image in pool mode.
     pub pool_size: usize,
-    /// Most VMs in use at once: requests in flight plus VMs waiting in pools.
+    /// Most live KVM VMs: serving, pooled, being reset or destroyed.
     pub max_vms: usize,
+    /// Most guest memory of the live VMs, bytes (each counts its whole memory size).
+    pub max_memory: u64,
+    /// Most response bytes buffered at once, of all requests.
+    pub max_response_bytes: usize,
     /// Deadline of one request's run in its VM.
     pub timeout: Duration,
     /// Largest request body.
     pub max_body: usize,
+    /// Request bodies buffered at once across connections, bytes.
+    pub max_buffered: usize,
+    /// How long a request may take to arrive, from its first byte.
+    pub read_timeout: Duration,
+    /// Most connections open at once, per listener.
+    pub max_connections: usize,
     /// Largest response from a guest.
     pub max_response: usize,
     /// The sandbox, if any (`mu2 serve` has one unless `--no-sandbox`).
@@ -57,8 +74,13 @@ impl ServeConfig {
             mode: Mode::Pool,
             pool_size: 8,
             max_vms: 256,
+            max_memory: crate::sys::physical_memory().unwrap_or(8 << 30),
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             timeout: Duration::from_secs(10),
             max_body: 8 << 20,
+            max_buffered: DEFAULT_MAX_BUFFERED,
+            read_timeout: super::http::DEFAULT_READ_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             max_response: invoke::DEFAULT_MAX_RESPONSE,
             sandbox: None,
             drain_period: DEFAULT_DRAIN_PERIOD,
@@ -70,6 +92,15 @@ impl ServeConfig {
     pub(super) fn validate(&self, passed_http: bool) -> Result<(), ServeError> {
         if self.pool_size == 0 || self.max_vms == 0 {
             return Err(ServeError::Config("--pool-size and --max-vms must be at least 1".into()));
+        }
+        if self.max_connections == 0 || self.read_timeout.is_zero() {
+            return Err(ServeError::Config("--max-connections and --read-timeout must be above zero".into()));
+        }
+        if self.max_buffered < self.max_body {
+            return Err(ServeError::Config(format!(
+                "--max-buffered {} is below --max-body {}: no request of the largest size could be read",
+                self.max_buffered, self.max_body
+            )));
         }
         if self.mode == Mode::Pool && self.pool_size >= self.max_vms {
             return Err(ServeError::Config(format!(
@@ -100,6 +131,15 @@ impl ServeConfig {
             }
         }
         Ok(())
+    }
+
+    /// The budget every image's VMs share.
+    pub(super) fn budget(&self) -> std::sync::Arc<crate::budget::VmBudget> {
+        crate::budget::VmBudget::new(crate::budget::Limits {
+            max_vms: self.max_vms,
+            max_memory: self.max_memory,
+            max_response_bytes: self.max_response_bytes,
+        })
     }
 
     /// The engine settings every image gets.

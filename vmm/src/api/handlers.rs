@@ -391,7 +391,7 @@ impl Handlers {
         drop(lease);
         entry.count_request();
         let (result, fork_run) = match served {
-            Ok(Served { response, fork_us, run_us, vm_id }) => {
+            Ok(Served { response, fork_us, run_us, vm_id, .. }) => {
                 let timing = Timing { vm_id, fork_us, run_us };
                 (answer(response).map(|reply| (reply, timing)), Some((fork_us, run_us)))
             }
@@ -404,8 +404,11 @@ impl Handlers {
 
     fn gauges(&self) -> Gauges {
         let pool_depth = self.registry.pool_depths();
+        let usage = self.registry.budget().usage();
         Gauges {
             in_flight: self.registry.in_flight(),
+            vms_in_use: usage.vms,
+            memory_in_use: usage.memory,
             images: pool_depth.len(),
             pool_depth,
             kvm_vms: metrics::live_kvm_vms(),
@@ -431,6 +434,9 @@ impl Handlers {
             "threads": g.threads,
             "connections": g.connections,
             "max_vms": self.config.max_vms,
+            "vms_in_use": g.vms_in_use,
+            "guest_memory_bytes": g.memory_in_use,
+            "max_memory": self.config.max_memory,
         })
     }
 }

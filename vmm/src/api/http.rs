@@ -4,7 +4,10 @@
 //! Keep-alive and pipelining work; chunked request bodies are refused (411).
 
 use std::io::{ErrorKind, Read, Write};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use crate::budget::{ByteBudget, ByteCharge, BytesSpent};
 
 /// Most headers in a request.
 pub const MAX_HEADERS: usize = 64;
@@ -69,6 +72,12 @@ pub enum ReadError {
     /// A body without content-length (chunked).
     #[error("request bodies need a content-length (chunked transfer encoding is not supported)")]
     LengthRequired,
+    /// The request did not arrive within the read timeout.
+    #[error("the request {0} did not arrive within the read timeout")]
+    TooSlow(&'static str),
+    /// The body does not fit the bytes the daemon buffers at once.
+    #[error("no room for the request body now")]
+    Busy(#[source] BytesSpent),
 }
 
 impl ReadError {
@@ -82,6 +91,8 @@ impl ReadError {
             ReadError::HeadTooLarge => Some(431),
             ReadError::BodyTooLarge { .. } => Some(413),
             ReadError::LengthRequired => Some(411),
+            ReadError::TooSlow(_) => Some(408),
+            ReadError::Busy(_) => Some(503),
         }
     }
 }
@@ -89,43 +100,72 @@ impl ReadError {
 /// How long a connection may sit idle between requests before the server closes it.
 pub const IDLE_LIMIT: Duration = Duration::from_secs(60);
 
-/// Reads one request. `buf` carries bytes already read past the previous request
-/// (pipelining). The stream should have a short read timeout: whenever a read times out with
-/// no request started, `stopping()` is asked whether to give up.
+/// What reading one request may take.
+#[derive(Debug, Clone)]
+pub struct ReadLimits {
+    /// Largest body, bytes (413 beyond).
+    pub max_body: usize,
+    /// How long a request may take to arrive, head and body, from its first byte (408
+    /// beyond): a client sending a byte now and then holds nothing for long.
+    pub read_timeout: Duration,
+    /// Where bodies are counted while they are read and served, with every other
+    /// connection's (503 when they do not fit).
+    pub bodies: Option<Arc<ByteBudget>>,
+}
+
+impl ReadLimits {
+    /// A body limit, the default read timeout, and no shared budget.
+    pub fn new(max_body: usize) -> ReadLimits {
+        ReadLimits { max_body, read_timeout: DEFAULT_READ_TIMEOUT, bodies: None }
+    }
+}
+
+/// The default of [`ReadLimits::read_timeout`].
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads one request, with its body's charge of `limits.bodies`, held until it is dropped.
+/// `buf` carries bytes already read past the previous request (pipelining). The stream
+/// should have a short read timeout: whenever a read times out with no request started,
+/// `stopping()` is asked whether to give up.
 pub fn read_request(
     stream: &mut impl Read,
     buf: &mut Vec<u8>,
-    max_body: usize,
+    limits: &ReadLimits,
     stopping: &dyn Fn() -> bool,
-) -> Result<Request, ReadError> {
+) -> Result<(Request, Option<ByteCharge>), ReadError> {
     let mut chunk = [0u8; 16 << 10];
-    let mut idle_since = Instant::now();
+    let idle_since = Instant::now();
+    // The request's clock starts at its first byte (now, if pipelined bytes are waiting).
+    let mut started = (!buf.is_empty()).then(Instant::now);
+    let late = |started: Option<Instant>| started.is_some_and(|t| t.elapsed() > limits.read_timeout);
+    // Where the search for the head's end resumes: the head is parsed once it is complete,
+    // not again on every read (a head sent a byte at a time must not cost its square).
+    let mut searched = 0;
     let (head_len, mut request, length) = loop {
-        if !buf.is_empty() {
-            if let Some(parsed) = parse_head(buf, max_body)? {
+        if head_end(buf, &mut searched) {
+            match parse_head(buf, limits.max_body)? {
                 // Reads come in chunks, so a whole head can arrive past the limit at once.
-                if parsed.0 > MAX_HEAD {
-                    return Err(ReadError::HeadTooLarge);
-                }
-                break parsed;
+                Some(parsed) if parsed.0 > MAX_HEAD => return Err(ReadError::HeadTooLarge),
+                Some(parsed) => break parsed,
+                None => {}
             }
-            if buf.len() > MAX_HEAD {
-                return Err(ReadError::HeadTooLarge);
-            }
+        }
+        if buf.len() > MAX_HEAD {
+            return Err(ReadError::HeadTooLarge);
+        }
+        if late(started) {
+            return Err(ReadError::TooSlow("head"));
         }
         match stream.read(&mut chunk) {
             Ok(0) if buf.is_empty() => return Err(ReadError::Closed),
             Ok(0) => return Err(ReadError::Cut("head")),
             Ok(n) => {
                 buf.extend_from_slice(&chunk[..n]);
-                idle_since = Instant::now();
+                started.get_or_insert_with(Instant::now);
             }
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                 if buf.is_empty() && (stopping() || idle_since.elapsed() > IDLE_LIMIT) {
                     return Err(ReadError::Closed);
-                }
-                if idle_since.elapsed() > IDLE_LIMIT {
-                    return Err(ReadError::Io(e));
                 }
             }
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -135,25 +175,35 @@ pub fn read_request(
             Err(e) => return Err(ReadError::Io(e)),
         }
     };
+    let charge = match &limits.bodies {
+        Some(bodies) if length > 0 => Some(bodies.charge(length).map_err(ReadError::Busy)?),
+        _ => None,
+    };
     buf.drain(..head_len);
     while buf.len() < length {
-        match stream.read(&mut chunk) {
+        if late(started) {
+            return Err(ReadError::TooSlow("body"));
+        }
+        // Never more than the body: what follows it is the next request's.
+        let want = (length - buf.len()).min(chunk.len());
+        match stream.read(&mut chunk[..want]) {
             Ok(0) => return Err(ReadError::Cut("body")),
-            Ok(n) => {
-                buf.extend_from_slice(&chunk[..n]);
-                idle_since = Instant::now();
-            }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                if idle_since.elapsed() > IDLE_LIMIT {
-                    return Err(ReadError::Io(e));
-                }
-            }
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {}
             Err(e) => return Err(ReadError::Io(e)),
         }
     }
     request.body = buf.drain(..length).collect();
-    Ok(request)
+    Ok((request, charge))
+}
+
+/// Whether `buf` holds a blank line ending a head, searching on from `searched` (updated).
+fn head_end(buf: &[u8], searched: &mut usize) -> bool {
+    // Resume a few bytes back: the marker may straddle two reads.
+    let from = searched.saturating_sub(3);
+    *searched = buf.len();
+    let tail = &buf[from.min(buf.len())..];
+    tail.windows(2).any(|w| w == b"\n\n") || tail.windows(4).any(|w| w == b"\r\n\r\n")
 }
 
 /// Parses the head in `buf`: `None` if incomplete, else its length, the request without
@@ -204,6 +254,7 @@ pub fn reason(status: u16) -> &'static str {
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        408 => "Request Timeout",
         409 => "Conflict",
         411 => "Length Required",
         413 => "Content Too Large",
@@ -388,7 +439,71 @@ mod tests {
     fn read(bytes: &[u8], max_body: usize) -> (Result<Request, ReadError>, Vec<u8>) {
         let mut buf = Vec::new();
         let mut stream = std::io::Cursor::new(bytes.to_vec());
-        (read_request(&mut stream, &mut buf, max_body, &|| false), buf)
+        let read = read_request(&mut stream, &mut buf, &ReadLimits::new(max_body), &|| false);
+        (read.map(|(request, _)| request), buf)
+    }
+
+    /// Reads `bytes` a byte at a time, each read taking `pause`.
+    struct Trickle<'a> {
+        bytes: &'a [u8],
+        pause: Duration,
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            std::thread::sleep(self.pause);
+            let Some((&first, rest)) = self.bytes.split_first() else { return Ok(0) };
+            out[0] = first;
+            self.bytes = rest;
+            Ok(1)
+        }
+    }
+
+    #[test]
+    fn a_request_trickling_in_past_the_read_timeout_gets_408() {
+        let limits = |timeout| ReadLimits { read_timeout: timeout, ..ReadLimits::new(1 << 10) };
+        let head = b"POST / HTTP/1.1\r\ncontent-length: 4\r\n\r\n";
+        let mut stream = Trickle { bytes: head, pause: Duration::from_millis(2) };
+        let slow_head = read_request(&mut stream, &mut Vec::new(), &limits(Duration::from_millis(20)), &|| false);
+        assert!(matches!(slow_head, Err(ReadError::TooSlow("head"))), "{slow_head:?}");
+        assert_eq!(slow_head.err().and_then(|e| e.status()), Some(408));
+        // The head in one read, the body a byte at a time: the same clock.
+        let mut buf = head.to_vec();
+        let mut stream = Trickle { bytes: b"abcd", pause: Duration::from_millis(15) };
+        let slow_body = read_request(&mut stream, &mut buf, &limits(Duration::from_millis(20)), &|| false);
+        assert!(matches!(slow_body, Err(ReadError::TooSlow("body"))), "{slow_body:?}");
+        // In time, the same bytes are a request.
+        let mut stream = Trickle { bytes: head, pause: Duration::ZERO };
+        let mut buf = Vec::new();
+        let in_time = read_request(&mut stream, &mut buf, &limits(Duration::from_secs(60)), &|| false);
+        assert!(matches!(in_time, Err(ReadError::Cut("body"))), "no body sent: {in_time:?}");
+    }
+
+    #[test]
+    fn bodies_are_charged_to_the_shared_budget_until_dropped() {
+        let bodies = ByteBudget::new(10);
+        let limits = ReadLimits { bodies: Some(bodies.clone()), ..ReadLimits::new(100) };
+        let request = |len: usize| {
+            let mut bytes = format!("POST / HTTP/1.1\r\ncontent-length: {len}\r\n\r\n").into_bytes();
+            bytes.resize(bytes.len() + len, b'x');
+            std::io::Cursor::new(bytes)
+        };
+        let (_, held) = read_request(&mut request(8), &mut Vec::new(), &limits, &|| false).expect("fits");
+        assert_eq!(bodies.used(), 8);
+        let refused = read_request(&mut request(3), &mut Vec::new(), &limits, &|| false);
+        assert!(matches!(refused, Err(ReadError::Busy(_))), "{refused:?}");
+        assert_eq!(refused.err().and_then(|e| e.status()), Some(503));
+        drop(held);
+        assert_eq!(bodies.used(), 0);
+        assert!(read_request(&mut request(10), &mut Vec::new(), &limits, &|| false).is_ok());
+    }
+
+    #[test]
+    fn a_head_sent_a_byte_at_a_time_is_parsed_once_complete() {
+        let head = format!("GET / HTTP/1.1\r\nx-pad: {}\r\n\r\n", "a".repeat(40 << 10));
+        let mut stream = Trickle { bytes: head.as_bytes(), pause: Duration::ZERO };
+        let (request, _) = read_request(&mut stream, &mut Vec::new(), &ReadLimits::new(0), &|| false).expect("head");
+        assert_eq!(request.header("x-pad").map(<[u8]>::len), Some(40 << 10));
     }
 
     #[test]
@@ -396,14 +511,15 @@ mod tests {
         let bytes = b"POST /a HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcGET /b HTTP/1.0\r\n\r\n";
         let mut buf = Vec::new();
         let mut stream = std::io::Cursor::new(bytes.to_vec());
-        let first = read_request(&mut stream, &mut buf, 10, &|| false).expect("first");
+        let limits = ReadLimits::new(10);
+        let (first, _) = read_request(&mut stream, &mut buf, &limits, &|| false).expect("first");
         assert_eq!(
             (first.method.as_str(), first.target.as_str(), &first.body[..], first.keep_alive),
             ("POST", "/a", &b"abc"[..], true)
         );
-        let second = read_request(&mut stream, &mut buf, 10, &|| false).expect("second");
+        let (second, _) = read_request(&mut stream, &mut buf, &limits, &|| false).expect("second");
         assert_eq!((second.target.as_str(), second.keep_alive), ("/b", false));
-        assert!(matches!(read_request(&mut stream, &mut buf, 10, &|| false), Err(ReadError::Closed)));
+        assert!(matches!(read_request(&mut stream, &mut buf, &limits, &|| false), Err(ReadError::Closed)));
     }
 
     #[test]

@@ -4,11 +4,16 @@
 //!
 //! I/O is blocking, one thread per connection: a request runs its VM on its connection's
 //! thread, so the response leaves as soon as the guest's last byte arrives, with no hand-off
-//! between threads; `--max-vms` bounds the connections that hold a VM. An idle connection costs
-//! a parked thread, and notices the stop flag within [`POLL`]. The accept loop waits for a
-//! connection at most [`POLL`] at a time, so it stops without being woken and without taking
-//! a connection it would not serve: a socket passed by a service manager keeps those for the
-//! next daemon.
+//! between threads. Every resource that model spends is bounded: connections per listener
+//! (`--max-connections`; the next one is answered 503 at once by the accept loop and closed),
+//! so threads too; a request's read time from its first byte (`--read-timeout`, 408), its
+//! body (`--max-body`, 413) and the bodies buffered at once across connections
+//! (`--max-buffered`, 503); a response's write (`WRITE_TIMEOUT`); `--max-vms` bounds the
+//! connections that hold a VM. An idle connection costs a parked thread, and notices the stop
+//! flag within [`POLL`]. The accept loop waits for a connection at most [`POLL`] at a time, so
+//! it stops without being woken and without taking a connection it would not serve: a socket
+//! passed by a service manager keeps those for the next daemon. When accept fails (out of
+//! descriptors, say) it backs off, and says so once per [`ACCEPT_LOG_INTERVAL`] with the count.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -16,7 +21,7 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -26,12 +31,22 @@ use super::metrics::Metrics;
 use super::model::ApiResponse;
 use crate::error::error_chain;
 use crate::sandbox::ThreadClass;
+use mu2_devices::throttle::Throttled;
 
 /// Read timeout of client sockets: how often an idle connection looks at the stop flag; also
 /// how long the accept loop waits between looks at it.
 const POLL: Duration = Duration::from_millis(200);
 /// Pause after a failed accept, so that running out of descriptors does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+/// How often a listener's failing accepts are logged (once, with the count since).
+pub(super) const ACCEPT_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// How long writing one response may take: a client that does not read holds its thread and
+/// its response no longer.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The answer to a connection over `--max-connections`, written by the accept loop.
+const OVER_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+content-length: 51\r\nretry-after: 1\r\nconnection: close\r\n\r\n\
+{\"error\":\"too many connections; retry in a moment\"}";
 /// How long a connection accepted just before the shutdown may take to send its first
 /// request: it is answered (503) rather than closed unanswered, so a client or load balancer
 /// learns it may retry elsewhere.
@@ -133,6 +148,7 @@ impl Listen for UnixListener {
         // Served blocking, with a read timeout, whatever the listener's own mode (by fcntl,
         // which every thread's seccomp filter allows, not std's ioctl).
         crate::sys::set_blocking(stream.as_fd())?;
+        stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
         stream.set_read_timeout(Some(POLL))
     }
 }
@@ -154,6 +170,7 @@ impl Listen for TcpListener {
         crate::sys::set_blocking(stream.as_fd())?;
         // Responses leave in one write; do not hold them back.
         stream.set_nodelay(true)?;
+        stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
         stream.set_read_timeout(Some(POLL))
     }
 }
@@ -167,17 +184,27 @@ pub(super) struct Endpoint {
     pub label: &'static str,
     /// Answers its requests.
     pub handler: Arc<Handler>,
-    /// Largest request body.
-    pub max_body: usize,
+    /// What reading a request may take.
+    pub limits: http::ReadLimits,
+    /// Most connections open at once on this listener.
+    pub max_connections: usize,
+    /// Connections open on this listener.
+    pub open: AtomicUsize,
     /// The stop flag and the connection count.
     pub lifecycle: Arc<Lifecycle>,
     /// Where responses are counted.
     pub metrics: Arc<Metrics>,
+    /// Failing accepts, logged once per interval.
+    pub accept_failures: Throttled,
 }
 
 impl std::fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Endpoint").field("label", &self.label).field("max_body", &self.max_body).finish_non_exhaustive()
+        f.debug_struct("Endpoint")
+            .field("label", &self.label)
+            .field("limits", &self.limits)
+            .field("max_connections", &self.max_connections)
+            .finish_non_exhaustive()
     }
 }
 
@@ -192,7 +219,7 @@ pub(super) fn spawn_acceptor<L: Listen>(listener: L, endpoint: Endpoint) -> std:
                 Ok(true) => {}
                 Ok(false) => continue,
                 Err(e) => {
-                    log::warn!("waiting on the {} listener: {e}", endpoint.label);
+                    endpoint.accept_failures.warn(format_args!("waiting on the {} listener: {e}", endpoint.label));
                     std::thread::sleep(ACCEPT_BACKOFF);
                     continue;
                 }
@@ -203,10 +230,13 @@ pub(super) fn spawn_acceptor<L: Listen>(listener: L, endpoint: Endpoint) -> std:
                 break;
             }
             match listener.accept_next().and_then(|stream| L::configure(&stream).map(|()| stream)) {
+                Ok(stream) if endpoint.open.load(Ordering::Relaxed) >= endpoint.max_connections => {
+                    refuse_over_capacity(&endpoint, stream)
+                }
                 Ok(stream) => spawn_connection(&endpoint, stream),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => {
-                    log::warn!("accepting on the {} listener: {e}", endpoint.label);
+                    endpoint.accept_failures.warn(format_args!("accepting on the {} listener: {e}", endpoint.label));
                     std::thread::sleep(ACCEPT_BACKOFF);
                 }
             }
@@ -214,15 +244,27 @@ pub(super) fn spawn_acceptor<L: Listen>(listener: L, endpoint: Endpoint) -> std:
     })
 }
 
+/// Answers a connection over `--max-connections` with a 503 from the accept loop and closes
+/// it: a short write into an empty socket buffer, which cannot block for long (and the write
+/// timeout bounds it).
+fn refuse_over_capacity<S: Write>(endpoint: &Endpoint, mut stream: S) {
+    let _ = stream.write_all(OVER_CAPACITY);
+    endpoint.metrics.response(endpoint.label, 503);
+}
+
 fn spawn_connection<S: Read + Write + Send + 'static>(endpoint: &Arc<Endpoint>, stream: S) {
     let open = OpenConnection::new(&endpoint.lifecycle);
+    endpoint.open.fetch_add(1, Ordering::Relaxed);
     let endpoint = endpoint.clone();
+    let counted = endpoint.clone();
     let spawned = crate::sandbox::spawn(ThreadClass::Connection, "mu2-conn".into(), move || {
         serve_connection(&endpoint, stream);
+        endpoint.open.fetch_sub(1, Ordering::Relaxed);
         drop(open);
     });
     if let Err(e) = spawned {
-        log::warn!("no thread for a new connection: {e}");
+        counted.open.fetch_sub(1, Ordering::Relaxed);
+        counted.accept_failures.warn(format_args!("no thread for a new connection: {e}"));
     }
 }
 
@@ -235,8 +277,9 @@ fn serve_connection<S: Read + Write>(endpoint: &Endpoint, mut stream: S) {
     loop {
         // An idle connection closes once the daemon stops; a new one first gets its answer.
         let give_up = || lifecycle.stopping() && (answered > 0 || accepted.elapsed() > FIRST_REQUEST_GRACE);
-        let request = match http::read_request(&mut stream, &mut buf, endpoint.max_body, &give_up) {
-            Ok(request) => request,
+        // The body's share of `--max-buffered` is held until its response is written.
+        let (request, _body) = match http::read_request(&mut stream, &mut buf, &endpoint.limits, &give_up) {
+            Ok(read) => read,
             Err(e) => {
                 if let Some(status) = e.status() {
                     let _ = http::write_response(

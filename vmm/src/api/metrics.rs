@@ -93,6 +93,10 @@ fn latency_histogram() -> Histogram {
 pub struct Gauges {
     /// Requests holding a VM now.
     pub in_flight: usize,
+    /// Live VMs counted against `--max-vms`: serving, pooled, being reset or destroyed.
+    pub vms_in_use: usize,
+    /// Their guest memory, bytes, counted against `--max-memory`.
+    pub memory_in_use: u64,
     /// VMs ready in each image's pool.
     pub pool_depth: Vec<(String, usize)>,
     /// KVM VMs this process holds (from /proc/self/fd), if known.
@@ -203,13 +207,15 @@ fn register_gauges(registry: &mut Registry, g: &Gauges, started_unix: f64) {
         gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
         gauge
     };
-    let pooled: usize = g.pool_depth.iter().map(|(_, d)| d).sum();
     registry.register("mu2_requests_in_flight", "Requests holding a VM now", int(g.in_flight));
     registry.register(
         "mu2_vms_in_use",
-        "VMs counted against --max-vms: requests in flight plus VMs waiting in pools",
-        int(g.in_flight + pooled),
+        "Live VMs counted against --max-vms: serving, pooled, being reset or destroyed",
+        int(g.vms_in_use),
     );
+    let memory = Gauge::<i64>::default();
+    memory.set(i64::try_from(g.memory_in_use).unwrap_or(i64::MAX));
+    registry.register("mu2_guest_memory_bytes", "Guest memory of the live VMs, counted against --max-memory", memory);
     let pool_depth = Family::<ImageLabels, Gauge>::default();
     for (image, depth) in &g.pool_depth {
         pool_depth.get_or_create(&ImageLabels { image: image.clone() }).set(i64::try_from(*depth).unwrap_or(i64::MAX));
@@ -261,7 +267,14 @@ mod tests {
         m.request("echo", Outcome::Timeout, Duration::from_secs(1), None);
         m.request("echo", Outcome::Rejected, Duration::from_micros(5), None);
         m.response("api", 200);
-        let gauges = Gauges { in_flight: 2, pool_depth: vec![("echo".into(), 3)], ready: true, ..Gauges::default() };
+        let gauges = Gauges {
+            in_flight: 2,
+            vms_in_use: 5,
+            memory_in_use: 5 << 26,
+            pool_depth: vec![("echo".into(), 3)],
+            ready: true,
+            ..Gauges::default()
+        };
         let text = m.render(&gauges);
         assert!(text.contains("mu2_requests_total{image=\"echo\",outcome=\"ok\"} 1\n"), "{text}");
         assert!(!text.contains("outcome=\"guest_error\""), "only outcomes that happened: {text}");
@@ -273,6 +286,7 @@ mod tests {
         assert_eq!(metric_value(&text, "mu2_fork_duration_seconds_sum", "image=\"echo\""), 50e-6);
         assert!(text.contains("mu2_http_responses_total{listener=\"api\",status=\"200\"} 1\n"), "{text}");
         assert_eq!(metric_value(&text, "mu2_vms_in_use", ""), 5.0);
+        assert_eq!(metric_value(&text, "mu2_guest_memory_bytes", ""), f64::from(5u32 << 26));
         assert_eq!(metric_value(&text, "mu2_pool_depth", "image=\"echo\""), 3.0);
         assert_eq!(metric_value(&text, "mu2_forks_total", ""), 2.0, "a rejected request forks nothing");
         assert_eq!(metric_value(&text, "mu2_ready", ""), 1.0);

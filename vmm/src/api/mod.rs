@@ -170,7 +170,12 @@ impl Daemon {
         let lifecycle = Arc::new(Lifecycle::default());
         let metrics = Arc::new(Metrics::new());
         let registry = Registry::new(hv, &config, images, lifecycle.clone());
-        let (timeout, max_body, drain_period) = (config.timeout, config.max_body, config.drain_period);
+        let (timeout, drain_period, max_connections) = (config.timeout, config.drain_period, config.max_connections);
+        let limits = http::ReadLimits {
+            max_body: config.max_body,
+            read_timeout: config.read_timeout,
+            bodies: Some(crate::budget::ByteBudget::new(config.max_buffered)),
+        };
         let handlers = Arc::new(Handlers::new(config, routes, registry, metrics.clone(), lifecycle.clone()));
         if let Err(e) = handlers.prepare_routes() {
             handlers.registry().clear();
@@ -179,9 +184,12 @@ impl Daemon {
         let endpoint = |label, handler: Arc<listen::Handler>| Endpoint {
             label,
             handler,
-            max_body,
+            limits: limits.clone(),
+            max_connections,
+            open: Default::default(),
             lifecycle: lifecycle.clone(),
             metrics: metrics.clone(),
+            accept_failures: mu2_devices::throttle::Throttled::new(listen::ACCEPT_LOG_INTERVAL),
         };
         let mut acceptors = Vec::new();
         let h = handlers.clone();

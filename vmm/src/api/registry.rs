@@ -19,6 +19,7 @@ use super::failure;
 use super::files::ImagesDir;
 use super::listen::{lock, Lifecycle};
 use super::model::{self, ImageSpec, ServeSettings};
+use crate::budget::VmBudget;
 use crate::error::Classify;
 use crate::fork::{Engine, EngineConfig, Mode};
 use crate::guests;
@@ -181,6 +182,22 @@ pub(super) enum RegistryError {
         /// The daemon's `--max-vms`.
         max_vms: usize,
     },
+    /// The pools of the registered images and this one's, with room for one request, would
+    /// hold more guest memory than `--max-memory` allows.
+    #[error(
+        "image `{name}`: its pool and a request need {wanted_mib} MiB of guest memory; the registered \
+         images' pools hold {pooled_mib} MiB of --max-memory {max_mib} MiB (DELETE an image or lower `pool_size`)"
+    )]
+    PoolMemory {
+        /// The image.
+        name: String,
+        /// Guest memory of the other images' full pools, MiB.
+        pooled_mib: u64,
+        /// This image's pool and one VM more, MiB.
+        wanted_mib: u64,
+        /// The daemon's `--max-memory`, MiB.
+        max_mib: u64,
+    },
     /// The image could not be made or loaded.
     #[error("image `{name}`")]
     Build {
@@ -198,7 +215,10 @@ impl RegistryError {
         match self {
             RegistryError::NotFound(_) => 404,
             RegistryError::PoolSize { .. } => 400,
-            RegistryError::Exists(_) | RegistryError::InUse { .. } | RegistryError::PoolBudget { .. } => 409,
+            RegistryError::Exists(_)
+            | RegistryError::InUse { .. }
+            | RegistryError::PoolBudget { .. }
+            | RegistryError::PoolMemory { .. } => 409,
             RegistryError::Stopping => 503,
             RegistryError::NotAllowed { .. } => 400,
             RegistryError::Dir { source, .. } => failure::status(crate::error::io_kind(source)),
@@ -211,14 +231,14 @@ impl RegistryError {
 #[derive(Debug, thiserror::Error)]
 pub(super) enum AdmissionError {
     /// `--max-vms` VMs are in use.
-    #[error("--max-vms {max_vms} reached ({in_flight} requests in flight, {pooled} VMs in pools)")]
+    #[error("--max-vms {max_vms} reached ({in_flight} requests in flight, {live} VMs live)")]
     Full {
         /// The limit.
         max_vms: usize,
         /// Requests holding a VM, not counting this one.
         in_flight: usize,
-        /// VMs waiting in pools.
-        pooled: usize,
+        /// Live VMs: serving, pooled, being reset or destroyed.
+        live: usize,
     },
     /// The daemon is shutting down.
     #[error("the daemon is shutting down")]
@@ -258,6 +278,8 @@ pub(super) struct Registry {
     /// The request deadline of such an image (`--timeout`).
     timeout: Duration,
     max_vms: usize,
+    /// What every image's VMs count against.
+    budget: Arc<VmBudget>,
     /// What the daemon may read, when sandboxed.
     sandbox: Option<super::SandboxSettings>,
     images_dir: ImagesDir,
@@ -282,6 +304,7 @@ impl Registry {
             engine_config: config.engine_config(),
             timeout: config.timeout,
             max_vms: config.max_vms,
+            budget: config.budget(),
             sandbox: config.sandbox.clone(),
             images_dir,
             images: Mutex::new(BTreeMap::new()),
@@ -289,6 +312,11 @@ impl Registry {
             in_flight: AtomicUsize::new(0),
             lifecycle,
         }
+    }
+
+    /// What the live VMs hold of the budget.
+    pub(super) fn budget(&self) -> &VmBudget {
+        &self.budget
     }
 
     /// Requests holding a VM now.
@@ -388,6 +416,31 @@ impl Registry {
         Ok((engine, serve.timeout.unwrap_or(self.timeout)))
     }
 
+    /// Whether a pool of `config` for VMs of `mem_size` bytes fits `--max-memory` beside the
+    /// full pools of the images registered, with one VM of it left for requests. The caller
+    /// holds `building`.
+    fn pool_memory_fits(&self, name: &str, config: &EngineConfig, mem_size: u64) -> Result<(), RegistryError> {
+        if config.mode != Mode::Pool {
+            return Ok(());
+        }
+        let pooled: u64 = lock(&self.images)
+            .values()
+            .filter(|e| e.engine.config().mode == Mode::Pool)
+            .map(|e| e.engine.config().pool_size as u64 * e.engine.image().state().mem_size)
+            .sum();
+        let wanted = (config.pool_size as u64 + 1).saturating_mul(mem_size);
+        let max_memory = self.budget.limits().max_memory;
+        if pooled.saturating_add(wanted) > max_memory {
+            return Err(RegistryError::PoolMemory {
+                name: name.to_string(),
+                pooled_mib: pooled >> 20,
+                wanted_mib: wanted >> 20,
+                max_mib: max_memory >> 20,
+            });
+        }
+        Ok(())
+    }
+
     /// `DELETE /images/{name}`: refused while requests use it.
     pub(super) fn delete(&self, name: &str) -> Result<(), RegistryError> {
         let removed = {
@@ -410,17 +463,19 @@ impl Registry {
         Ok(())
     }
 
-    /// Counts a request against `--max-vms` until the lease is dropped, or refuses it.
+    /// Counts a request until the lease is dropped, or refuses it: each request holds a VM,
+    /// so no more than `--max-vms` are in flight. (The VMs themselves, pooled ones and those
+    /// being reset or destroyed too, count against the engines' shared budget.)
     pub(super) fn admit<'a>(&'a self, entry: &'a Entry) -> Result<Lease<'a>, AdmissionError> {
         if self.lifecycle.stopping() {
             return Err(AdmissionError::Stopping);
         }
-        let pooled: usize = lock(&self.images).values().map(|e| e.engine.pool_depth()).sum();
         let before = self.in_flight.fetch_add(1, Ordering::Relaxed);
         entry.in_flight.fetch_add(1, Ordering::Relaxed);
         let lease = Lease { registry: self, entry };
-        if before + 1 + pooled > self.max_vms {
-            return Err(AdmissionError::Full { max_vms: self.max_vms, in_flight: before, pooled });
+        if before + 1 > self.max_vms {
+            let live = self.budget.usage().vms;
+            return Err(AdmissionError::Full { max_vms: self.max_vms, in_flight: before, live });
         }
         Ok(lease)
     }
@@ -479,7 +534,13 @@ impl Registry {
             _ => image.info().http(),
         };
         let (mem_mib, vcpus) = (image.state().mem_size >> 20, image.state().vcpus.len());
-        let engine = Engine::new(self.hv.clone(), Arc::new(image), engine_config);
+        if let Err(e) = self.pool_memory_fits(name, &engine_config, image.state().mem_size) {
+            if owned {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            return Err(e);
+        }
+        let engine = Engine::with_budget(self.hv.clone(), Arc::new(image), engine_config, self.budget.clone());
         Ok(Arc::new(Entry {
             name: name.to_string(),
             source,

@@ -18,6 +18,7 @@ use vm_memory::VolatileSlice;
 
 use super::connection::{ConnState, Connection, Transition, Violation};
 use super::{Header, VsockConfig, VsockError, VsockStats, HOST_CID};
+use crate::throttle::{Throttled, GUEST_WARNING_INTERVAL};
 
 /// Most errors kept for [`HostEndpoint::take_errors`]; later ones are counted in
 /// [`VsockStats::errors_dropped`].
@@ -211,7 +212,9 @@ impl HostEndpoint {
 
     /// Logs and keeps an error (up to [`MAX_RECORDED_ERRORS`]), and counts it.
     pub(super) fn record(&mut self, e: VsockError) {
-        log::warn!("virtio-vsock: {}", error_chain(&e));
+        // A guest can repeat its misuse at will: the log says so once per interval.
+        static WARNINGS: Throttled = Throttled::new(GUEST_WARNING_INTERVAL);
+        WARNINGS.warn(format_args!("virtio-vsock: {}", error_chain(&e)));
         match e {
             VsockError::BadChain { .. } => self.stats.bad_chains += 1,
             VsockError::QueueBroken { .. } => {}
