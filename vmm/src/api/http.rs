@@ -224,9 +224,13 @@ fn parse_head(buf: &[u8], max_body: usize) -> Result<Option<(usize, Request, usi
     if find("transfer-encoding").is_some() {
         return Err(ReadError::LengthRequired);
     }
-    let length = match find("content-length") {
-        None => 0,
-        Some(v) => content_length(v).ok_or(ReadError::BadContentLength)?,
+    // One content-length, digits only: a second one (even an equal one) is refused, so that
+    // no proxy in front and this parser can disagree on where the body ends.
+    let mut lengths = headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case("content-length"));
+    let length = match (lengths.next(), lengths.next()) {
+        (None, _) => 0,
+        (Some((_, v)), None) => content_length(v).ok_or(ReadError::BadContentLength)?,
+        (Some(_), Some(_)) => return Err(ReadError::BadContentLength),
     };
     if length > max_body as u64 {
         return Err(ReadError::BodyTooLarge { length, limit: max_body });
@@ -543,6 +547,15 @@ mod tests {
         assert_eq!(status(b"POST / HTTP/1.1\r\ncontent-length: 5\r\n\r\n12345"), Some(413));
         assert_eq!(status(b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n"), Some(411));
         assert_eq!(status(b"POST / HTTP/1.1\r\ncontent-length: x\r\n\r\n"), Some(400));
+        for lengths in [
+            "content-length: +3",
+            "content-length: 3, 3",
+            "content-length: 3\r\nContent-Length: 3",
+            "content-length: 3\r\ncontent-length: 4",
+        ] {
+            let request = format!("POST / HTTP/1.1\r\n{lengths}\r\n\r\nabcd");
+            assert_eq!(status(request.as_bytes()), Some(400), "{lengths}");
+        }
         assert_eq!(status(b"POST / HTTP/1.1\r\ncontent-length: 3\r\n\r\n1"), Some(400));
         assert_eq!(status(b""), None);
     }
