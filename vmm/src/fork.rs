@@ -107,8 +107,9 @@ pub struct Served {
     pub run_us: f64,
     /// The VM's identifier (unique in this process).
     pub vm_id: u64,
-    /// The response's bytes of the budget's response bytes, held while this lives.
-    _held: Option<Arc<ByteCharge>>,
+    /// The response's share of the budget's response bytes: pass it on with the bytes, and
+    /// drop it once they are sent.
+    pub response_charge: Option<Arc<ByteCharge>>,
 }
 
 /// How long a request waits for its VM to fit the budget (VMs of finished requests are
@@ -582,7 +583,13 @@ impl Engine {
         }
         let (response, held) = result?;
         let held = held.map(Arc::new);
-        Ok(Served { response, fork_us: micros(forked - start), run_us: micros(done - forked), vm_id, _held: held })
+        Ok(Served {
+            response,
+            fork_us: micros(forked - start),
+            run_us: micros(done - forked),
+            vm_id,
+            response_charge: held,
+        })
     }
 
     /// Serves one request and reports how much guest memory its VM wrote (KiB), for
@@ -604,8 +611,13 @@ impl Engine {
         let vm_id = vm.id();
         self.reaper.reap(vm);
         let response = result?;
-        let served =
-            Served { response, fork_us: micros(forked - start), run_us: micros(done - forked), vm_id, _held: None };
+        let served = Served {
+            response,
+            fork_us: micros(forked - start),
+            run_us: micros(done - forked),
+            vm_id,
+            response_charge: None,
+        };
         Ok((served, private))
     }
 }

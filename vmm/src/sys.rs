@@ -412,6 +412,22 @@ pub(crate) fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> std::io::R
     }
 }
 
+/// Raises this process's soft limit of open descriptors towards `wanted`, as far as its hard
+/// limit allows; returns the soft limit in force.
+pub(crate) fn raise_descriptor_limit(wanted: u64) -> std::io::Result<u64> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes one rlimit into `limit`, which is valid for writes; checked.
+    check(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) })?;
+    let target = wanted.min(limit.rlim_max);
+    if target > limit.rlim_cur {
+        limit.rlim_cur = target;
+        // SAFETY: setrlimit reads the rlimit it is given; raising the soft limit up to the
+        // hard one needs no privilege. Checked.
+        check(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) })?;
+    }
+    Ok(limit.rlim_cur)
+}
+
 /// This machine's physical memory, bytes.
 pub(crate) fn physical_memory() -> Option<u64> {
     // SAFETY: sysconf takes a name and touches no memory.

@@ -207,7 +207,13 @@ mod tests {
         let decode = |bytes: &[u8]| decode_response(bytes, 64);
         let resp = decode(b"HTTP/1.1 201 Created\r\nx-a: 1\r\nconnection: close\r\ncontent-length: 2\r\n\r\nokEXTRA")
             .expect("parses");
-        assert_eq!(resp, Response { status: 201, headers: vec![("x-a".into(), b"1".to_vec())], body: b"ok".to_vec() });
+        let want = Response {
+            status: 201,
+            headers: vec![("x-a".into(), b"1".to_vec())],
+            body: b"ok".to_vec(),
+            held: Default::default(),
+        };
+        assert_eq!(resp, want);
         assert_eq!(decode(b"HTTP/1.1 200 OK\r\n\r\nto the end").map(|r| r.body), Ok(b"to the end".to_vec()));
         assert!(matches!(decode(b"garbage"), Err(DispatchError::Response(ResponseError::Malformed(_)))));
         assert!(matches!(

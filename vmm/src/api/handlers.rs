@@ -12,7 +12,7 @@ use serde_json::json;
 use super::config::{ServeConfig, ServeError};
 use super::dispatch::{self, DispatchError, Routes};
 use super::failure;
-use super::http::{Request, Response};
+use super::http::{Held, Request, Response};
 use super::listen::Lifecycle;
 use super::metrics::{self, Gauges, Metrics, Outcome};
 use super::model::{self, ApiRequest, ApiResponse, ModelError};
@@ -140,11 +140,13 @@ impl Failure {
 }
 
 /// What the engine reports of a request's VM, sent back as `x-mu2-*` headers.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Timing {
     vm_id: u64,
     fork_us: f64,
     run_us: f64,
+    /// The response's share of `--max-response-bytes`, held until the reply is written.
+    held: Held,
 }
 
 impl Timing {
@@ -317,7 +319,7 @@ impl Handlers {
                 for (name, value) in timing.headers(start) {
                     reply = reply.with_header(name, value);
                 }
-                Ok(reply)
+                Ok(reply.holding(timing.held))
             }
         }
     }
@@ -359,10 +361,11 @@ impl Handlers {
         } else {
             self.run(&entry, &request.body, |answer| {
                 let headers = vec![("content-type".to_string(), b"application/octet-stream".to_vec())];
-                Ok(Response { status: 200, headers, body: answer })
+                Ok(Response { status: 200, headers, body: answer, held: Held::default() })
             })?
         };
         response.headers.extend(timing.headers(start).into_iter().map(|(n, v)| (n.to_string(), v.into_bytes())));
+        response.held = timing.held;
         Ok(response)
     }
 
@@ -391,8 +394,8 @@ impl Handlers {
         drop(lease);
         entry.count_request();
         let (result, fork_run) = match served {
-            Ok(Served { response, fork_us, run_us, vm_id, .. }) => {
-                let timing = Timing { vm_id, fork_us, run_us };
+            Ok(Served { response, fork_us, run_us, vm_id, response_charge }) => {
+                let timing = Timing { vm_id, fork_us, run_us, held: Held::new(response_charge) };
                 (answer(response).map(|reply| (reply, timing)), Some((fork_us, run_us)))
             }
             Err(source) => (Err(Failure::Serve { image: entry.name().to_string(), source }), None),

@@ -292,7 +292,33 @@ pub struct Response {
     pub headers: Vec<(String, Vec<u8>)>,
     /// The body.
     pub body: Vec<u8>,
+    /// What the body holds of a byte budget until the response is written and dropped.
+    pub held: Held,
 }
+
+/// A response body's share of a byte budget (the guest responses buffered at once), given
+/// back when the last clone is dropped; not part of what the response says, so responses
+/// compare equal whatever they hold.
+#[derive(Debug, Clone, Default)]
+pub struct Held {
+    /// Kept for its drop, which gives the bytes back.
+    _charge: Option<Arc<ByteCharge>>,
+}
+
+impl Held {
+    /// Holds `charge`.
+    pub fn new(charge: Option<Arc<ByteCharge>>) -> Held {
+        Held { _charge: charge }
+    }
+}
+
+impl PartialEq for Held {
+    fn eq(&self, _: &Held) -> bool {
+        true
+    }
+}
+
+impl Eq for Held {}
 
 impl Response {
     /// The first header called `name` (case-insensitive).
@@ -309,7 +335,7 @@ pub fn write_response(
     keep_alive: bool,
     head_only: bool,
 ) -> std::io::Result<()> {
-    let Response { status, headers, body } = response;
+    let Response { status, headers, body, .. } = response;
     let mut out = Vec::with_capacity(256 + if head_only { 0 } else { body.len() });
     out.extend_from_slice(format!("HTTP/1.1 {status} {}\r\n", reason(*status)).as_bytes());
     for (name, value) in headers {
@@ -433,7 +459,7 @@ pub fn parse_response(bytes: &[u8], limits: &ResponseLimits, head_only: bool) ->
         }
         None => rest.to_vec(),
     };
-    Ok(Response { status, headers, body })
+    Ok(Response { status, headers, body, held: Held::default() })
 }
 
 #[cfg(test)]
@@ -563,7 +589,12 @@ mod tests {
     #[test]
     fn writes_a_response() {
         let mut out = Vec::new();
-        let response = Response { status: 404, headers: vec![("x-a".into(), b"1".to_vec())], body: b"{}".to_vec() };
+        let response = Response {
+            status: 404,
+            headers: vec![("x-a".into(), b"1".to_vec())],
+            body: b"{}".to_vec(),
+            held: Held::default(),
+        };
         write_response(&mut out, &response, false, false).expect("write");
         assert_eq!(out, b"HTTP/1.1 404 Not Found\r\nx-a: 1\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}");
         // What the writer writes, the parser reads back.
@@ -578,7 +609,7 @@ mod tests {
         let r = parse_response(b"HTTP/1.1 201 Created\r\nx-a: 1\r\nContent-Length: 2\r\n\r\nokEXTRA", &LIMITS, false)
             .expect("parses");
         let headers = vec![("x-a".into(), b"1".to_vec()), ("Content-Length".into(), b"2".to_vec())];
-        assert_eq!(r, Response { status: 201, headers, body: b"ok".to_vec() });
+        assert_eq!(r, Response { status: 201, headers, body: b"ok".to_vec(), held: Held::default() });
         assert_eq!(r.header("X-A"), Some(&b"1"[..]));
         let r = parse_response(b"HTTP/1.1 200 OK\r\n\r\nto the end", &LIMITS, false);
         assert_eq!(r.map(|r| r.body), Err(ResponseError::BodyTooLarge { length: 10, limit: 8 }));

@@ -132,6 +132,16 @@ impl Daemon {
         prepared: &sandboxed::Prepared,
     ) -> Result<Daemon, ServeError> {
         config.validate(inherited.http.is_some())?;
+        // Descriptors for every connection the caps allow, and the VMs' (each VM holds a few),
+        // so that the caps and not EMFILE are what refuse work.
+        let wanted = 2 * config.max_connections as u64 + 8 * config.max_vms as u64 + 256;
+        match crate::sys::raise_descriptor_limit(wanted) {
+            Ok(soft) if soft < wanted => {
+                log::warn!("descriptor limit {soft} is below the {wanted} the limits may need; accepts may fail first")
+            }
+            Ok(_) => {}
+            Err(e) => log::warn!("raising the descriptor limit: {e}"),
+        }
         let routes = Routes::new(config.routes.iter().cloned());
         let hv = Arc::new(Hypervisor::open().map_err(ServeError::Hypervisor)?);
         let images = files::ImagesDir::prepare(config.images_dir.as_deref()).map_err(ServeError::Files)?;

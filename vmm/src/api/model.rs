@@ -351,6 +351,8 @@ pub struct ApiResponse {
     pub content_type: String,
     /// Body.
     pub body: Vec<u8>,
+    /// What the body holds of a byte budget until it is written (not part of its value).
+    pub held: http::Held,
 }
 
 impl ApiResponse {
@@ -361,6 +363,7 @@ impl ApiResponse {
             headers: Vec::new(),
             content_type: "application/json".into(),
             body: format!("{value}\n").into_bytes(),
+            held: http::Held::default(),
         }
     }
 
@@ -371,12 +374,24 @@ impl ApiResponse {
 
     /// Raw bytes.
     pub fn bytes(status: u16, content_type: &str, body: Vec<u8>) -> Self {
-        ApiResponse { status, headers: Vec::new(), content_type: content_type.into(), body }
+        ApiResponse {
+            status,
+            headers: Vec::new(),
+            content_type: content_type.into(),
+            body,
+            held: http::Held::default(),
+        }
     }
 
     /// Adds a header.
     pub fn with_header(mut self, name: &str, value: impl ToString) -> Self {
         self.headers.push((name.into(), value.to_string()));
+        self
+    }
+
+    /// The same response, holding `held` until it is written.
+    pub fn holding(mut self, held: http::Held) -> Self {
+        self.held = held;
         self
     }
 }
@@ -386,7 +401,7 @@ impl From<ApiResponse> for http::Response {
         let mut headers = Vec::with_capacity(1 + r.headers.len());
         headers.push(("content-type".to_string(), r.content_type.into_bytes()));
         headers.extend(r.headers.into_iter().map(|(name, value)| (name, value.into_bytes())));
-        http::Response { status: r.status, headers, body: r.body }
+        http::Response { status: r.status, headers, body: r.body, held: r.held }
     }
 }
 
