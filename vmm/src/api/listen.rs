@@ -196,6 +196,11 @@ pub(super) struct Endpoint {
     pub metrics: Arc<Metrics>,
     /// Failing accepts, logged once per interval.
     pub accept_failures: Throttled,
+    /// Whether the accept loop, when the daemon stops, takes the connections still queued
+    /// and answers them (503) before the listener closes: for a listener the daemon bound,
+    /// whose queue would otherwise be reset. A listener passed by a service manager keeps its
+    /// queue for the next daemon.
+    pub answer_backlog_on_stop: bool,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -229,19 +234,34 @@ pub(super) fn spawn_acceptor<L: Listen>(listener: L, endpoint: Endpoint) -> std:
             if endpoint.lifecycle.stopping() {
                 break;
             }
-            match listener.accept_next().and_then(|stream| L::configure(&stream).map(|()| stream)) {
-                Ok(stream) if endpoint.open.load(Ordering::Relaxed) >= endpoint.max_connections => {
-                    refuse_over_capacity(&endpoint, stream)
-                }
-                Ok(stream) => spawn_connection(&endpoint, stream),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => {
-                    endpoint.accept_failures.warn(format_args!("accepting on the {} listener: {e}", endpoint.label));
-                    std::thread::sleep(ACCEPT_BACKOFF);
-                }
+            if let Err(e) = accept_one(&listener, &endpoint) {
+                endpoint.accept_failures.warn(format_args!("accepting on the {} listener: {e}", endpoint.label));
+                std::thread::sleep(ACCEPT_BACKOFF);
             }
         }
+        if endpoint.answer_backlog_on_stop {
+            // Each queued connection's first request is answered 503 (its thread reads it
+            // first, so the close is not a reset); the caps still apply.
+            while let Ok(true) = accept_one(&listener, &endpoint) {}
+        }
     })
+}
+
+/// Takes one queued connection and hands it to a thread, or refuses it over the cap. Returns
+/// whether there was one.
+fn accept_one<L: Listen>(listener: &L, endpoint: &Arc<Endpoint>) -> std::io::Result<bool> {
+    match listener.accept_next().and_then(|stream| L::configure(&stream).map(|()| stream)) {
+        Ok(stream) if endpoint.open.load(Ordering::Relaxed) >= endpoint.max_connections => {
+            refuse_over_capacity(endpoint, stream);
+            Ok(true)
+        }
+        Ok(stream) => {
+            spawn_connection(endpoint, stream);
+            Ok(true)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Answers a connection over `--max-connections` with a 503 from the accept loop and closes

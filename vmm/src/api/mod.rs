@@ -146,6 +146,7 @@ impl Daemon {
         let hv = Arc::new(Hypervisor::open().map_err(ServeError::Hypervisor)?);
         let images = files::ImagesDir::prepare(config.images_dir.as_deref()).map_err(ServeError::Files)?;
         let mut made = Made { images_dir: images.owned().then(|| images.path().to_path_buf()), api_sock: None };
+        let (api_passed, http_passed) = (inherited.api.is_some(), inherited.http.is_some());
         let api = match inherited.api {
             Some(listener) => listener,
             None => {
@@ -191,9 +192,10 @@ impl Daemon {
             handlers.registry().clear();
             return Err(e);
         }
-        let endpoint = |label, handler: Arc<listen::Handler>| Endpoint {
+        let endpoint = |label, handler: Arc<listen::Handler>, passed: bool| Endpoint {
             label,
             handler,
+            answer_backlog_on_stop: !passed,
             limits: limits.clone(),
             max_connections,
             open: Default::default(),
@@ -203,12 +205,16 @@ impl Daemon {
         };
         let mut acceptors = Vec::new();
         let h = handlers.clone();
-        acceptors.push(spawn_acceptor(api, endpoint("api", Arc::new(move |r| h.api(r))), "the API acceptor")?);
+        acceptors.push(spawn_acceptor(
+            api,
+            endpoint("api", Arc::new(move |r| h.api(r)), api_passed),
+            "the API acceptor",
+        )?);
         if let Some(tcp) = tcp {
             let h = handlers.clone();
             acceptors.push(spawn_acceptor(
                 tcp,
-                endpoint("http", Arc::new(move |r| h.dispatch(r))),
+                endpoint("http", Arc::new(move |r| h.dispatch(r)), http_passed),
                 "the HTTP acceptor",
             )?);
         }

@@ -88,6 +88,8 @@ const BASE: &[Syscall] = &[
     allow!(SYS_mprotect, NoExec),
     allow!(SYS_munmap),
     allow!(SYS_nanosleep),
+    // A sleep or wait a signal interrupted resumes through it (SIGTERM lands on any thread).
+    allow!(SYS_restart_syscall),
     allow!(SYS_rt_sigprocmask),
     allow!(SYS_rt_sigreturn),
     allow!(SYS_sched_yield),
