@@ -527,7 +527,7 @@ fn max_vms_bounds_every_live_vm_under_load_and_max_memory_bounds_guest_memory() 
     assert!(peak <= 2, "at most --max-vms 2 KVM VMs at any time, saw {peak} ({statuses:?})");
 
     // Guest memory: a pool of one 96 MiB VM and one more for a request do not fit 160 MiB,
-    // and a VM larger than the whole budget never runs.
+    // and an image larger than the whole budget is refused before it is built.
     let c = d.client();
     let body = |r: &mu2_vmm::api::client::Response| String::from_utf8_lossy(&r.body).into_owned();
     let pool = serde_json::json!({ "function": "echo", "mode": "pool", "pool_size": 1, "mem_mib": 96 });
@@ -535,9 +535,8 @@ fn max_vms_bounds_every_live_vm_under_load_and_max_memory_bounds_guest_memory() 
     assert_eq!(r.status, 409, "{}", body(&r));
     assert!(body(&r).contains("--max-memory 160 MiB"), "{}", body(&r));
     let big = serde_json::json!({ "function": "echo", "mem_mib": 192 });
-    c.put_image("big", &big).expect("PUT big (fresh mode: no pool to fit)");
-    let r = c.request("POST", "/images/big/invoke", b"too big").expect("invoke big");
-    assert_eq!(r.status, 503, "{}", body(&r));
-    assert!(body(&r).contains("this VM needs 192 MiB"), "{}", body(&r));
+    let r = c.request("PUT", "/images/big", big.to_string().as_bytes()).expect("PUT big");
+    assert_eq!(r.status, 409, "{}", body(&r));
+    assert!(body(&r).contains("192 MiB of guest memory exceed --max-memory 160 MiB"), "{}", body(&r));
     assert_eq!(d.invoke("echo", b"fits"), (200, b"fits".to_vec()));
 }

@@ -3,8 +3,8 @@
 //! limit of VMs and one of guest memory bound them all. The memory a VM counts is its guest's
 //! whole memory size: what it may come to own by writing, whatever it shares copy-on-write now.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use crate::error::{Classify, FailureKind};
@@ -50,17 +50,29 @@ impl Classify for BudgetSpent {
     }
 }
 
+/// What holds VMs it could give back to a budget on request: a pool's ready VMs, reuse
+/// mode's idle ones.
+pub trait Reclaim: Send + Sync + std::fmt::Debug {
+    /// Gives one VM back (destroyed, its permit dropped, soon); false if it has none to spare.
+    fn give_back_one(&self) -> bool;
+}
+
 /// One limit of VMs and guest memory, shared by engines.
-#[derive(Debug)]
 pub struct VmBudget {
     limits: Limits,
     used: Mutex<Usage>,
     freed: Condvar,
-    /// When a caller last waited for, or was refused, a permit (ms since `epoch`, plus one;
-    /// zero: never). Pools give VMs back while this is recent.
-    pressed_at: AtomicU64,
-    epoch: Instant,
+    /// Requests waiting for room now: pool builders build nothing while there are any.
+    waiting: AtomicUsize,
+    /// Who may give VMs back to a waiting request.
+    reclaimers: Mutex<Vec<Weak<dyn Reclaim>>>,
     responses: Arc<ByteBudget>,
+}
+
+impl std::fmt::Debug for VmBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmBudget").field("limits", &self.limits).field("used", &self.usage()).finish_non_exhaustive()
+    }
 }
 
 impl VmBudget {
@@ -70,8 +82,8 @@ impl VmBudget {
             limits,
             used: Mutex::new(Usage::default()),
             freed: Condvar::new(),
-            pressed_at: AtomicU64::new(0),
-            epoch: Instant::now(),
+            waiting: AtomicUsize::new(0),
+            reclaimers: Mutex::new(Vec::new()),
             responses: ByteBudget::new(limits.max_response_bytes),
         })
     }
@@ -100,11 +112,12 @@ impl VmBudget {
         self.used.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether a VM of `memory` bytes fits beside `used` with `spare` more VMs still free.
+    /// Whether a VM of `memory` bytes fits beside `used` with room for `spare` more VMs of
+    /// its size still free.
     fn fits(&self, used: &Usage, memory: u64, spare: usize) -> bool {
         let vms_left = self.limits.max_vms.saturating_sub(used.vms);
         let memory_left = self.limits.max_memory.saturating_sub(used.memory);
-        vms_left > spare && memory_left >= memory
+        vms_left > spare && memory_left >= memory.saturating_mul(spare as u64 + 1)
     }
 
     fn spent(&self, used: Usage, memory: u64) -> BudgetSpent {
@@ -117,52 +130,76 @@ impl VmBudget {
         Permit { budget: self.clone(), memory }
     }
 
-    /// A permit for a VM of `memory` bytes if one fits now with `spare` VMs left free beside
-    /// it (a pool builder leaves room for requests). Does not count as pressure.
+    /// A permit for a VM of `memory` bytes if one fits now with room for `spare` more VMs of
+    /// its size beside it (a pool builder leaves room for requests), and no request is
+    /// waiting for room.
     pub fn try_take(self: &Arc<Self>, memory: u64, spare: usize) -> Result<Permit, BudgetSpent> {
         let mut used = self.lock();
-        if !self.fits(&used, memory, spare) {
+        if self.waiting.load(Ordering::SeqCst) > 0 || !self.fits(&used, memory, spare) {
             return Err(self.spent(*used, memory));
         }
         Ok(self.grant(&mut used, memory))
     }
 
+    /// Waits up to `wait` for the budget to change (a permit given back, a request done
+    /// waiting): what a pool builder does instead of polling.
+    pub fn wait_for_change(&self, wait: Duration) {
+        let used = self.lock();
+        let _ = self.freed.wait_timeout(used, wait);
+    }
+
+    /// Has `reclaimer` give VMs back to requests that wait for room (held weakly: an engine
+    /// that is gone is skipped).
+    pub fn register(&self, reclaimer: Weak<dyn Reclaim>) {
+        let mut reclaimers = self.reclaimers.lock().unwrap_or_else(|p| p.into_inner());
+        reclaimers.retain(|r| r.strong_count() > 0);
+        reclaimers.push(reclaimer);
+    }
+
+    /// Asks the registered engines, in turn, for one VM back; whether one gave.
+    fn reclaim_one(&self) -> bool {
+        let reclaimers: Vec<_> = self.reclaimers.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        reclaimers.iter().filter_map(Weak::upgrade).any(|r| r.give_back_one())
+    }
+
     /// A permit for a VM of `memory` bytes, waiting up to `wait` for VMs to be destroyed
-    /// (a request): while it waits, pools sharing the budget give VMs back.
+    /// (a request): while it waits, the engines sharing the budget give idle VMs back and
+    /// build no new ones. A VM larger than the whole budget is refused at once.
     pub fn take_within(self: &Arc<Self>, memory: u64, wait: Duration) -> Result<Permit, BudgetSpent> {
         let until = Instant::now() + wait;
         let mut used = self.lock();
-        loop {
+        if memory > self.limits.max_memory || self.limits.max_vms == 0 {
+            return Err(self.spent(*used, memory));
+        }
+        if self.fits(&used, memory, 0) {
+            return Ok(self.grant(&mut used, memory));
+        }
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let result = loop {
+            drop(used);
+            // Idle VMs of other engines go first; what they give back arrives through the
+            // reapers, which wake this wait.
+            let reclaimed = self.reclaim_one();
+            used = self.lock();
             if self.fits(&used, memory, 0) {
-                return Ok(self.grant(&mut used, memory));
+                break Ok(self.grant(&mut used, memory));
             }
-            self.note_pressure();
             let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() || memory > self.limits.max_memory {
-                return Err(self.spent(*used, memory));
+            if left.is_zero() {
+                break Err(self.spent(*used, memory));
             }
-            used =
-                self.freed.wait_timeout(used, left.min(Duration::from_millis(5))).map(|(g, _)| g).unwrap_or_else(|p| {
-                    let (g, _) = p.into_inner();
-                    g
-                });
-        }
+            let nap = if reclaimed { Duration::from_millis(2) } else { Duration::from_millis(10) };
+            used = self.freed.wait_timeout(used, left.min(nap)).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+        };
+        drop(used);
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        self.freed.notify_all();
+        result
     }
 
-    fn note_pressure(&self) {
-        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1;
-        self.pressed_at.store(now, Ordering::Relaxed);
-    }
-
-    /// Whether a request waited for, or was refused, a permit within `window`.
-    pub fn under_pressure(&self, window: Duration) -> bool {
-        match self.pressed_at.load(Ordering::Relaxed) {
-            0 => false,
-            at => {
-                let since = Duration::from_millis(at - 1);
-                self.epoch.elapsed().saturating_sub(since) < window
-            }
-        }
+    /// Requests waiting for room now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
     }
 }
 
@@ -215,6 +252,11 @@ impl ByteBudget {
         Arc::new(ByteBudget { limit, used: AtomicUsize::new(0) })
     }
 
+    /// The limit.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
     /// Bytes taken now.
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)
@@ -222,12 +264,17 @@ impl ByteBudget {
 
     /// Takes `bytes` if they fit now.
     pub fn charge(self: &Arc<Self>, bytes: usize) -> Result<ByteCharge, BytesSpent> {
+        self.take(bytes)?;
+        Ok(ByteCharge { budget: self.clone(), bytes })
+    }
+
+    fn take(&self, bytes: usize) -> Result<(), BytesSpent> {
         let mut used = self.used.load(Ordering::Relaxed);
         loop {
             let after = used.checked_add(bytes).filter(|&after| after <= self.limit);
             let Some(after) = after else { return Err(BytesSpent { limit: self.limit, used, wanted: bytes }) };
             match self.used.compare_exchange_weak(used, after, Ordering::AcqRel, Ordering::Relaxed) {
-                Ok(_) => return Ok(ByteCharge { budget: self.clone(), bytes }),
+                Ok(_) => return Ok(()),
                 Err(now) => used = now,
             }
         }
@@ -239,6 +286,23 @@ impl ByteBudget {
 pub struct ByteCharge {
     budget: Arc<ByteBudget>,
     bytes: usize,
+}
+
+impl ByteCharge {
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Holds `total` bytes in all, taking what is missing if it fits now (a buffer charged as
+    /// it fills, so that a length announced but not sent holds nothing).
+    pub fn grow_to(&mut self, total: usize) -> Result<(), BytesSpent> {
+        if let Some(more) = total.checked_sub(self.bytes).filter(|&more| more > 0) {
+            self.budget.take(more)?;
+            self.bytes = total;
+        }
+        Ok(())
+    }
 }
 
 impl Drop for ByteCharge {
@@ -260,7 +324,12 @@ mod tests {
         let spent = bytes.charge(41).expect_err("over the limit");
         assert_eq!((spent.used, spent.wanted), (60, 41));
         assert!(bytes.charge(usize::MAX).is_err(), "no overflow");
-        let b = bytes.charge(40).expect("fits exactly");
+        let mut b = bytes.charge(0).expect("nothing yet");
+        b.grow_to(30).expect("grows");
+        b.grow_to(20).expect("never shrinks");
+        assert!(b.grow_to(41).is_err(), "60 + 41 > 100");
+        b.grow_to(40).expect("fits exactly");
+        assert_eq!(b.bytes(), 40);
         drop(a);
         assert_eq!(bytes.used(), 40);
         drop(b);
@@ -291,29 +360,61 @@ mod tests {
         let _b = budget.try_take(0, 1).expect("one left after it");
         assert!(budget.try_take(0, 1).is_err(), "the last VM is kept for a request");
         assert!(budget.take_within(0, Duration::ZERO).is_ok(), "a request takes it");
+        // Memory is kept the same way: room for one more VM of the size asked for.
+        let memory = VmBudget::new(Limits { max_vms: 100, max_memory: 3 * MIB, max_response_bytes: 0 });
+        let _c = memory.try_take(MIB, 1).expect("two MiB left after it");
+        assert!(memory.try_take(2 * MIB, 1).is_err(), "it would leave no 2 MiB for a request");
     }
 
     #[test]
-    fn a_waiting_request_gets_the_vm_another_frees_and_marks_pressure() {
+    fn a_waiting_request_gets_the_vm_another_frees_and_builders_hold_off_meanwhile() {
         let budget = VmBudget::new(Limits { max_vms: 1, max_memory: u64::MAX, max_response_bytes: 0 });
-        assert!(!budget.under_pressure(Duration::from_secs(1)));
         let held = budget.try_take(0, 0).expect("the only VM");
-        let release = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(20));
-            drop(held);
-        });
-        let got = budget.take_within(0, Duration::from_secs(5));
-        assert!(got.is_ok(), "{got:?}");
-        assert!(budget.under_pressure(Duration::from_secs(1)));
-        release.join().expect("release thread");
+        let waiter = {
+            let budget = budget.clone();
+            std::thread::spawn(move || budget.take_within(0, Duration::from_secs(30)).map(drop))
+        };
+        while budget.waiting() == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(held);
+        // Freed while a request waits: a builder's try_take does not take it from the request.
+        let builder = budget.try_take(0, 0);
+        assert!(waiter.join().expect("waiter").is_ok());
+        assert!(builder.is_err() || budget.usage().vms <= 1);
+        assert_eq!(budget.waiting(), 0);
+    }
+
+    #[derive(Debug)]
+    struct Spares(Mutex<Vec<Permit>>);
+
+    impl Reclaim for Spares {
+        fn give_back_one(&self) -> bool {
+            self.0.lock().expect("spares").pop().is_some()
+        }
+    }
+
+    #[test]
+    fn a_waiting_request_is_given_an_idle_vm_of_a_registered_engine() {
+        let budget = VmBudget::new(Limits { max_vms: 2, max_memory: u64::MAX, max_response_bytes: 0 });
+        let spares = Arc::new(Spares(Mutex::new(vec![
+            budget.try_take(0, 0).expect("first"),
+            budget.try_take(0, 0).expect("second"),
+        ])));
+        let weak: Weak<dyn Reclaim> = Arc::downgrade(&spares) as Weak<dyn Reclaim>;
+        budget.register(weak);
+        let got = budget.take_within(0, Duration::from_secs(30)).expect("an idle VM given back");
+        assert_eq!(spares.0.lock().expect("spares").len(), 1, "one given back, not both");
+        drop(got);
+        drop(spares);
+        assert_eq!(budget.usage().vms, 0, "the dropped engine's last permit went with it");
     }
 
     #[test]
     fn a_vm_larger_than_the_whole_budget_is_refused_at_once() {
         let budget = VmBudget::new(Limits { max_vms: 4, max_memory: 10 * MIB, max_response_bytes: 0 });
-        let start = Instant::now();
-        let refused = budget.take_within(11 * MIB, Duration::from_secs(10)).expect_err("too large");
-        assert!(start.elapsed() < Duration::from_secs(5));
+        let refused = budget.take_within(11 * MIB, Duration::from_secs(3600)).expect_err("too large");
         assert!(refused.to_string().contains("this VM needs 11 MiB"), "{refused}");
+        assert_eq!(budget.waiting(), 0, "it never waited, so no builder held off for it");
     }
 }

@@ -22,7 +22,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::budget::{BudgetSpent, ByteCharge, Permit, VmBudget};
+use crate::budget::{BudgetSpent, ByteCharge, Permit, Reclaim, VmBudget};
 use crate::error::error_chain;
 use crate::hypervisor::Hypervisor;
 use crate::image::Image;
@@ -86,9 +86,6 @@ pub enum ForkError {
     /// The budget of VMs and memory has no room for a VM.
     #[error("no VM for the request")]
     Budget(#[source] BudgetSpent),
-    /// The pool stayed empty for the request's whole deadline.
-    #[error("the VM pool stayed empty for {0:?}")]
-    PoolEmpty(Duration),
     /// The request failed in the VM.
     #[error(transparent)]
     Invoke(#[from] InvokeError),
@@ -115,8 +112,9 @@ pub struct Served {
 /// How long a request waits for its VM to fit the budget (VMs of finished requests are
 /// still being destroyed, or a pool gives one back) before it is refused.
 pub const ADMISSION_WAIT: Duration = Duration::from_millis(100);
-/// How recently a request must have waited for the budget for pools to give VMs back.
-const PRESSURE_WINDOW: Duration = Duration::from_millis(200);
+/// How long a pool builder that found no room waits for the budget to change before it
+/// looks again.
+const BUDGET_RECHECK: Duration = Duration::from_millis(50);
 
 /// A VM and its share of the budget, given back after the VM is destroyed (fields drop in
 /// order).
@@ -228,7 +226,7 @@ impl Pool {
                 let (hv, image, tx, stop, depth) = (hv.clone(), image.clone(), tx.clone(), stop.clone(), depth.clone());
                 let written = written.clone();
                 let filling = filling.clone();
-                let (budget, ready) = (budget.clone(), ready.clone());
+                let budget = budget.clone();
                 sandbox::spawn(ThreadClass::PoolBuilder, format!("mu2-pool-{i}"), move || {
                     while !stop.load(Ordering::Relaxed) {
                         // Refill in bursts: once the pool is full, wait until it is down to
@@ -243,16 +241,10 @@ impl Pool {
                             }
                             filling.store(true, Ordering::Relaxed);
                         }
-                        // Requests waiting for room in the budget come first: build nothing,
-                        // and give one pooled VM back now and then.
-                        if budget.under_pressure(PRESSURE_WINDOW) {
-                            give_back_one(&ready, &depth);
-                            std::thread::sleep(Duration::from_millis(10));
-                            continue;
-                        }
-                        // One VM is left for requests of the budget's other engines.
+                        // One VM is left for requests of the budget's other engines, and
+                        // nothing is built while a request waits for room (`try_take`).
                         let Ok(permit) = budget.try_take(memory, 1) else {
-                            std::thread::sleep(Duration::from_millis(2));
+                            budget.wait_for_change(BUDGET_RECHECK);
                             continue;
                         };
                         let vm = Vm::restore(&hv, &image)
@@ -279,25 +271,63 @@ impl Pool {
         Pool { ready, stop, builders, depth }
     }
 
-    /// The next pooled VM, waiting up to `wait` for one.
-    fn take(&self, wait: Duration) -> Result<Leased, ForkError> {
-        let rx = self.ready.lock().map_err(|_| ForkError::PoolClosed)?;
-        let vm = rx.recv_timeout(wait).map_err(|e| match e {
-            mpsc::RecvTimeoutError::Timeout => ForkError::PoolEmpty(wait),
-            mpsc::RecvTimeoutError::Disconnected => ForkError::PoolClosed,
-        })?;
+    /// A pooled VM if one is ready now (the lock is held only to look, never to wait).
+    fn take_ready(&self) -> Option<Result<Leased, ForkError>> {
+        let vm = self.ready.lock().ok()?.try_recv().ok()?;
         self.depth.fetch_sub(1, Ordering::Relaxed);
-        vm.map_err(ForkError::Restore)
+        Some(vm.map_err(ForkError::Restore))
     }
 }
 
-/// Destroys one VM waiting in a pool, if there is one and no request is taking from it now.
-fn give_back_one(ready: &Mutex<Receiver<Result<Leased, RestoreError>>>, depth: &AtomicUsize) {
-    let Ok(rx) = ready.try_lock() else { return };
-    if let Ok(vm) = rx.try_recv() {
-        depth.fetch_sub(1, Ordering::Relaxed);
-        drop(rx);
-        drop(vm);
+/// Gives pooled VMs back to requests of other engines waiting for room in the budget, down to
+/// one.
+#[derive(Debug)]
+struct PoolReclaim {
+    ready: Arc<Mutex<Receiver<Result<Leased, RestoreError>>>>,
+    depth: Arc<AtomicUsize>,
+    reaper: Sender<Leased>,
+}
+
+impl Reclaim for PoolReclaim {
+    fn give_back_one(&self) -> bool {
+        if self.depth.load(Ordering::Relaxed) <= 1 {
+            return false;
+        }
+        let Ok(rx) = self.ready.try_lock() else { return false };
+        match rx.try_recv() {
+            Ok(Ok(vm)) => {
+                self.depth.fetch_sub(1, Ordering::Relaxed);
+                drop(rx);
+                // Destroyed on the reaper, whose drop of the permit wakes the waiter.
+                self.reaper.send(vm).is_ok()
+            }
+            Ok(Err(_)) => {
+                self.depth.fetch_sub(1, Ordering::Relaxed);
+                false
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+/// Gives reuse mode's idle VMs back to requests of other engines waiting for room, down to
+/// one.
+#[derive(Debug)]
+struct KeptReclaim {
+    kept: Arc<Kept>,
+    reaper: Sender<Leased>,
+}
+
+impl Reclaim for KeptReclaim {
+    fn give_back_one(&self) -> bool {
+        let Ok(mut ready) = self.kept.ready.try_lock() else { return false };
+        if self.kept.alive.load(Ordering::Relaxed) <= 1 {
+            return false;
+        }
+        let Some(vm) = ready.pop() else { return false };
+        drop(ready);
+        self.kept.forget_one();
+        self.reaper.send(vm).is_ok()
     }
 }
 
@@ -393,8 +423,10 @@ impl Drop for Resetter {
 
 /// The pages a request writes in a VM of `image`, from one probe fork serving an empty
 /// request; empty if the probe fails (a guest that crashes or hangs on it).
-fn probe_written_pages(hv: &Hypervisor, image: &Image) -> Vec<u64> {
+fn probe_written_pages(hv: &Hypervisor, image: &Image, budget: &Arc<VmBudget>) -> Vec<u64> {
     let probe = || -> Option<Vec<u64>> {
+        // A VM like any other: without room for it, the pool does without the probe.
+        let _permit = budget.try_take(image.state().mem_size, 0).ok()?;
         let mut vm = Vm::restore(hv, image).ok()?;
         vm.hand_out(image).ok()?;
         let deadline = Some(Instant::now() + WARM_UP_DEADLINE);
@@ -433,6 +465,9 @@ pub struct Engine {
     // Declared before the reaper and the kept VMs: dropping it joins its thread first.
     resetter: Option<Resetter>,
     kept: Arc<Kept>,
+    /// What this engine gives back to the budget's waiting requests (held by the budget
+    /// weakly); declared before the reaper, whose sender it holds.
+    _reclaim: Option<Arc<dyn Reclaim>>,
     reaper: Reaper,
     budget: Arc<VmBudget>,
     /// Reuse-mode resets: [pages copied back, memory remapped].
@@ -449,7 +484,7 @@ impl Engine {
     /// Starts an engine whose VMs count against `budget`, which other engines may share.
     pub fn with_budget(hv: Arc<Hypervisor>, image: Arc<Image>, config: EngineConfig, budget: Arc<VmBudget>) -> Engine {
         let pool = (config.mode == Mode::Pool).then(|| {
-            let written = Arc::new(probe_written_pages(&hv, &image));
+            let written = Arc::new(probe_written_pages(&hv, &image, &budget));
             Pool::start(&hv, &image, &budget, config.pool_size, config.pool_builders, written)
         });
         let reaper = Reaper::start();
@@ -459,7 +494,17 @@ impl Engine {
             (Mode::Reuse, Some(tx)) => Some(Resetter::start(image.clone(), kept.clone(), tx.clone(), resets.clone())),
             _ => None,
         };
-        Engine { hv, image, config, pool, resetter, kept, reaper, budget, resets }
+        let reclaim: Option<Arc<dyn Reclaim>> = match (&pool, config.mode, &reaper.tx) {
+            (Some(pool), _, Some(tx)) => {
+                Some(Arc::new(PoolReclaim { ready: pool.ready.clone(), depth: pool.depth.clone(), reaper: tx.clone() }))
+            }
+            (None, Mode::Reuse, Some(tx)) => Some(Arc::new(KeptReclaim { kept: kept.clone(), reaper: tx.clone() })),
+            _ => None,
+        };
+        if let Some(reclaim) = &reclaim {
+            budget.register(Arc::downgrade(reclaim));
+        }
+        Engine { hv, image, config, pool, resetter, kept, _reclaim: reclaim, reaper, budget, resets }
     }
 
     /// The image.
@@ -512,10 +557,15 @@ impl Engine {
         self.pool_depth()
     }
 
-    fn vm_for_request(&self, timeout: Duration) -> Result<Leased, ForkError> {
+    /// A VM for a request: in pool mode a ready one, or, with the pool empty, one restored
+    /// now, like fresh mode (waiting for the builders could take as long as they like).
+    fn vm_for_request(&self) -> Result<Leased, ForkError> {
         match self.config.mode {
             Mode::Fresh => self.restored(),
-            Mode::Pool => self.pool.as_ref().ok_or(ForkError::PoolClosed)?.take(timeout),
+            Mode::Pool => match self.pool.as_ref().ok_or(ForkError::PoolClosed)?.take_ready() {
+                Some(vm) => vm,
+                None => self.restored(),
+            },
             Mode::Reuse => self.kept_vm(),
         }
     }
@@ -556,7 +606,7 @@ impl Engine {
     pub fn serve(&self, request: &[u8], timeout: Duration) -> Result<Served, ForkError> {
         self.check_request(request).map_err(|e| ForkError::Invoke(e.into()))?;
         let start = Instant::now();
-        let mut vm = self.vm_for_request(timeout)?;
+        let mut vm = self.vm_for_request()?;
         if let Err(e) = vm.hand_out(&self.image) {
             if self.config.mode == Mode::Reuse {
                 self.kept.forget_one();
@@ -631,7 +681,6 @@ impl crate::error::Classify for ForkError {
             ForkError::Restore(e) => e.kind(),
             ForkError::PoolClosed => crate::error::FailureKind::Internal,
             ForkError::Budget(e) => e.kind(),
-            ForkError::PoolEmpty(_) => crate::error::FailureKind::ResourceExhausted,
             ForkError::Invoke(e) => e.kind(),
         }
     }

@@ -37,7 +37,7 @@ pub fn http_request(bytes: &[u8]) {
 /// A guest's answer to the dispatcher, as `Handlers::dispatch` decodes it, and the same bytes
 /// as the client parses a daemon's response.
 pub fn dispatch_response(bytes: &[u8]) {
-    let _ = dispatch::decode_response(bytes, 1 << 16);
+    let _ = dispatch::decode_response(bytes.to_vec(), 1 << 16);
     let limits = http::ResponseLimits { max_head: http::MAX_HEAD, max_headers: 8, max_body: 1 << 16 };
     let _ = http::parse_response(bytes, &limits, true);
 }

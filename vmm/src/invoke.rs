@@ -165,6 +165,9 @@ fn device_error(vm: &mut Vm) -> Option<VsockError> {
     vm.vsock().take_errors().into_iter().next()
 }
 
+/// How much more of the response budget a response takes before each read from the guest.
+const RESPONSE_CHARGE_STEP: usize = 64 << 10;
+
 /// The response frame as it arrives: its header apart, so the body lands in its own buffer
 /// without being moved again.
 #[derive(Debug)]
@@ -203,16 +206,28 @@ impl<'a> ResponseFrame<'a> {
                 return Err(InvokeError::ResponseTooLarge { limit: self.max_response });
             }
             if let Some(responses) = self.responses {
-                self.charge = Some(responses.charge(len).map_err(InvokeError::ResponseBudget)?);
+                self.charge = Some(responses.charge(0).map_err(InvokeError::ResponseBudget)?);
             }
             // The announced length is the guest's word: reserve at most a little up front and
             // let the buffer grow with the bytes that actually arrive.
             self.body.reserve_exact(len.min(INITIAL_BODY_RESERVE));
             self.header = Some(header);
         }
-        let missing = self.expected() - self.received();
-        vsock.recv_up_to(conn, &mut self.body, missing).map_err(InvokeError::Device)?;
-        Ok(())
+        // Charged as the bytes arrive, a step at a time: a length the guest announces and does
+        // not send holds nothing of the budget.
+        loop {
+            let missing = self.expected() - self.received();
+            if missing == 0 {
+                return Ok(());
+            }
+            let step = missing.min(RESPONSE_CHARGE_STEP);
+            if let Some(charge) = &mut self.charge {
+                charge.grow_to(self.body.len() + step).map_err(InvokeError::ResponseBudget)?;
+            }
+            if vsock.recv_up_to(conn, &mut self.body, step).map_err(InvokeError::Device)? == 0 {
+                return Ok(());
+            }
+        }
     }
 
     fn received(&self) -> usize {

@@ -56,9 +56,9 @@ pub struct ServeArgs {
     /// Deadline of one request in its VM.
     #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "10s")]
     timeout: Duration,
-    /// Largest request body, bytes (413 beyond).
-    #[arg(long, value_name = "BYTES", default_value_t = 8 << 20)]
-    max_body: usize,
+    /// Largest request body, bytes, with an optional K, M or G (413 beyond).
+    #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value = "8M")]
+    max_body: u64,
     /// Run without the sandbox (seccomp filters, own user, mount namespace, cgroup, landlock):
     /// for debugging only.
     #[arg(long)]
@@ -136,7 +136,7 @@ pub fn serve(args: &ServeArgs) -> Result<(), Failure> {
         pool_size: args.pool_size,
         max_vms: args.max_vms,
         timeout: args.timeout,
-        max_body: args.max_body,
+        max_body: usize::try_from(args.max_body).unwrap_or(usize::MAX),
         max_buffered: usize::try_from(args.max_buffered).unwrap_or(usize::MAX),
         max_response_bytes: usize::try_from(args.max_response_bytes).unwrap_or(usize::MAX),
         read_timeout: args.read_timeout,
@@ -145,7 +145,13 @@ pub fn serve(args: &ServeArgs) -> Result<(), Failure> {
         drain_period: args.drain_period.unwrap_or(DEFAULT_DRAIN_PERIOD),
         ..ServeConfig::new(args.api_sock.clone())
     };
-    let config = ServeConfig { max_memory: args.max_memory.unwrap_or(config.max_memory), ..config };
+    // By default the VMs may hold this machine's memory, or the sandbox's cgroup limit if
+    // that is less (its memory is what the VMs' pages are charged to).
+    let default_memory = match &config.sandbox {
+        Some(sandbox) => config.max_memory.min(sandbox.memory_max),
+        None => config.max_memory,
+    };
+    let config = ServeConfig { max_memory: args.max_memory.unwrap_or(default_memory), ..config };
     let announce = |daemon: &mu2_vmm::api::Daemon| {
         let api_sock = daemon.api_sock().unwrap_or(&args.api_sock);
         for line in startup_lines(args, api_sock, daemon.http_addr()) {

@@ -96,15 +96,21 @@ impl ServeConfig {
         if self.max_connections == 0 || self.read_timeout.is_zero() {
             return Err(ServeError::Config("--max-connections and --read-timeout must be above zero".into()));
         }
+        if self.max_response_bytes < self.max_response {
+            return Err(ServeError::Config(format!(
+                "--max-response-bytes {} is below the largest response {}: no response of that size could be buffered",
+                self.max_response_bytes, self.max_response
+            )));
+        }
         if self.max_buffered < self.max_body {
             return Err(ServeError::Config(format!(
                 "--max-buffered {} is below --max-body {}: no request of the largest size could be read",
                 self.max_buffered, self.max_body
             )));
         }
-        if self.mode == Mode::Pool && self.pool_size >= self.max_vms {
+        if matches!(self.mode, Mode::Pool | Mode::Reuse) && self.pool_size >= self.max_vms {
             return Err(ServeError::Config(format!(
-                "--pool-size {} leaves no room under --max-vms {}: pooled VMs count against it",
+                "--pool-size {} leaves no room under --max-vms {}: pooled and kept VMs count against it",
                 self.pool_size, self.max_vms
             )));
         }

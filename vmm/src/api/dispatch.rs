@@ -143,9 +143,9 @@ fn is_daemons(name: &str) -> bool {
 
 /// Parses an HTTP guest's answer, of at most `max_body` body bytes, keeping its end-to-end
 /// headers. The body runs to its content-length, or to the end.
-pub fn decode_response(bytes: &[u8], max_body: usize) -> Result<Response, DispatchError> {
+pub fn decode_response(bytes: Vec<u8>, max_body: usize) -> Result<Response, DispatchError> {
     let limits = ResponseLimits { max_head: http::MAX_HEAD, max_headers: http::MAX_HEADERS, max_body };
-    let mut response = http::parse_response(bytes, &limits, false).map_err(DispatchError::Response)?;
+    let mut response = http::parse_response_owned(bytes, &limits, false).map_err(DispatchError::Response)?;
     if !(200..=599).contains(&response.status) {
         return Err(DispatchError::Status(response.status));
     }
@@ -162,7 +162,7 @@ mod tests {
     fn a_guest_cannot_set_the_daemons_headers() {
         let answer =
             b"HTTP/1.1 200 OK\r\nX-MU2-VM-ID: 7\r\nx-mu2-run-us: 1\r\nx-other: 1\r\ncontent-length: 2\r\n\r\nok";
-        let response = decode_response(answer, 1024).unwrap();
+        let response = decode_response(answer.to_vec(), 1024).unwrap();
         let names: Vec<_> = response.headers.iter().map(|(n, _)| n.to_ascii_lowercase()).collect();
         assert_eq!(names, ["x-other"]);
         assert_eq!(response.body, b"ok");
@@ -204,7 +204,7 @@ mod tests {
         let headers = vec![("Host".to_string(), b"x".to_vec()), ("Connection".to_string(), b"keep-alive".to_vec())];
         let req = encode_request("POST", "/h/a?b=1", &headers, "/h", b"body");
         assert_eq!(req, b"POST /h/a?b=1 HTTP/1.1\r\nHost: x\r\nx-mu2-route: /h\r\ncontent-length: 4\r\n\r\nbody");
-        let decode = |bytes: &[u8]| decode_response(bytes, 64);
+        let decode = |bytes: &[u8]| decode_response(bytes.to_vec(), 64);
         let resp = decode(b"HTTP/1.1 201 Created\r\nx-a: 1\r\nconnection: close\r\ncontent-length: 2\r\n\r\nokEXTRA")
             .expect("parses");
         let want = Response {

@@ -355,7 +355,7 @@ impl Handlers {
             let input =
                 dispatch::encode_request(&request.method, &request.target, &request.headers, prefix, &request.body);
             self.run(&entry, &input, |answer| {
-                dispatch::decode_response(&answer, entry.engine().config().max_response)
+                dispatch::decode_response(answer, entry.engine().config().max_response)
                     .map_err(|source| Failure::Answer { image: image.to_string(), source })
             })?
         } else {

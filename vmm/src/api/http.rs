@@ -175,17 +175,22 @@ pub fn read_request(
             Err(e) => return Err(ReadError::Io(e)),
         }
     };
-    let charge = match &limits.bodies {
-        Some(bodies) if length > 0 => Some(bodies.charge(length).map_err(ReadError::Busy)?),
+    buf.drain(..head_len);
+    // The body is charged as it arrives, not as announced: a length that is not sent holds
+    // nothing of the budget.
+    let mut charge = match &limits.bodies {
+        Some(bodies) if length > 0 => Some(bodies.charge(buf.len().min(length)).map_err(ReadError::Busy)?),
         _ => None,
     };
-    buf.drain(..head_len);
     while buf.len() < length {
         if late(started) {
             return Err(ReadError::TooSlow("body"));
         }
         // Never more than the body: what follows it is the next request's.
         let want = (length - buf.len()).min(chunk.len());
+        if let Some(charge) = &mut charge {
+            charge.grow_to(buf.len() + want).map_err(ReadError::Busy)?;
+        }
         match stream.read(&mut chunk[..want]) {
             Ok(0) => return Err(ReadError::Cut("body")),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
@@ -193,17 +198,29 @@ pub fn read_request(
             Err(e) => return Err(ReadError::Io(e)),
         }
     }
-    request.body = buf.drain(..length).collect();
+    // The body moves out without a copy; the connection keeps only what follows it, and no
+    // large buffer past the request.
+    request.body = if buf.len() == length {
+        std::mem::take(buf)
+    } else {
+        let rest = buf.split_off(length);
+        std::mem::replace(buf, rest)
+    };
+    buf.shrink_to(KEPT_BUFFER);
     Ok((request, charge))
 }
 
-/// Whether `buf` holds a blank line ending a head, searching on from `searched` (updated).
+/// The most buffer capacity a connection keeps between requests.
+const KEPT_BUFFER: usize = 16 << 10;
+
+/// Whether `buf` holds a blank line ending a head (`\n\n` or `\n\r\n`, which covers
+/// `\r\n\r\n`: whatever httparse accepts), searching on from `searched` (updated).
 fn head_end(buf: &[u8], searched: &mut usize) -> bool {
-    // Resume a few bytes back: the marker may straddle two reads.
-    let from = searched.saturating_sub(3);
+    // Resume two bytes back: the marker may straddle two reads.
+    let from = searched.saturating_sub(2);
     *searched = buf.len();
     let tail = &buf[from.min(buf.len())..];
-    tail.windows(2).any(|w| w == b"\n\n") || tail.windows(4).any(|w| w == b"\r\n\r\n")
+    tail.windows(2).any(|w| w == b"\n\n") || tail.windows(3).any(|w| w == b"\n\r\n")
 }
 
 /// Parses the head in `buf`: `None` if incomplete, else its length, the request without
@@ -336,24 +353,43 @@ pub fn write_response(
     head_only: bool,
 ) -> std::io::Result<()> {
     let Response { status, headers, body, .. } = response;
-    let mut out = Vec::with_capacity(256 + if head_only { 0 } else { body.len() });
-    out.extend_from_slice(format!("HTTP/1.1 {status} {}\r\n", reason(*status)).as_bytes());
+    let mut head = Vec::with_capacity(256);
+    head.extend_from_slice(format!("HTTP/1.1 {status} {}\r\n", reason(*status)).as_bytes());
     for (name, value) in headers {
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value);
-        out.extend_from_slice(b"\r\n");
+        head.extend_from_slice(name.as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value);
+        head.extend_from_slice(b"\r\n");
     }
-    out.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
+    head.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
     if !keep_alive {
-        out.extend_from_slice(b"connection: close\r\n");
+        head.extend_from_slice(b"connection: close\r\n");
     }
-    out.extend_from_slice(b"\r\n");
-    if !head_only {
-        out.extend_from_slice(body);
-    }
-    stream.write_all(&out)?;
+    head.extend_from_slice(b"\r\n");
+    let body: &[u8] = if head_only { &[] } else { body };
+    // Head and body in one vectored write (one segment for a small response), the body never
+    // copied.
+    write_all_vectored(stream, &head, body)?;
     stream.flush()
+}
+
+/// Writes `first` then `second`, gathering both into each write call.
+fn write_all_vectored(stream: &mut impl Write, mut first: &[u8], mut second: &[u8]) -> std::io::Result<()> {
+    while !first.is_empty() || !second.is_empty() {
+        let parts = [std::io::IoSlice::new(first), std::io::IoSlice::new(second)];
+        match stream.write_vectored(&parts) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(mut n) => {
+                let from_first = n.min(first.len());
+                first = &first[from_first..];
+                n -= from_first;
+                second = &second[n..];
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// What a parsed response may hold. The client and the dispatcher differ: a daemon's
@@ -415,6 +451,30 @@ pub enum ResponseError {
 /// content-length (bytes past it are ignored) or, without one, to the end; `head_only` (the
 /// answer to a HEAD request) has no body whatever its content-length says.
 pub fn parse_response(bytes: &[u8], limits: &ResponseLimits, head_only: bool) -> Result<Response, ResponseError> {
+    let (status, headers, body) = parse_response_parts(bytes, limits, head_only)?;
+    Ok(Response { status, headers, body: bytes[body].to_vec(), held: Held::default() })
+}
+
+/// [`parse_response`] of bytes it may keep: the body stays where it is, not copied.
+pub fn parse_response_owned(
+    mut bytes: Vec<u8>,
+    limits: &ResponseLimits,
+    head_only: bool,
+) -> Result<Response, ResponseError> {
+    let (status, headers, body) = parse_response_parts(&bytes, limits, head_only)?;
+    bytes.truncate(body.end);
+    bytes.drain(..body.start);
+    Ok(Response { status, headers, body: bytes, held: Held::default() })
+}
+
+/// A response's status, headers and where its body lies in `bytes`.
+type ResponseParts = (u16, Vec<(String, Vec<u8>)>, std::ops::Range<usize>);
+
+fn parse_response_parts(
+    bytes: &[u8],
+    limits: &ResponseLimits,
+    head_only: bool,
+) -> Result<ResponseParts, ResponseError> {
     let mut raw = vec![httparse::EMPTY_HEADER; limits.max_headers];
     let mut parsed = httparse::Response::new(&mut raw);
     let head_len = match parsed.parse(bytes) {
@@ -445,21 +505,21 @@ pub fn parse_response(bytes: &[u8], limits: &ResponseLimits, head_only: bool) ->
         }
         headers.push((h.name.to_string(), h.value.to_vec()));
     }
-    let rest = bytes.get(head_len..).unwrap_or_default();
-    let body = match length {
-        _ if head_only => Vec::new(),
+    let rest = bytes.len().saturating_sub(head_len);
+    let body_len = match length {
+        _ if head_only => 0,
         Some(n) if n > limits.max_body as u64 => {
             return Err(ResponseError::BodyTooLarge { length: n, limit: limits.max_body })
         }
-        Some(n) if n > rest.len() as u64 => return Err(ResponseError::Truncated { got: rest.len(), want: n }),
-        // `n` <= rest.len(), a usize.
-        Some(n) => rest[..n as usize].to_vec(),
-        None if rest.len() > limits.max_body => {
-            return Err(ResponseError::BodyTooLarge { length: rest.len() as u64, limit: limits.max_body })
+        Some(n) if n > rest as u64 => return Err(ResponseError::Truncated { got: rest, want: n }),
+        // `n` <= rest, a usize.
+        Some(n) => n as usize,
+        None if rest > limits.max_body => {
+            return Err(ResponseError::BodyTooLarge { length: rest as u64, limit: limits.max_body })
         }
-        None => rest.to_vec(),
+        None => rest,
     };
-    Ok(Response { status, headers, body, held: Held::default() })
+    Ok((status, headers, head_len..head_len + body_len))
 }
 
 #[cfg(test)]
@@ -526,6 +586,36 @@ mod tests {
         drop(held);
         assert_eq!(bodies.used(), 0);
         assert!(read_request(&mut request(10), &mut Vec::new(), &limits, &|| false).is_ok());
+    }
+
+    #[test]
+    fn an_announced_body_holds_only_the_bytes_that_arrived() {
+        let bodies = ByteBudget::new(64 << 10);
+        let limits = ReadLimits { bodies: Some(bodies.clone()), ..ReadLimits::new(1 << 20) };
+        // A head announcing a megabyte and 10 bytes of it, then the connection ends.
+        let mut stream = std::io::Cursor::new(b"POST / HTTP/1.1\r\ncontent-length: 1048576\r\n\r\n0123456789".to_vec());
+        let cut = read_request(&mut stream, &mut Vec::new(), &limits, &|| false);
+        assert!(matches!(cut, Err(ReadError::Cut("body"))), "not refused for what it only announced: {cut:?}");
+        assert_eq!(bodies.used(), 0, "given back");
+    }
+
+    #[test]
+    fn a_head_ending_in_a_bare_newline_and_crlf_is_complete() {
+        let (request, _) = read(b"GET / HTTP/1.1\nHost: a\n\r\n", 0);
+        assert_eq!(request.expect("a head httparse accepts").header("host"), Some(&b"a"[..]));
+    }
+
+    #[test]
+    fn the_connection_keeps_no_large_buffer_after_a_request() {
+        let mut bytes = b"POST / HTTP/1.1\r\ncontent-length: 1000000\r\n\r\n".to_vec();
+        bytes.resize(bytes.len() + 1_000_000, b'x');
+        bytes.extend_from_slice(b"GET /next HTTP/1.1\r\n\r\n");
+        let mut buf = Vec::new();
+        let (request, _) =
+            read_request(&mut std::io::Cursor::new(bytes), &mut buf, &ReadLimits::new(1 << 20), &|| false)
+                .expect("read");
+        assert_eq!(request.body.len(), 1_000_000);
+        assert!(buf.capacity() <= KEPT_BUFFER, "kept {} bytes of capacity", buf.capacity());
     }
 
     #[test]

@@ -40,9 +40,12 @@ const POLL: Duration = Duration::from_millis(200);
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 /// How often a listener's failing accepts are logged (once, with the count since).
 pub(super) const ACCEPT_LOG_INTERVAL: Duration = Duration::from_secs(10);
-/// How long writing one response may take: a client that does not read holds its thread and
-/// its response no longer.
+/// How long writing one response may take, in all: a client that does not read, or reads a
+/// little now and then, holds its thread and its response no longer.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one write call may block (the socket's send timeout), so that the whole write
+/// ends within [`WRITE_TIMEOUT`] and this.
+const WRITE_STALL: Duration = Duration::from_secs(1);
 /// The answer to a connection over `--max-connections`, written by the accept loop.
 const OVER_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
 content-length: 51\r\nretry-after: 1\r\nconnection: close\r\n\r\n\
@@ -104,20 +107,23 @@ impl Lifecycle {
     }
 }
 
-/// Counts one open connection for as long as it lives.
-struct OpenConnection(Arc<Lifecycle>);
+/// Counts one open connection, in the daemon's count and its listener's, for as long as it
+/// lives (a connection thread that panics still gives its slot back).
+struct OpenConnection(Arc<Endpoint>);
 
 impl OpenConnection {
-    fn new(lifecycle: &Arc<Lifecycle>) -> Self {
-        *lock(&lifecycle.open) += 1;
-        OpenConnection(lifecycle.clone())
+    fn new(endpoint: &Arc<Endpoint>) -> Self {
+        *lock(&endpoint.lifecycle.open) += 1;
+        endpoint.open.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(endpoint.clone())
     }
 }
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
-        *lock(&self.0.open) -= 1;
-        self.0.closed.notify_all();
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        *lock(&self.0.lifecycle.open) -= 1;
+        self.0.lifecycle.closed.notify_all();
     }
 }
 
@@ -148,7 +154,7 @@ impl Listen for UnixListener {
         // Served blocking, with a read timeout, whatever the listener's own mode (by fcntl,
         // which every thread's seccomp filter allows, not std's ioctl).
         crate::sys::set_blocking(stream.as_fd())?;
-        stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+        stream.set_write_timeout(Some(WRITE_STALL))?;
         stream.set_read_timeout(Some(POLL))
     }
 }
@@ -170,7 +176,7 @@ impl Listen for TcpListener {
         crate::sys::set_blocking(stream.as_fd())?;
         // Responses leave in one write; do not hold them back.
         stream.set_nodelay(true)?;
-        stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+        stream.set_write_timeout(Some(WRITE_STALL))?;
         stream.set_read_timeout(Some(POLL))
     }
 }
@@ -241,8 +247,16 @@ pub(super) fn spawn_acceptor<L: Listen>(listener: L, endpoint: Endpoint) -> std:
         }
         if endpoint.answer_backlog_on_stop {
             // Each queued connection's first request is answered 503 (its thread reads it
-            // first, so the close is not a reset); the caps still apply.
-            while let Ok(true) = accept_one(&listener, &endpoint) {}
+            // first, so the close is not a reset); the caps still apply, and so does a bound,
+            // so that clients connecting on and on cannot hold the shutdown.
+            let until = Instant::now() + FIRST_REQUEST_GRACE;
+            let mut taken = 0;
+            while taken < endpoint.max_connections && Instant::now() < until {
+                match accept_one(&listener, &endpoint) {
+                    Ok(true) => taken += 1,
+                    Ok(false) | Err(_) => break,
+                }
+            }
         }
     })
 }
@@ -273,18 +287,13 @@ fn refuse_over_capacity<S: Write>(endpoint: &Endpoint, mut stream: S) {
 }
 
 fn spawn_connection<S: Read + Write + Send + 'static>(endpoint: &Arc<Endpoint>, stream: S) {
-    let open = OpenConnection::new(&endpoint.lifecycle);
-    endpoint.open.fetch_add(1, Ordering::Relaxed);
-    let endpoint = endpoint.clone();
-    let counted = endpoint.clone();
+    let open = OpenConnection::new(endpoint);
     let spawned = crate::sandbox::spawn(ThreadClass::Connection, "mu2-conn".into(), move || {
-        serve_connection(&endpoint, stream);
-        endpoint.open.fetch_sub(1, Ordering::Relaxed);
+        serve_connection(&open.0, stream);
         drop(open);
     });
     if let Err(e) = spawned {
-        counted.open.fetch_sub(1, Ordering::Relaxed);
-        counted.accept_failures.warn(format_args!("no thread for a new connection: {e}"));
+        endpoint.accept_failures.warn(format_args!("no thread for a new connection: {e}"));
     }
 }
 
@@ -297,8 +306,7 @@ fn serve_connection<S: Read + Write>(endpoint: &Endpoint, mut stream: S) {
     loop {
         // An idle connection closes once the daemon stops; a new one first gets its answer.
         let give_up = || lifecycle.stopping() && (answered > 0 || accepted.elapsed() > FIRST_REQUEST_GRACE);
-        // The body's share of `--max-buffered` is held until its response is written.
-        let (request, _body) = match http::read_request(&mut stream, &mut buf, &endpoint.limits, &give_up) {
+        let (request, body_charge) = match http::read_request(&mut stream, &mut buf, &endpoint.limits, &give_up) {
             Ok(read) => read,
             Err(e) => {
                 if let Some(status) = e.status() {
@@ -320,14 +328,52 @@ fn serve_connection<S: Read + Write>(endpoint: &Endpoint, mut stream: S) {
         } else {
             (endpoint.handler)(request)
         };
+        // The handler has consumed the body: its share of `--max-buffered` goes back now.
+        drop(body_charge);
         // While draining, each connection ends after its response, so that a keep-alive client
         // reconnects, and a load balancer then picks a host that is not draining.
         let keep_alive = client_keeps_alive && !lifecycle.stopping() && !lifecycle.draining();
         answered += 1;
         endpoint.metrics.response(endpoint.label, response.status);
-        if http::write_response(&mut stream, &response, keep_alive, head_only).is_err() || !keep_alive {
+        let mut timed = Deadline { inner: &mut stream, until: Instant::now() + WRITE_TIMEOUT };
+        if http::write_response(&mut timed, &response, keep_alive, head_only).is_err() || !keep_alive {
             return;
         }
+    }
+}
+
+/// A writer that fails once its deadline has passed: each write call blocks at most the
+/// socket's send timeout, so a whole response takes at most the deadline and that.
+struct Deadline<'a, W> {
+    inner: &'a mut W,
+    until: Instant,
+}
+
+impl<W: Write> Deadline<'_, W> {
+    fn check(&self) -> std::io::Result<()> {
+        if Instant::now() > self.until {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client did not read its response in time",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl<W: Write> Write for Deadline<'_, W> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.check()?;
+        self.inner.write(data)
+    }
+
+    fn write_vectored(&mut self, data: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        self.check()?;
+        self.inner.write_vectored(data)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
 

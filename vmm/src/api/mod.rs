@@ -134,7 +134,10 @@ impl Daemon {
         config.validate(inherited.http.is_some())?;
         // Descriptors for every connection the caps allow, and the VMs' (each VM holds a few),
         // so that the caps and not EMFILE are what refuse work.
-        let wanted = 2 * config.max_connections as u64 + 8 * config.max_vms as u64 + 256;
+        let wanted = (config.max_connections as u64)
+            .saturating_mul(2)
+            .saturating_add((config.max_vms as u64).saturating_mul(8))
+            .saturating_add(256);
         match crate::sys::raise_descriptor_limit(wanted) {
             Ok(soft) if soft < wanted => {
                 log::warn!("descriptor limit {soft} is below the {wanted} the limits may need; accepts may fail first")

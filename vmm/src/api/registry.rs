@@ -21,7 +21,7 @@ use super::listen::{lock, Lifecycle};
 use super::model::{self, ImageSpec, ServeSettings};
 use crate::budget::VmBudget;
 use crate::error::Classify;
-use crate::fork::{Engine, EngineConfig, Mode};
+use crate::fork::{Engine, EngineConfig, Mode, ADMISSION_WAIT};
 use crate::guests;
 use crate::hypervisor::Hypervisor;
 use crate::source::{GuestSettings, ImageSource, SourceError};
@@ -159,7 +159,7 @@ pub(super) enum RegistryError {
         path: PathBuf,
     },
     /// A pool-mode `pool_size` at or above `--max-vms`.
-    #[error("bad image spec: `pool_size` must be below --max-vms {max_vms} in pool mode (pooled VMs count against it), not {pool_size}")]
+    #[error("bad image spec: `pool_size` must be below --max-vms {max_vms} in pool and reuse mode (their pooled or kept VMs count against it), not {pool_size}")]
     PoolSize {
         /// The size asked for.
         pool_size: usize,
@@ -182,6 +182,16 @@ pub(super) enum RegistryError {
         /// The daemon's `--max-vms`.
         max_vms: usize,
     },
+    /// The image's guest memory alone exceeds `--max-memory`: no VM of it could ever run.
+    #[error("image `{name}`: its {mem_mib} MiB of guest memory exceed --max-memory {max_mib} MiB")]
+    Oversized {
+        /// The image.
+        name: String,
+        /// Its guest memory, MiB.
+        mem_mib: u64,
+        /// The daemon's `--max-memory`, MiB.
+        max_mib: u64,
+    },
     /// The pools of the registered images and this one's, with room for one request, would
     /// hold more guest memory than `--max-memory` allows.
     #[error(
@@ -197,6 +207,24 @@ pub(super) enum RegistryError {
         wanted_mib: u64,
         /// The daemon's `--max-memory`, MiB.
         max_mib: u64,
+    },
+    /// A `max_response` above `--max-response-bytes`: every response that large would be
+    /// refused.
+    #[error("bad image spec: `max_response` {max_response} exceeds --max-response-bytes {buffered}")]
+    ResponseOverBudget {
+        /// The size asked for.
+        max_response: usize,
+        /// The daemon's `--max-response-bytes`.
+        buffered: usize,
+    },
+    /// No room in the VM budget for the VM that boots and freezes the image.
+    #[error("image `{name}`: no room to build it")]
+    NoRoomToBuild {
+        /// The image.
+        name: String,
+        /// Why.
+        #[source]
+        source: crate::budget::BudgetSpent,
     },
     /// The image could not be made or loaded.
     #[error("image `{name}`")]
@@ -214,15 +242,17 @@ impl RegistryError {
     pub(super) fn status(&self) -> u16 {
         match self {
             RegistryError::NotFound(_) => 404,
-            RegistryError::PoolSize { .. } => 400,
+            RegistryError::PoolSize { .. } | RegistryError::ResponseOverBudget { .. } => 400,
             RegistryError::Exists(_)
             | RegistryError::InUse { .. }
             | RegistryError::PoolBudget { .. }
-            | RegistryError::PoolMemory { .. } => 409,
+            | RegistryError::PoolMemory { .. }
+            | RegistryError::Oversized { .. } => 409,
             RegistryError::Stopping => 503,
             RegistryError::NotAllowed { .. } => 400,
             RegistryError::Dir { source, .. } => failure::status(crate::error::io_kind(source)),
             RegistryError::Build { source, .. } => failure::status(source.kind()),
+            RegistryError::NoRoomToBuild { source, .. } => failure::status(source.kind()),
         }
     }
 }
@@ -235,7 +265,7 @@ pub(super) enum AdmissionError {
     Full {
         /// The limit.
         max_vms: usize,
-        /// Requests holding a VM, not counting this one.
+        /// Requests admitted (holding a VM or waiting for one), not counting this one.
         in_flight: usize,
         /// Live VMs: serving, pooled, being reset or destroyed.
         live: usize,
@@ -398,17 +428,17 @@ impl Registry {
         engine.mode = serve.mode.unwrap_or(engine.mode);
         engine.pool_size = serve.pool_size.unwrap_or(engine.pool_size);
         engine.max_response = serve.max_response.unwrap_or(engine.max_response);
-        if engine.mode == Mode::Pool {
+        let buffered = self.budget.responses().limit();
+        if engine.max_response > buffered {
+            return Err(RegistryError::ResponseOverBudget { max_response: engine.max_response, buffered });
+        }
+        if holds_vms(&engine) {
             let (pool_size, max_vms) = (engine.pool_size, self.max_vms);
             if pool_size >= max_vms {
                 return Err(RegistryError::PoolSize { pool_size, max_vms });
             }
-            let pooled: usize = lock(&self.images)
-                .values()
-                .map(|e| e.engine.config())
-                .filter(|c| c.mode == Mode::Pool)
-                .map(|c| c.pool_size)
-                .sum();
+            let pooled: usize =
+                lock(&self.images).values().map(|e| e.engine.config()).filter(holds_vms).map(|c| c.pool_size).sum();
             if pooled + pool_size >= max_vms {
                 return Err(RegistryError::PoolBudget { name: name.to_string(), pooled, pool_size, max_vms });
             }
@@ -420,16 +450,23 @@ impl Registry {
     /// full pools of the images registered, with one VM of it left for requests. The caller
     /// holds `building`.
     fn pool_memory_fits(&self, name: &str, config: &EngineConfig, mem_size: u64) -> Result<(), RegistryError> {
-        if config.mode != Mode::Pool {
+        let max_memory = self.budget.limits().max_memory;
+        if mem_size > max_memory {
+            return Err(RegistryError::Oversized {
+                name: name.to_string(),
+                mem_mib: mem_size >> 20,
+                max_mib: max_memory >> 20,
+            });
+        }
+        if !holds_vms(config) {
             return Ok(());
         }
         let pooled: u64 = lock(&self.images)
             .values()
-            .filter(|e| e.engine.config().mode == Mode::Pool)
-            .map(|e| e.engine.config().pool_size as u64 * e.engine.image().state().mem_size)
+            .filter(|e| holds_vms(&e.engine.config()))
+            .map(|e| (e.engine.config().pool_size as u64).saturating_mul(e.engine.image().state().mem_size))
             .sum();
         let wanted = (config.pool_size as u64 + 1).saturating_mul(mem_size);
-        let max_memory = self.budget.limits().max_memory;
         if pooled.saturating_add(wanted) > max_memory {
             return Err(RegistryError::PoolMemory {
                 name: name.to_string(),
@@ -519,7 +556,30 @@ impl Registry {
             cmdline: format!("{GUEST_CMDLINE} {}", g.cmdline),
             ..g.clone()
         });
-        let (image, _) = match source.prepare(&self.hv, &settings, &dir, Some(Instant::now() + BUILD_TIMEOUT)) {
+        let max_memory = self.budget.limits().max_memory;
+        if (settings.mem_mib << 20) > max_memory {
+            if owned {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            return Err(RegistryError::Oversized {
+                name: name.to_string(),
+                mem_mib: settings.mem_mib,
+                max_mib: max_memory >> 20,
+            });
+        }
+        // The VM that boots and freezes the image is a live VM like any other.
+        let build_vm = match self.budget.take_within(settings.mem_mib << 20, ADMISSION_WAIT) {
+            Ok(permit) => permit,
+            Err(e) => {
+                if owned {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+                return Err(RegistryError::NoRoomToBuild { name: name.to_string(), source: e });
+            }
+        };
+        let prepared = source.prepare(&self.hv, &settings, &dir, Some(Instant::now() + BUILD_TIMEOUT));
+        drop(build_vm);
+        let (image, _) = match prepared {
             Ok(prepared) => prepared,
             Err(e) => {
                 if owned {
@@ -557,6 +617,12 @@ impl Registry {
             created_unix: unix_now(),
         }))
     }
+}
+
+/// Whether an engine of `config` keeps VMs between requests (a pool's ready ones, reuse mode's
+/// kept ones), which a `PUT` must find room for.
+fn holds_vms(config: &EngineConfig) -> bool {
+    matches!(config.mode, Mode::Pool | Mode::Reuse)
 }
 
 fn unix_now() -> u64 {
