@@ -15,7 +15,9 @@
 //! ```
 //!
 //! Prints one JSON object: `requests`, `ok` (2xx with the right body), `failed` (everything
-//! else, but what the two options below except), `refused`, `crash_requests` and `crash_ok`,
+//! else but what `--allow-refused` lets pass and the crash requests answered
+//! `--crash-status`), `refused`, `crash_requests` (sent to `--crash-path`) and `crash_ok` (of
+//! them, those answered `--crash-status`),
 //! `statuses`, `errors` (by kind: `connect: …`, `new connection: …` or `kept-alive
 //! connection: …`, then what happened), `servers` (counts by the value of
 //! `--server-header`), `seconds`, `rps`, `p50_us`, `p90_us`, `p99_us`, `max_us` (over every
