@@ -24,8 +24,9 @@
 //! request), `seed`. Exits 0 whatever the outcomes; the caller judges.
 //!
 //! `--allow-refused` counts as `refused` a 503 answer and a connection the server refused
-//! (ECONNREFUSED: no listener), nothing else: a reset, an end of stream without an answer or
-//! a truncated answer stays a failure. A connection reset before a byte of the answer came,
+//! (ECONNREFUSED: no listener; or reset before `connect` returned), where the request was
+//! never sent; nothing else: once the request is sent, a reset, an end of stream without an
+//! answer or a truncated answer stays a failure. A connection reset before a byte of the answer came,
 //! on a connection opened for that request, is counted apart in `reset_before_answer` (it is
 //! also in `failed`): the sign of a connection the kernel had queued for a listener that was
 //! closed before accepting it.
@@ -142,7 +143,7 @@ impl Tally {
 /// Why a request got no answer.
 #[derive(Debug)]
 enum NoAnswer {
-    /// The connection could not be opened; `refused` if the server refused it (ECONNREFUSED).
+    /// The connection could not be opened; `refused` if the server refused or reset it.
     Connect { refused: bool, message: String },
     /// The connection failed after it was open. `reset_first` if it was opened for this
     /// request and reset (or broken) before a byte of the answer came.
@@ -243,7 +244,8 @@ fn read_answer(stream: &mut TcpStream, buf: &mut Vec<u8>, server_header: Option<
 
 fn connect(addr: SocketAddr) -> Result<TcpStream, NoAnswer> {
     let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| NoAnswer::Connect {
-        refused: e.kind() == std::io::ErrorKind::ConnectionRefused,
+        // Refused, or reset before the connection was established: the request was not sent.
+        refused: matches!(e.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset),
         message: format!("connect: {}", e.kind()),
     })?;
     let setup = |e: std::io::Error| NoAnswer::Connect { refused: false, message: format!("connect: setting up: {e}") };
