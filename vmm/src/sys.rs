@@ -428,6 +428,17 @@ pub(crate) fn raise_descriptor_limit(wanted: u64) -> std::io::Result<u64> {
     Ok(limit.rlim_cur)
 }
 
+/// Has every thread allocate from glibc's main arena (`M_ARENA_MAX` 1), which grows and
+/// shrinks with brk and never opens a file to decide how; elsewhere a no-op.
+pub(crate) fn single_malloc_arena() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt changes an allocator parameter; with one thread (the caller's) no
+    // allocation is in progress elsewhere. A refusal (0) only leaves the default in place.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 /// This machine's physical memory, bytes.
 pub(crate) fn physical_memory() -> Option<u64> {
     // SAFETY: sysconf takes a name and touches no memory.

@@ -41,6 +41,9 @@ pub struct ServeArgs {
     /// default: this machine's physical memory); a request beyond it waits briefly, then 503.
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     max_memory: Option<u64>,
+    /// Largest guest response, for images whose PUT sets no `max_response` (502 beyond).
+    #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value = "64M")]
+    max_response: u64,
     /// Most bytes of guest responses buffered at once, over all requests (503 beyond).
     #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value = "1G")]
     max_response_bytes: u64,
@@ -139,6 +142,7 @@ pub fn serve(args: &ServeArgs) -> Result<(), Failure> {
         max_body: usize::try_from(args.max_body).unwrap_or(usize::MAX),
         max_buffered: usize::try_from(args.max_buffered).unwrap_or(usize::MAX),
         max_response_bytes: usize::try_from(args.max_response_bytes).unwrap_or(usize::MAX),
+        max_response: usize::try_from(args.max_response).unwrap_or(usize::MAX),
         read_timeout: args.read_timeout,
         max_connections: args.max_connections,
         sandbox: sandbox_settings(args)?,

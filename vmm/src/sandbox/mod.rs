@@ -159,6 +159,11 @@ pub fn install(on_forbidden: OnForbidden) -> Result<(), SandboxError> {
         OnForbidden::KillProcess => SeccompAction::KillProcess,
         OnForbidden::Log => SeccompAction::Log,
     };
+    // glibc's allocator opens files on its own when a thread first needs an arena of its own
+    // (the CPU count, from /sys or /proc/stat) and when it shrinks one
+    // (/proc/sys/vm/overcommit_memory): a thread whose class may not open files would die of
+    // it. With one arena for every thread neither happens.
+    crate::sys::single_malloc_arena();
     let pid = std::process::id();
     let programs =
         ThreadClass::ALL.iter().map(|&class| filters::compile(class, action.clone(), pid)).collect::<Result<_, _>>()?;
