@@ -343,6 +343,10 @@ fn dispatcher_serves_200_concurrent_requests_and_shutdown_is_clean() {
             // The drain period has tests of its own.
             "--drain-period",
             "0",
+            // 200 VMs of 64 MiB at once, whatever this machine's memory (--max-memory's
+            // default): its bound has tests of its own.
+            "--max-memory",
+            "16G",
         ],
     );
     let r = d.http("GET", "/hello/world?status=201&a=b", &[("x-echo", "ping")], b"");

@@ -149,13 +149,7 @@ pub fn serve(args: &ServeArgs) -> Result<(), Failure> {
         drain_period: args.drain_period.unwrap_or(DEFAULT_DRAIN_PERIOD),
         ..ServeConfig::new(args.api_sock.clone())
     };
-    // By default the VMs may hold this machine's memory, or the sandbox's cgroup limit if
-    // that is less (its memory is what the VMs' pages are charged to).
-    let default_memory = match &config.sandbox {
-        Some(sandbox) => config.max_memory.min(sandbox.memory_max),
-        None => config.max_memory,
-    };
-    let config = ServeConfig { max_memory: args.max_memory.unwrap_or(default_memory), ..config };
+    let config = ServeConfig { max_memory: args.max_memory.unwrap_or(config.max_memory), ..config };
     let announce = |daemon: &mu2_vmm::api::Daemon| {
         let api_sock = daemon.api_sock().unwrap_or(&args.api_sock);
         for line in startup_lines(args, api_sock, daemon.http_addr()) {
