@@ -121,7 +121,7 @@ impl Summary {
 pub fn cold(hv: &Hypervisor, config: &BenchConfig, mut progress: impl FnMut(usize)) -> Result<Vec<Sample>, BenchError> {
     let mut samples = Vec::with_capacity(config.requests);
     let mut first_response: Option<Vec<u8>> = None;
-    let floor_image = floor::FloorImage::new(config.vm.mem_size)?;
+    let floor_image = floor::FloorImage::new(hv, config.vm.mem_size)?;
     for index in 0..config.requests {
         let floor = floor_image.fresh_cycle(hv)?;
         let start = Instant::now();
@@ -246,41 +246,95 @@ pub fn forked(
     Ok(ForkRun { samples: samples.into_inner().unwrap_or_default(), wall })
 }
 
-/// The floors measured in the same run as a benchmark, in microseconds (p50).
-#[derive(Debug, Clone, Copy)]
-pub struct Floors {
-    /// A minimal VM created and run to its first exit.
-    pub fresh: Summary,
-    /// A kept minimal VM remapped and run to its first exit.
-    pub reuse: Summary,
+/// One floor's figures, µs: its latency and the p50 of each step it times.
+#[derive(Debug, Clone, Default)]
+pub struct FloorSummary {
+    /// What the floor compares with a request's latency.
+    pub latency: Summary,
+    /// The p50 of each step the floor took (`FloorSteps::NAMES`), the untaken ones left out.
+    pub steps: Vec<(&'static str, f64)>,
 }
 
-/// Both floors' samples, µs, as measured.
+impl FloorSummary {
+    fn of(samples: &[floor::FloorSample]) -> FloorSummary {
+        let latency = Summary::of(&samples.iter().map(|s| micros(s.create_to_exit)).collect::<Vec<f64>>());
+        let steps = floor::FloorSteps::NAMES
+            .iter()
+            .enumerate()
+            .filter_map(|(i, &name)| {
+                let values: Vec<f64> = samples.iter().map(|s| micros(s.steps.durations()[i])).collect();
+                values.iter().any(|&v| v > 0.0).then(|| (name, percentile(&values, 50.0)))
+            })
+            .collect();
+        FloorSummary { latency, steps }
+    }
+}
+
+/// The floors measured in the same run as a benchmark.
+#[derive(Debug, Clone, Default)]
+pub struct Floors {
+    /// A minimal VM created and run to its first exit: fresh mode's floor.
+    pub fresh: FloorSummary,
+    /// One KVM_RUN to the next exit of a minimal VM made and run once beforehand: pool mode's.
+    pub pool: FloorSummary,
+    /// One KVM_RUN to the next exit of a kept minimal VM: reuse mode's.
+    pub reuse: FloorSummary,
+    /// Where the floor VMs' memory file lived (`memfd` or a directory).
+    pub backing: String,
+}
+
+impl Floors {
+    /// The floor a mode is compared with, and its name.
+    pub fn of_mode(&self, mode: &str) -> (&'static str, &FloorSummary) {
+        match mode {
+            "pool" => ("floor_pool", &self.pool),
+            "reuse" => ("floor_reuse", &self.reuse),
+            _ => ("floor_fresh", &self.fresh),
+        }
+    }
+}
+
+/// Every floor's samples, as measured.
 #[derive(Debug, Clone, Default)]
 pub struct FloorSamples {
-    /// A minimal VM created and run to its first exit.
-    pub fresh: Vec<f64>,
-    /// A kept minimal VM remapped and run to its first exit.
-    pub reuse: Vec<f64>,
+    /// Fresh floor cycles.
+    pub fresh: Vec<floor::FloorSample>,
+    /// Pool floor cycles.
+    pub pool: Vec<floor::FloorSample>,
+    /// Reuse floor cycles.
+    pub reuse: Vec<floor::FloorSample>,
+    /// Where the floor VMs' memory file lived.
+    pub backing: String,
 }
 
 impl FloorSamples {
     pub fn summary(&self) -> Floors {
-        Floors { fresh: Summary::of(&self.fresh), reuse: Summary::of(&self.reuse) }
+        Floors {
+            fresh: FloorSummary::of(&self.fresh),
+            pool: FloorSummary::of(&self.pool),
+            reuse: FloorSummary::of(&self.reuse),
+            backing: self.backing.clone(),
+        }
+    }
+
+    /// Each floor's name and latencies, µs, for the CSV and the plot.
+    pub fn series(&self) -> [(&'static str, Vec<f64>); 3] {
+        let us = |v: &[floor::FloorSample]| v.iter().map(|s| micros(s.create_to_exit)).collect();
+        [("floor_fresh", us(&self.fresh)), ("floor_pool", us(&self.pool)), ("floor_reuse", us(&self.reuse))]
     }
 }
 
-/// Measures both floors with `samples` cycles each.
-pub fn floors(hv: &Hypervisor, mem_size: u64, samples: usize) -> Result<FloorSamples, BenchError> {
-    let image = floor::FloorImage::new(mem_size)?;
-    let mut fresh = Vec::with_capacity(samples);
+/// Measures the three floors with `samples` cycles each, interleaved so that they see the same
+/// load, while a kept floor VM (the reuse floor's) stays alive for the whole measurement, as an
+/// engine's VMs do (see `mu2_vmm::floor`).
+pub fn floors(hv: &Hypervisor, image: &floor::FloorImage, samples: usize) -> Result<FloorSamples, BenchError> {
+    let mut kept = floor::FloorVm::new(hv, image)?;
+    kept.warm()?;
+    let mut run = FloorSamples { backing: image.backing().to_string(), ..FloorSamples::default() };
     for _ in 0..samples {
-        fresh.push(micros(image.fresh_cycle(hv)?.create_to_exit));
+        run.fresh.push(image.fresh_cycle(hv)?);
+        run.pool.push(image.pool_cycle(hv)?);
+        run.reuse.push(kept.reuse_cycle()?);
     }
-    let mut kept = floor::FloorVm::new(hv, &image)?;
-    let mut reuse = Vec::with_capacity(samples);
-    for _ in 0..samples {
-        reuse.push(micros(kept.reuse_cycle(&image)?));
-    }
-    Ok(FloorSamples { fresh, reuse })
+    Ok(run)
 }

@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use crate::bench::{Floors, ForkRun, ForkSample, Sample, Summary};
+use crate::bench::{FloorSummary, Floors, ForkRun, ForkSample, Sample, Summary};
 
 /// A cold-boot run: one VM booted per request.
 #[derive(Debug)]
@@ -125,6 +125,7 @@ impl ForkReport {
 
     pub fn json(&self) -> serde_json::Value {
         let (setup, latency, floors) = (&self.setup, &self.latency, &self.setup.floors);
+        let (floor_name, floor) = floors.of_mode(&setup.mode);
         serde_json::json!({
             "mode": setup.mode,
             "requests": self.requests,
@@ -134,9 +135,15 @@ impl ForkReport {
             "throughput_rps": self.throughput_rps,
             "private_kib_per_vm": setup.private_kib,
             "fork_p50_us": self.fork.p50, "run_p50_us": self.run.p50,
-            "floor_fresh_p50_us": floors.fresh.p50, "floor_reuse_p50_us": floors.reuse.p50,
-            "ratio_p50_to_floor_fresh": latency.p50 / floors.fresh.p50,
-            "ratio_p50_to_floor_reuse": latency.p50 / floors.reuse.p50,
+            "floor_fresh_p50_us": floors.fresh.latency.p50,
+            "floor_pool_p50_us": floors.pool.latency.p50,
+            "floor_reuse_p50_us": floors.reuse.latency.p50,
+            "ratio_p50_to_floor_fresh": latency.p50 / floors.fresh.latency.p50,
+            "ratio_p50_to_floor_pool": latency.p50 / floors.pool.latency.p50,
+            "ratio_p50_to_floor_reuse": latency.p50 / floors.reuse.latency.p50,
+            "floor": floor_name,
+            "ratio_p50_to_floor": latency.p50 / floor.latency.p50,
+            "floors": floors_json(floors),
             "pool_size": setup.pool_size,
             "restore_ioctls_per_vcpu": setup.restore_ioctls_per_vcpu,
         })
@@ -154,20 +161,51 @@ impl ForkReport {
         row(&mut out, "latency", &self.latency);
         row(&mut out, "  fork", &self.fork);
         row(&mut out, "  run", &self.run);
-        row(&mut out, "floor_fresh", &floors.fresh);
-        row(&mut out, "floor_reuse", &floors.reuse);
+        row(&mut out, "floor_fresh", &floors.fresh.latency);
+        row(&mut out, "floor_pool", &floors.pool.latency);
+        row(&mut out, "floor_reuse", &floors.reuse.latency);
+        floor_steps_text(&mut out, floors);
         let _ = writeln!(out, "  throughput {:.0} requests/s", self.throughput_rps);
         let _ = match setup.private_kib {
             Some(kib) => writeln!(out, "  private memory per VM {kib} KiB"),
             None => writeln!(out, "  private memory per VM: unknown (no /proc/self/smaps)"),
         };
+        let (floor_name, floor) = floors.of_mode(&setup.mode);
         let _ = writeln!(
             out,
-            "  latency p50 / floor_fresh p50 = {:.2}, / floor_reuse p50 = {:.2}",
-            self.latency.p50 / floors.fresh.p50,
-            self.latency.p50 / floors.reuse.p50
+            "  latency p50 / {floor_name} p50 = {:.2} (this mode's floor); / floor_fresh {:.2}, / floor_pool {:.2}, / floor_reuse {:.2}",
+            self.latency.p50 / floor.latency.p50,
+            self.latency.p50 / floors.fresh.latency.p50,
+            self.latency.p50 / floors.pool.latency.p50,
+            self.latency.p50 / floors.reuse.latency.p50
         );
         out
+    }
+}
+
+/// The floors as JSON: each one's percentiles and the p50 of each of its steps, µs.
+pub fn floors_json(floors: &Floors) -> serde_json::Value {
+    let one = |f: &FloorSummary| {
+        let steps: serde_json::Map<String, serde_json::Value> =
+            f.steps.iter().map(|&(name, us)| (name.to_string(), serde_json::json!(us))).collect();
+        serde_json::json!({
+            "p50_us": f.latency.p50, "p90_us": f.latency.p90, "p99_us": f.latency.p99,
+            "steps_p50_us": steps,
+        })
+    };
+    serde_json::json!({
+        "fresh": one(&floors.fresh),
+        "pool": one(&floors.pool),
+        "reuse": one(&floors.reuse),
+        "memory_file": floors.backing,
+    })
+}
+
+/// One line per floor with the p50 of each of its steps.
+fn floor_steps_text(out: &mut String, floors: &Floors) {
+    for (name, floor) in [("fresh", &floors.fresh), ("pool", &floors.pool), ("reuse", &floors.reuse)] {
+        let steps: Vec<String> = floor.steps.iter().map(|(step, us)| format!("{step} {us:.1}")).collect();
+        let _ = writeln!(out, "  floor_{name} steps p50 us: {}", steps.join(", "));
     }
 }
 
@@ -251,6 +289,10 @@ mod tests {
         Summary { p50: base, p90: base + 1.0, p99: base + 2.0, max: base + 3.0 }
     }
 
+    fn floor(base: f64, steps: &[(&'static str, f64)]) -> FloorSummary {
+        FloorSummary { latency: summary(base), steps: steps.to_vec() }
+    }
+
     #[test]
     fn fork_text_keeps_its_layout() {
         let setup = ForkSetup {
@@ -258,7 +300,12 @@ mod tests {
             concurrency: 2,
             mem_mib: 64,
             private_kib: Some(32),
-            floors: Floors { fresh: summary(50.0), reuse: summary(25.0) },
+            floors: Floors {
+                fresh: floor(50.0, &[("create_vm", 20.0), ("first_run", 30.0)]),
+                pool: floor(20.0, &[("first_run", 20.0), ("teardown", 200.0)]),
+                reuse: floor(25.0, &[("registers", 5.0), ("first_run", 25.0)]),
+                backing: "/tmp/img".into(),
+            },
             pool_size: Some(16),
             restore_ioctls_per_vcpu: 5,
         };
@@ -275,14 +322,21 @@ mod tests {
             \x20   fork         p50      40.0  p90      41.0  p99      42.0  max      43.0  us\n\
             \x20   run          p50      60.0  p90      61.0  p99      62.0  max      63.0  us\n\
             \x20 floor_fresh    p50      50.0  p90      51.0  p99      52.0  max      53.0  us\n\
+            \x20 floor_pool     p50      20.0  p90      21.0  p99      22.0  max      23.0  us\n\
             \x20 floor_reuse    p50      25.0  p90      26.0  p99      27.0  max      28.0  us\n\
+            \x20 floor_fresh steps p50 us: create_vm 20.0, first_run 30.0\n\
+            \x20 floor_pool steps p50 us: first_run 20.0, teardown 200.0\n\
+            \x20 floor_reuse steps p50 us: registers 5.0, first_run 25.0\n\
             \x20 throughput 1234 requests/s\n\
             \x20 private memory per VM 32 KiB\n\
-            \x20 latency p50 / floor_fresh p50 = 2.00, / floor_reuse p50 = 4.00\n";
+            \x20 latency p50 / floor_pool p50 = 5.00 (this mode's floor); / floor_fresh 2.00, / floor_pool 5.00, / floor_reuse 4.00\n";
         assert_eq!(report.text(), expected);
         let json = report.json();
         assert_eq!(json["pool_size"], 16);
         assert_eq!(json["ratio_p50_to_floor_reuse"], 4.0);
+        assert_eq!((json["floor"].as_str(), json["ratio_p50_to_floor"].as_f64()), (Some("floor_pool"), Some(5.0)));
+        assert_eq!(json["floors"]["fresh"]["steps_p50_us"]["create_vm"], 20.0);
+        assert_eq!(json["floors"]["memory_file"], "/tmp/img");
     }
 
     #[test]

@@ -424,7 +424,11 @@ fn bench_keeps_samples_and_floors_in_every_mode_and_plot_overlays_runs() {
     assert!(params.starts_with("# mu2 bench mode=fresh function=echo requests=5 concurrency=1"), "{params}");
     assert_eq!(lines.next(), Some("series,index,latency_us,fork_us,run_us,boot_us,teardown_us"));
     let count = |series: &str| csv.lines().filter(|l| l.starts_with(&format!("{series},"))).count();
-    assert_eq!((count("request"), count("floor_fresh"), count("floor_reuse")), (5, 4, 4), "{csv}");
+    assert_eq!(
+        (count("request"), count("floor_fresh"), count("floor_pool"), count("floor_reuse")),
+        (5, 4, 4, 4),
+        "{csv}"
+    );
     let cold = std::fs::read_to_string(&cold_csv).expect("the cold CSV, which --mode cold used to skip");
     assert_eq!(cold.lines().filter(|l| l.starts_with("request,")).count(), 3, "{cold}");
     assert!(cold.lines().any(|l| l.starts_with("floor_fresh,")), "{cold}");
@@ -441,6 +445,34 @@ fn bench_keeps_samples_and_floors_in_every_mode_and_plot_overlays_runs() {
     assert!(out.status.success(), "{}", stderr(&out));
     let svg = std::fs::read_to_string(&svg_path).expect("the SVG");
     assert!(svg.contains("cold: cold") && svg.contains("fresh: fresh, concurrency 1"), "both runs in the legend");
+}
+
+#[test]
+fn bench_json_reports_each_floor_and_its_steps() {
+    kvm_or_skip!();
+    let out = mu2(&["bench", "--mode", "reuse", "--requests", "3", "--floor-samples", "3", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let floors = &json["floors"];
+    let steps = |floor: &str| -> Vec<String> {
+        let map = floors[floor]["steps_p50_us"].as_object().cloned().unwrap_or_default();
+        assert!(map.values().all(|v| v.as_f64().is_some_and(|us| us > 0.0)), "{floor}: {map:?}");
+        map.keys().cloned().collect()
+    };
+    let mut fresh = steps("fresh");
+    fresh.sort();
+    let mut all = ["map", "create_vm", "memory_slot", "create_vcpu", "cpuid", "registers", "first_run", "teardown"]
+        .map(String::from);
+    all.sort();
+    assert_eq!(fresh, all, "the fresh floor times every KVM step");
+    assert_eq!(steps("pool").len(), 2, "the pool floor: its run and teardown");
+    assert_eq!(steps("reuse").len(), 2, "the reuse floor: its register reset and run");
+    // The memory file lives where the image does: the temporary image's directory.
+    assert!(floors["memory_file"].as_str().is_some_and(|d| d.contains("mu2-image-")), "{floors}");
+    assert_eq!(json["floor"], "floor_reuse");
+    let ratio = json["p50_us"].as_f64().unwrap_or_default() / floors["reuse"]["p50_us"].as_f64().unwrap_or(1.0);
+    assert!((json["ratio_p50_to_floor"].as_f64().unwrap_or_default() - ratio).abs() < 1e-9, "{json}");
+    assert_eq!(json["floor_reuse_p50_us"], floors["reuse"]["p50_us"]);
 }
 
 #[test]

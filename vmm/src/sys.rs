@@ -207,3 +207,10 @@ mod tests {
         assert!(claim_inherited_fd(2).is_err());
     }
 }
+
+/// An unnamed file (O_TMPFILE) in `dir`, read-write, gone when closed: scratch data on the same
+/// file system as the directory's other files.
+pub(crate) fn unnamed_file_in(dir: &std::path::Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new().read(true).write(true).mode(0o600).custom_flags(libc::O_TMPFILE).open(dir)
+}

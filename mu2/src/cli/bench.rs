@@ -138,8 +138,6 @@ fn forked(args: &BenchArgs, mode: Mode, request: &[u8]) -> Result<(), Failure> {
     let image = Arc::new(image);
     let mem_size = image.state().mem_size;
     let quiet = args.json || !std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let floor_samples = bench::floors(&hv, mem_size, args.floor_samples)?;
-    let floors = floor_samples.summary();
     // The expected response and private memory per VM, from one measured fork.
     let probe = Engine::new(hv.clone(), image.clone(), EngineConfig { mode: Mode::Fresh, ..EngineConfig::default() });
     let (first, private_kib) = probe.serve_measuring_memory(request, args.timeout)?;
@@ -155,6 +153,12 @@ fn forked(args: &BenchArgs, mode: Mode, request: &[u8]) -> Result<(), Failure> {
             eprintln!("pool filled: {depth} VMs");
         }
     }
+    // The floors under the engine's own conditions: its VMs alive (a full pool in pool mode),
+    // the image's memory size, file system and CPUID table.
+    let floor_image = mu2_vmm::floor::FloorImage::like(&hv, &image)?;
+    let floor_samples = bench::floors(&hv, &floor_image, args.floor_samples)?;
+    drop(floor_image);
+    let floors = floor_samples.summary();
     let total = args.requests;
     let progress = |done: usize| {
         if !quiet && (done % 100 == 0 || done == total) {
@@ -179,8 +183,9 @@ fn forked(args: &BenchArgs, mode: Mode, request: &[u8]) -> Result<(), Failure> {
         .iter()
         .map(|s| CsvRow { fork_us: Some(s.fork_us), run_us: Some(s.run_us), ..CsvRow::request(s.latency_us) })
         .collect();
-    rows.extend(floor_samples.fresh.iter().map(|&v| CsvRow::floor("floor_fresh", v)));
-    rows.extend(floor_samples.reuse.iter().map(|&v| CsvRow::floor("floor_reuse", v)));
+    for (name, samples) in floor_samples.series() {
+        rows.extend(samples.iter().map(|&v| CsvRow::floor(name, v)));
+    }
     keep_samples(args, &run_params(args, &mode_name, mem_size >> 20), &rows)?;
     let setup = ForkSetup {
         mode: mode_name,
