@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use crate::bench::{FloorSummary, Floors, ForkRun, ForkSample, Sample, Summary};
+use crate::bench::{self, Arrivals, FloorSummary, Floors, ForkRun, ForkSample, LoadPoint, Sample, Summary};
 
 /// A cold-boot run: one VM booted per request.
 #[derive(Debug)]
@@ -206,6 +206,122 @@ fn floor_steps_text(out: &mut String, floors: &Floors) {
     for (name, floor) in [("fresh", &floors.fresh), ("pool", &floors.pool), ("reuse", &floors.reuse)] {
         let steps: Vec<String> = floor.steps.iter().map(|(step, us)| format!("{step} {us:.1}")).collect();
         let _ = writeln!(out, "  floor_{name} steps p50 us: {}", steps.join(", "));
+    }
+}
+
+/// An open-loop run: requests offered at one or more fixed rates (`mu2 bench --rate`).
+#[derive(Debug)]
+pub struct OpenReport {
+    pub setup: ForkSetup,
+    pub arrivals: Arrivals,
+    pub seed: u64,
+    pub requests_per_rate: usize,
+    /// In increasing rate.
+    pub points: Vec<LoadPoint>,
+}
+
+impl OpenReport {
+    /// The knee: the lowest rate whose p99 left its low-load value (see `bench::knee`).
+    pub fn knee(&self) -> Option<f64> {
+        bench::knee(&self.points)
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        let (setup, floors) = (&self.setup, &self.setup.floors);
+        let (floor_name, floor) = floors.of_mode(&setup.mode);
+        let rates: Vec<serde_json::Value> = self
+            .points
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "rate_rps": p.rate,
+                    "requests": p.requests,
+                    "throughput_rps": p.throughput,
+                    "p50_us": p.latency.p50, "p90_us": p.latency.p90, "p99_us": p.latency.p99,
+                    "p999_us": p.latency.p999, "max_us": p.latency.max,
+                    "lag_p50_us": p.lag.p50, "lag_p99_us": p.lag.p99,
+                    "fork_p50_us": p.fork_p50, "run_p50_us": p.run_p50,
+                    "ratio_p50_to_floor": p.latency.p50 / floor.latency.p50,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "mode": setup.mode,
+            "load": "open",
+            "arrivals": self.arrivals.name(),
+            "seed": self.seed,
+            "concurrency": setup.concurrency,
+            "mem_mib": setup.mem_mib,
+            "pool_size": setup.pool_size,
+            "requests_per_rate": self.requests_per_rate,
+            "private_kib_per_vm": setup.private_kib,
+            "rates": rates,
+            "knee": {
+                "rate_rps": self.knee(),
+                "low_load_p99_us": self.points.first().map(|p| p.latency.p99),
+                "factor": bench::KNEE_FACTOR,
+            },
+            "floor": floor_name,
+            "floors": floors_json(floors),
+            "restore_ioctls_per_vcpu": setup.restore_ioctls_per_vcpu,
+        })
+    }
+
+    pub fn text(&self) -> String {
+        let (setup, floors) = (&self.setup, &self.setup.floors);
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "mode {}, open loop ({} arrivals, seed {}), {} requests per rate, {} served at once, {} MiB image",
+            setup.mode,
+            self.arrivals.name(),
+            self.seed,
+            self.requests_per_rate,
+            setup.concurrency,
+            setup.mem_mib
+        );
+        let _ = writeln!(
+            out,
+            "  {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "rate/s", "served/s", "p50", "p90", "p99", "p99.9", "max", "lag p50", "lag p99", "run p50"
+        );
+        for p in &self.points {
+            let _ = writeln!(
+                out,
+                "  {:>9.0} {:>9.0} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
+                p.rate,
+                p.throughput,
+                p.latency.p50,
+                p.latency.p90,
+                p.latency.p99,
+                p.latency.p999,
+                p.latency.max,
+                p.lag.p50,
+                p.lag.p99,
+                p.run_p50
+            );
+        }
+        let _ = writeln!(out, "  (us; latency from when each request was due, queueing included; lag: due to begun)");
+        let row = |out: &mut String, name: &str, s: &Summary| summary_row(out, 14, name, s);
+        row(&mut out, "floor_fresh", &floors.fresh.latency);
+        row(&mut out, "floor_pool", &floors.pool.latency);
+        row(&mut out, "floor_reuse", &floors.reuse.latency);
+        floor_steps_text(&mut out, floors);
+        let low = self.points.first().map_or(f64::NAN, |p| p.latency.p99);
+        let _ = match self.knee() {
+            Some(rate) => writeln!(
+                out,
+                "  knee at {rate:.0} requests/s: p99 above {:.0} x its low-load value ({low:.1} us)",
+                bench::KNEE_FACTOR
+            ),
+            None if self.points.len() > 1 => writeln!(
+                out,
+                "  no knee: p99 stays within {:.0} x its low-load value ({low:.1} us) at every rate",
+                bench::KNEE_FACTOR
+            ),
+            None => Ok(()),
+        };
+        out
     }
 }
 

@@ -476,6 +476,59 @@ fn bench_json_reports_each_floor_and_its_steps() {
 }
 
 #[test]
+fn bench_open_loop_sweeps_rates_and_reports_the_curve() {
+    kvm_or_skip!();
+    let scratch = Scratch::new("open-loop");
+    let svg = scratch.path("sweep.svg");
+    let args = ["bench", "--mode", "reuse", "--rate", "400,200", "--requests", "20", "--arrivals", "constant"];
+    let out = mu2(&[&args[..], &["--floor-samples", "3", "--json", "--plot", &svg]].concat());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!((json["load"].as_str(), json["arrivals"].as_str()), (Some("open"), Some("constant")));
+    let rates = json["rates"].as_array().cloned().unwrap_or_default();
+    let offered: Vec<f64> = rates.iter().filter_map(|r| r["rate_rps"].as_f64()).collect();
+    assert_eq!(offered, [200.0, 400.0], "rates run in increasing order");
+    for rate in &rates {
+        assert_eq!(rate["requests"], 20, "{rate}");
+        let q = |k: &str| rate[k].as_f64().unwrap_or(f64::NAN);
+        assert!(q("p50_us") > 0.0 && q("p50_us") <= q("p99_us") && q("p99_us") <= q("max_us"), "{rate}");
+        assert!(q("throughput_rps") > 0.0 && q("lag_p50_us") >= 0.0, "{rate}");
+    }
+    let knee = &json["knee"];
+    assert_eq!(knee["factor"], 2.0);
+    assert_eq!(knee["low_load_p99_us"], rates[0]["p99_us"], "the low-load p99 is the lowest rate's");
+    let knee_rate = knee["rate_rps"].as_f64();
+    let expected = (rates[1]["p99_us"].as_f64() > rates[0]["p99_us"].as_f64().map(|p| 2.0 * p)).then_some(400.0);
+    assert_eq!(knee_rate, expected, "{json}");
+    assert_eq!(json["floor"], "floor_reuse");
+    let plot = std::fs::read_to_string(&svg).expect("the load plot");
+    assert!(plot.contains("offered load") && plot.contains("floor_reuse"), "axes and floor drawn");
+
+    // `mu2 plot` draws the sweep back from its JSON.
+    let saved = scratch.path("sweep.json");
+    std::fs::write(&saved, &out.stdout).expect("saving the JSON");
+    let png = scratch.path("sweep.png");
+    let out = mu2(&["plot", &saved, "-o", &png]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(std::fs::read(&png).is_ok_and(|b| b.starts_with(b"\x89PNG")), "a PNG");
+}
+
+#[test]
+fn bench_refuses_open_loop_settings_it_cannot_run() {
+    for (args, expected) in [
+        (&["--mode", "cold", "--rate", "100"][..], "--rate needs a fork mode"),
+        (&["--mode", "fresh", "--rate", "0"], "--rate takes rates above 0"),
+        (&["--mode", "fresh", "--rate", "100,200", "--csv", "x.csv"], "--csv keeps one run's samples"),
+    ] {
+        let mut all = vec!["bench", "--function", "hang", "--timeout", "20s"];
+        all.extend_from_slice(args);
+        let out = mu2(&all);
+        assert_eq!(out.status.code(), Some(2), "{all:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(expected), "{all:?}: {}", stderr(&out));
+    }
+}
+
+#[test]
 fn bench_refuses_what_it_cannot_report_before_it_runs() {
     // The hang guest would make a run end in a timeout (exit 4): refusals come first.
     for (args, expected) in [

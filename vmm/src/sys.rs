@@ -152,6 +152,13 @@ pub(crate) fn mkfifo(path: &std::path::Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// An unnamed file (O_TMPFILE) in `dir`, read-write, gone when closed: scratch data on the same
+/// file system as the directory's other files.
+pub(crate) fn unnamed_file_in(dir: &std::path::Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new().read(true).write(true).mode(0o600).custom_flags(libc::O_TMPFILE).open(dir)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,11 +213,4 @@ mod tests {
         assert!(claim_inherited_fd(0).is_err(), "stdin is not a passed listener");
         assert!(claim_inherited_fd(2).is_err());
     }
-}
-
-/// An unnamed file (O_TMPFILE) in `dir`, read-write, gone when closed: scratch data on the same
-/// file system as the directory's other files.
-pub(crate) fn unnamed_file_in(dir: &std::path::Path) -> std::io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new().read(true).write(true).mode(0o600).custom_flags(libc::O_TMPFILE).open(dir)
 }

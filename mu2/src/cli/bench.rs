@@ -52,6 +52,35 @@ pub struct BenchArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Open loop: offer requests at this rate (requests/s) whatever the responses, latency
+    /// counted from when each was due; several comma-separated rates sweep the
+    /// latency-vs-load curve and find its knee. --requests is then per rate, and --concurrency
+    /// the requests served at once (more queue).
+    #[arg(long, value_name = "R[,R...]", value_delimiter = ',')]
+    rate: Vec<f64>,
+    /// How open-loop requests arrive.
+    #[arg(long, value_enum, default_value_t = ArrivalsArg::Poisson)]
+    arrivals: ArrivalsArg,
+    /// Seed of the Poisson arrivals.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    seed: u64,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum ArrivalsArg {
+    /// Evenly spaced.
+    Constant,
+    /// A Poisson process (exponential gaps).
+    Poisson,
+}
+
+impl From<ArrivalsArg> for bench::Arrivals {
+    fn from(a: ArrivalsArg) -> Self {
+        match a {
+            ArrivalsArg::Constant => bench::Arrivals::Constant,
+            ArrivalsArg::Poisson => bench::Arrivals::Poisson,
+        }
+    }
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,6 +108,17 @@ pub fn bench(args: &BenchArgs) -> Result<(), Failure> {
     }
     if let Some(path) = &args.csv {
         crate::failure::parent_exists("CSV file", path)?;
+    }
+    if !args.rate.is_empty() {
+        if args.mode == BenchMode::Cold {
+            return Err(CliError::Argument("--rate needs a fork mode: fresh, pool or reuse").into());
+        }
+        if args.rate.iter().any(|r| !r.is_finite() || *r <= 0.0 || *r > 1e6) {
+            return Err(CliError::Argument("--rate takes rates above 0 and up to 1000000 requests/s").into());
+        }
+        if args.rate.len() > 1 && args.csv.is_some() {
+            return Err(CliError::Argument("--csv keeps one run's samples: give one --rate, or use --json").into());
+        }
     }
     let request = request_bytes(&args.data)?;
     match args.mode {
@@ -159,6 +199,29 @@ fn forked(args: &BenchArgs, mode: Mode, request: &[u8]) -> Result<(), Failure> {
     let floor_samples = bench::floors(&hv, &floor_image, args.floor_samples)?;
     drop(floor_image);
     let floors = floor_samples.summary();
+    if !args.rate.is_empty() {
+        let setup = ForkSetup {
+            mode: format!("{:?}", args.mode).to_lowercase(),
+            concurrency: args.concurrency,
+            mem_mib: mem_size >> 20,
+            private_kib,
+            floors,
+            pool_size: (mode == Mode::Pool).then_some(args.pool_size),
+            restore_ioctls_per_vcpu: image.restore_ioctls(),
+        };
+        let serve = bench::engine_server(&engine);
+        let settle = || match mode {
+            // Each rate starts from a full pool, or with every kept VM reset.
+            Mode::Pool => {
+                engine.wait_for_pool(args.pool_size, Duration::from_secs(600));
+            }
+            Mode::Reuse => {
+                engine.wait_for_resets(Duration::from_secs(60));
+            }
+            Mode::Fresh => {}
+        };
+        return open_loop(args, setup, &serve, &settle, request, &first.response, &floor_samples, quiet);
+    }
     let total = args.requests;
     let progress = |done: usize| {
         if !quiet && (done % 100 == 0 || done == total) {
@@ -197,6 +260,67 @@ fn forked(args: &BenchArgs, mode: Mode, request: &[u8]) -> Result<(), Failure> {
         restore_ioctls_per_vcpu: image.restore_ioctls(),
     };
     let report = ForkReport::new(setup, &run);
+    if args.json {
+        crate::out::print(format!("{}\n", report.json()))?;
+    } else {
+        crate::out::print(report.text())?;
+    }
+    Ok(())
+}
+
+/// The open-loop runs: one per `--rate`, in increasing rate, each from a settled engine.
+#[allow(clippy::too_many_arguments)]
+fn open_loop(
+    args: &BenchArgs,
+    setup: ForkSetup,
+    serve: &bench::ServeFn<'_>,
+    settle: &dyn Fn(),
+    request: &[u8],
+    expected: &[u8],
+    floor_samples: &bench::FloorSamples,
+    quiet: bool,
+) -> Result<(), Failure> {
+    let mut rates = args.rate.clone();
+    rates.sort_by(f64::total_cmp);
+    rates.dedup();
+    let arrivals = bench::Arrivals::from(args.arrivals);
+    let mut points = Vec::with_capacity(rates.len());
+    let mut last_run = None;
+    for &rate in &rates {
+        settle();
+        let due = bench::schedule(rate, arrivals, args.requests, args.seed);
+        let run = bench::open_loop(serve, request, Some(expected), rate, &due, args.concurrency, args.timeout)?;
+        let point = bench::LoadPoint::of(&run);
+        if !quiet {
+            eprintln!(
+                "rate {rate:.0}/s: served {:.0}/s, p50 {:.1} us, p99 {:.1} us",
+                point.throughput, point.latency.p50, point.latency.p99
+            );
+        }
+        points.push(point);
+        last_run = Some(run);
+    }
+    let report = report::OpenReport { setup, arrivals, seed: args.seed, requests_per_rate: args.requests, points };
+    if let (Some(path), Some(run)) = (&args.csv, &last_run) {
+        let mut params = run_params(args, &report.setup.mode, report.setup.mem_mib);
+        params.push(("rate".into(), format!("{}", run.rate)));
+        params.push(("arrivals".into(), arrivals.name().into()));
+        let mut rows: Vec<CsvRow> = run
+            .samples
+            .iter()
+            .map(|s| CsvRow { fork_us: Some(s.fork_us), run_us: Some(s.run_us), ..CsvRow::request(s.latency_us) })
+            .collect();
+        for (name, samples) in floor_samples.series() {
+            rows.extend(samples.iter().map(|&v| CsvRow::floor(name, v)));
+        }
+        std::fs::write(path, report::samples_csv(&params, &rows))
+            .map_err(|source| CliError::WriteFile { path: path.clone(), source })?;
+    }
+    if let Some(path) = &args.plot {
+        let curve =
+            plot::LoadCurve::of_report(&report.json()).ok_or(CliError::Argument("no open-loop points to plot"))?;
+        plot::draw_load(&[curve], &format!("mu2 bench: latency vs load, {} mode", report.setup.mode), path)?;
+    }
     if args.json {
         crate::out::print(format!("{}\n", report.json()))?;
     } else {
