@@ -25,6 +25,7 @@ pub mod image;
 pub mod invoke;
 pub mod source;
 pub mod uds;
+pub mod worker;
 
 mod arch;
 mod cpu;
