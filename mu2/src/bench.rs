@@ -50,6 +50,15 @@ pub enum BenchError {
         #[source]
         source: ForkError,
     },
+    /// A request failed in (or on the way to) a worker process.
+    #[error("request {index} through the workers")]
+    Worker {
+        /// Which request.
+        index: usize,
+        /// Why.
+        #[source]
+        source: mu2_vmm::worker::WorkerError,
+    },
     /// The response was not what the function returns for this request.
     #[error("request {index}: the response differs from the first one")]
     WrongResponse {
@@ -65,6 +74,7 @@ impl Classify for BenchError {
             BenchError::Floor(e) => e.kind(),
             BenchError::Request { source, .. } => source.kind(),
             BenchError::Fork { source, .. } => source.kind(),
+            BenchError::Worker { source, .. } => source.kind(),
             // Neither a crash nor a protocol error: a function may answer differently by
             // design (`random`); the benchmark just cannot vouch for its responses.
             BenchError::WrongResponse { .. } => FailureKind::Internal,
@@ -184,10 +194,11 @@ pub struct ForkRun {
     pub wall: Duration,
 }
 
-/// Serves `requests` requests with `concurrency` threads on `engine`; every response must
-/// equal `expected` when given.
+/// Serves `requests` requests with `concurrency` threads through `serve` (closed loop: each
+/// thread sends its next request when the last one is answered); every response must equal
+/// `expected` when given.
 pub fn forked(
-    engine: &Engine,
+    serve: &ServeFn<'_>,
     request: &[u8],
     expected: Option<&[u8]>,
     requests: usize,
@@ -209,18 +220,18 @@ pub fn forked(
                 if index >= requests || failure.lock().map_or(true, |f| f.is_some()) {
                     return;
                 }
-                let outcome = engine.serve(request, timeout);
-                let result = match outcome {
+                let began = Instant::now();
+                let result = match serve(request, timeout) {
                     Ok(served) if expected.is_some_and(|e| e != served.response.as_slice()) => {
                         Err(BenchError::WrongResponse { index })
                     }
+                    // Latency as the caller sees it: through the worker's socket too, if any.
                     Ok(served) => Ok(ForkSample {
                         fork_us: served.fork_us,
                         run_us: served.run_us,
-                        latency_us: served.fork_us + served.run_us,
+                        latency_us: micros(began.elapsed()),
                     }),
-                    Err(ForkError::Invoke(source)) => Err(BenchError::Request { index, source }),
-                    Err(e) => Err(BenchError::Fork { index, source: e }),
+                    Err(e) => Err(e.at(index)),
                 };
                 match result {
                     Ok(sample) => {
@@ -406,6 +417,13 @@ pub struct OpenRun {
 /// Serves one request: the engine's `serve`, or a worker pool's.
 pub type ServeFn<'a> = dyn Fn(&[u8], Duration) -> Result<Served, BenchError> + Sync + 'a;
 
+/// Worker processes as a [`ServeFn`].
+pub fn workers_server(
+    workers: &mu2_vmm::worker::Workers,
+) -> impl Fn(&[u8], Duration) -> Result<Served, BenchError> + Sync + '_ {
+    move |request, timeout| workers.serve(request, timeout).map_err(|source| BenchError::Worker { index: 0, source })
+}
+
 /// The engine as a [`ServeFn`].
 pub fn engine_server(engine: &Engine) -> impl Fn(&[u8], Duration) -> Result<Served, BenchError> + Sync + '_ {
     move |request, timeout| {
@@ -502,6 +520,7 @@ impl BenchError {
         match self {
             BenchError::Request { source, .. } => BenchError::Request { index, source },
             BenchError::Fork { source, .. } => BenchError::Fork { index, source },
+            BenchError::Worker { source, .. } => BenchError::Worker { index, source },
             BenchError::WrongResponse { .. } => BenchError::WrongResponse { index },
             other => other,
         }

@@ -88,6 +88,13 @@ pub enum CliError {
     /// The guest ran to its end but reported failure.
     #[error("guest exited with code {0}")]
     GuestExited(u32),
+    /// The command's own I/O failed (not a file the user named).
+    #[error("{what}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Refuses to write `path` in a directory that does not exist, before any work is done (a
@@ -109,7 +116,9 @@ impl Classify for CliError {
             | CliError::WriteFile { .. }
             | CliError::NoParent { .. }
             | CliError::Argument(_) => FailureKind::BadInput,
-            CliError::Stdout(_) | CliError::Signals(_) | CliError::ScratchDir { .. } => FailureKind::Internal,
+            CliError::Stdout(_) | CliError::Signals(_) | CliError::ScratchDir { .. } | CliError::Io { .. } => {
+                FailureKind::Internal
+            }
             CliError::GuestExited(_) => FailureKind::GuestCrash,
         }
     }

@@ -97,6 +97,8 @@ pub struct ForkSetup {
     /// Set in pool mode only.
     pub pool_size: Option<usize>,
     pub restore_ioctls_per_vcpu: usize,
+    /// Worker processes serving the requests; 0 for the engine in the benchmark's process.
+    pub workers: usize,
 }
 
 /// A run on the fork engine (fresh, pool or reuse).
@@ -146,6 +148,7 @@ impl ForkReport {
             "floors": floors_json(floors),
             "pool_size": setup.pool_size,
             "restore_ioctls_per_vcpu": setup.restore_ioctls_per_vcpu,
+            "workers": setup.workers,
         })
     }
 
@@ -155,8 +158,12 @@ impl ForkReport {
         let row = |out: &mut String, name: &str, s: &Summary| summary_row(out, 14, name, s);
         let _ = writeln!(
             out,
-            "mode {}, {} requests, concurrency {}, {} MiB image",
-            setup.mode, self.requests, setup.concurrency, setup.mem_mib
+            "mode {}, {} requests, concurrency {}, {} MiB image{}",
+            setup.mode,
+            self.requests,
+            setup.concurrency,
+            setup.mem_mib,
+            workers_text(setup.workers)
         );
         row(&mut out, "latency", &self.latency);
         row(&mut out, "  fork", &self.fork);
@@ -264,6 +271,7 @@ impl OpenReport {
             "floor": floor_name,
             "floors": floors_json(floors),
             "restore_ioctls_per_vcpu": setup.restore_ioctls_per_vcpu,
+            "workers": setup.workers,
         })
     }
 
@@ -272,13 +280,14 @@ impl OpenReport {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "mode {}, open loop ({} arrivals, seed {}), {} requests per rate, {} served at once, {} MiB image",
+            "mode {}, open loop ({} arrivals, seed {}), {} requests per rate, {} served at once, {} MiB image{}",
             setup.mode,
             self.arrivals.name(),
             self.seed,
             self.requests_per_rate,
             setup.concurrency,
-            setup.mem_mib
+            setup.mem_mib,
+            workers_text(setup.workers)
         );
         let _ = writeln!(
             out,
@@ -322,6 +331,15 @@ impl OpenReport {
             None => Ok(()),
         };
         out
+    }
+}
+
+/// ", 2 worker processes", or nothing for the engine in the benchmark's process.
+fn workers_text(workers: usize) -> String {
+    match workers {
+        0 => String::new(),
+        1 => ", 1 worker process".into(),
+        n => format!(", {n} worker processes"),
     }
 }
 
@@ -424,6 +442,7 @@ mod tests {
             },
             pool_size: Some(16),
             restore_ioctls_per_vcpu: 5,
+            workers: 0,
         };
         let report = ForkReport {
             setup,

@@ -514,6 +514,25 @@ fn bench_open_loop_sweeps_rates_and_reports_the_curve() {
 }
 
 #[test]
+fn bench_serves_from_worker_processes_in_every_fork_mode() {
+    kvm_or_skip!();
+    for mode in ["fresh", "pool", "reuse"] {
+        let args = ["bench", "--mode", mode, "--workers", "2", "--concurrency", "2", "--pool-size", "4"];
+        let out = mu2(&[&args[..], &["--requests", "12", "--floor-samples", "2", "--json"]].concat());
+        assert!(out.status.success(), "{mode}: {}", stderr(&out));
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+        assert_eq!((json["workers"].as_u64(), json["requests"].as_u64()), (Some(2), Some(12)), "{json}");
+        assert!(json["p50_us"].as_f64().is_some_and(|p| p > 0.0), "{json}");
+    }
+    // Open loop through the workers.
+    let args = ["bench", "--mode", "reuse", "--workers", "2", "--rate", "300", "--requests", "12", "--json"];
+    let out = mu2(&[&args[..], &["--floor-samples", "2"]].concat());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!((json["workers"].as_u64(), json["rates"][0]["requests"].as_u64()), (Some(2), Some(12)), "{json}");
+}
+
+#[test]
 fn bench_refuses_open_loop_settings_it_cannot_run() {
     for (args, expected) in [
         (&["--mode", "cold", "--rate", "100"][..], "--rate needs a fork mode"),

@@ -64,6 +64,10 @@ pub struct BenchArgs {
     /// Seed of the Poisson arrivals.
     #[arg(long, value_name = "N", default_value_t = 1)]
     seed: u64,
+    /// Serve from N worker processes, each with its own VMs (pool and reuse VMs split among
+    /// them, at most 64 per worker); 0 runs the engine in this process.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    workers: usize,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -182,45 +186,28 @@ fn forked(args: &BenchArgs, mode: Mode, request: &[u8]) -> Result<(), Failure> {
     let probe = Engine::new(hv.clone(), image.clone(), EngineConfig { mode: Mode::Fresh, ..EngineConfig::default() });
     let (first, private_kib) = probe.serve_measuring_memory(request, args.timeout)?;
     drop(probe);
-    let engine = Engine::new(
-        hv.clone(),
-        image.clone(),
-        EngineConfig { mode, pool_size: args.pool_size, pool_builders: 2, ..EngineConfig::default() },
-    );
-    if mode == Mode::Pool {
-        let depth = engine.wait_for_pool(args.pool_size, Duration::from_secs(600));
-        if !quiet {
-            eprintln!("pool filled: {depth} VMs");
-        }
-    }
+    // Where the VMs live: an engine in this process, or worker processes with one each.
+    let target = Target::start(args, mode, &hv, &image, quiet)?;
     // The floors under the engine's own conditions: its VMs alive (a full pool in pool mode),
     // the image's memory size, file system and CPUID table.
     let floor_image = mu2_vmm::floor::FloorImage::like(&hv, &image)?;
     let floor_samples = bench::floors(&hv, &floor_image, args.floor_samples)?;
     drop(floor_image);
     let floors = floor_samples.summary();
+    let setup = ForkSetup {
+        mode: format!("{:?}", args.mode).to_lowercase(),
+        concurrency: args.concurrency,
+        mem_mib: mem_size >> 20,
+        private_kib,
+        floors,
+        pool_size: (mode == Mode::Pool).then_some(args.pool_size),
+        restore_ioctls_per_vcpu: image.restore_ioctls(),
+        workers: target.workers(),
+    };
+    let serve = target.server();
+    let settle = || target.settle();
     if !args.rate.is_empty() {
-        let setup = ForkSetup {
-            mode: format!("{:?}", args.mode).to_lowercase(),
-            concurrency: args.concurrency,
-            mem_mib: mem_size >> 20,
-            private_kib,
-            floors,
-            pool_size: (mode == Mode::Pool).then_some(args.pool_size),
-            restore_ioctls_per_vcpu: image.restore_ioctls(),
-        };
-        let serve = bench::engine_server(&engine);
-        let settle = || match mode {
-            // Each rate starts from a full pool, or with every kept VM reset.
-            Mode::Pool => {
-                engine.wait_for_pool(args.pool_size, Duration::from_secs(600));
-            }
-            Mode::Reuse => {
-                engine.wait_for_resets(Duration::from_secs(60));
-            }
-            Mode::Fresh => {}
-        };
-        return open_loop(args, setup, &serve, &settle, request, &first.response, &floor_samples, quiet);
+        return open_loop(args, setup, &*serve, &settle, request, &first.response, &floor_samples, quiet);
     }
     let total = args.requests;
     let progress = |done: usize| {
@@ -229,7 +216,7 @@ fn forked(args: &BenchArgs, mode: Mode, request: &[u8]) -> Result<(), Failure> {
         }
     };
     let run = bench::forked(
-        &engine,
+        &*serve,
         request,
         Some(&first.response),
         args.requests,
@@ -240,7 +227,6 @@ fn forked(args: &BenchArgs, mode: Mode, request: &[u8]) -> Result<(), Failure> {
     if !quiet {
         eprintln!();
     }
-    let mode_name = format!("{:?}", args.mode).to_lowercase();
     let mut rows: Vec<CsvRow> = run
         .samples
         .iter()
@@ -249,16 +235,7 @@ fn forked(args: &BenchArgs, mode: Mode, request: &[u8]) -> Result<(), Failure> {
     for (name, samples) in floor_samples.series() {
         rows.extend(samples.iter().map(|&v| CsvRow::floor(name, v)));
     }
-    keep_samples(args, &run_params(args, &mode_name, mem_size >> 20), &rows)?;
-    let setup = ForkSetup {
-        mode: mode_name,
-        concurrency: args.concurrency,
-        mem_mib: mem_size >> 20,
-        private_kib,
-        floors,
-        pool_size: (mode == Mode::Pool).then_some(args.pool_size),
-        restore_ioctls_per_vcpu: image.restore_ioctls(),
-    };
+    keep_samples(args, &run_params(args, &setup.mode, mem_size >> 20), &rows)?;
     let report = ForkReport::new(setup, &run);
     if args.json {
         crate::out::print(format!("{}\n", report.json()))?;
@@ -266,6 +243,97 @@ fn forked(args: &BenchArgs, mode: Mode, request: &[u8]) -> Result<(), Failure> {
         crate::out::print(report.text())?;
     }
     Ok(())
+}
+
+/// The most VMs one worker process holds: beyond it, every copy-on-write fault's MMU-notifier
+/// walk and every KVM_CREATE_VM's lock of the whole address space grow with the VMs that share
+/// it (see docs/PERFORMANCE.md). `--workers` is raised so that no worker holds more.
+pub const MAX_VMS_PER_WORKER: usize = 64;
+
+/// What serves the benchmark's requests.
+enum Target {
+    /// An engine in this process.
+    InProcess(Engine),
+    /// Worker processes, each with its own engine.
+    Workers(mu2_vmm::worker::Workers),
+}
+
+impl Target {
+    fn start(
+        args: &BenchArgs,
+        mode: Mode,
+        hv: &Arc<Hypervisor>,
+        image: &Arc<mu2_vmm::image::Image>,
+        quiet: bool,
+    ) -> Result<Target, Failure> {
+        if args.workers == 0 {
+            let config = EngineConfig { mode, pool_size: args.pool_size, pool_builders: 2, ..EngineConfig::default() };
+            let engine = Engine::new(hv.clone(), image.clone(), config);
+            if mode == Mode::Pool {
+                let depth = engine.wait_for_pool(args.pool_size, Duration::from_secs(600));
+                if !quiet {
+                    eprintln!("pool filled: {depth} VMs");
+                }
+            }
+            return Ok(Target::InProcess(engine));
+        }
+        let sharded = if mode == Mode::Fresh { 0 } else { args.pool_size.div_ceil(MAX_VMS_PER_WORKER) };
+        let workers = args.workers.max(sharded);
+        if workers > args.workers && !quiet {
+            eprintln!("{workers} workers, so that none holds more than {MAX_VMS_PER_WORKER} VMs");
+        }
+        let per_worker = args.pool_size.div_ceil(workers).to_string();
+        let capacity = args.concurrency.div_ceil(workers);
+        let exe = std::env::current_exe().map_err(|source| CliError::Io { what: "finding this program", source })?;
+        let dir = image.dir().to_path_buf();
+        let mode_name = format!("{:?}", args.mode).to_lowercase();
+        let spawn = move |_index: usize| {
+            let mut command = std::process::Command::new(&exe);
+            command.arg("__worker").arg("--image").arg(&dir).args(["--mode", &mode_name]);
+            command.args(["--pool-size", &per_worker, "--builders", "1", "--capacity", &capacity.to_string()]);
+            command
+        };
+        let config = mu2_vmm::worker::WorkerConfig {
+            workers,
+            capacity,
+            max_request: usize::try_from(image.state().mem_size).unwrap_or(usize::MAX),
+            max_response: mu2_vmm::invoke::DEFAULT_MAX_RESPONSE,
+            start_timeout: Duration::from_secs(600),
+            reply_grace: Duration::from_secs(5),
+        };
+        let workers = mu2_vmm::worker::Workers::start(config, Box::new(spawn))?;
+        if !quiet {
+            eprintln!("{} worker processes ready: {:?}", workers.len(), workers.pids());
+        }
+        Ok(Target::Workers(workers))
+    }
+
+    /// Worker processes, 0 when the engine runs in this process.
+    fn workers(&self) -> usize {
+        match self {
+            Target::InProcess(_) => 0,
+            Target::Workers(w) => w.len(),
+        }
+    }
+
+    fn server(&self) -> Box<bench::ServeFn<'_>> {
+        match self {
+            Target::InProcess(engine) => Box::new(bench::engine_server(engine)),
+            Target::Workers(workers) => Box::new(bench::workers_server(workers)),
+        }
+    }
+
+    /// Waits until the VMs are ready again: a full pool, every kept VM reset.
+    fn settle(&self) {
+        match self {
+            Target::InProcess(engine) => mu2_vmm::worker::Handler::settle(engine, Duration::from_secs(600)),
+            Target::Workers(workers) => {
+                if let Err(e) = workers.settle(Duration::from_secs(600)) {
+                    log::warn!("settling the workers: {}", mu2_vmm::error::error_chain(&e));
+                }
+            }
+        }
+    }
 }
 
 /// The open-loop runs: one per `--rate`, in increasing rate, each from a settled engine.

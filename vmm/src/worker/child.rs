@@ -3,11 +3,10 @@
 
 use std::io::{self, BufReader};
 use std::os::unix::net::UnixStream;
-use std::sync::mpsc;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use super::protocol::{self, Outcome, Reply, Request, RequestKind};
+use super::protocol::{self, Outcome, Reply, RequestKind};
 use crate::error::{error_chain, Classify};
 use crate::fork::Served;
 
@@ -43,9 +42,11 @@ impl Handler for crate::fork::Engine {
 }
 
 /// The worker's loop, once its VMs are ready: announces itself on `stream`, then serves what
-/// the supervisor sends with up to `capacity` requests at once (each on its own thread), a
-/// request body being at most `max_request` bytes. Returns when the supervisor closes the
-/// connection; an error when it sends something that is not a frame.
+/// the supervisor sends with up to `capacity` requests at once, a request body being at most
+/// `max_request` bytes. Each of `capacity` threads takes its turn reading the next request
+/// and then serves it itself, so a request wakes exactly the thread that serves it. Returns
+/// when the supervisor closes the connection; an error when it sends something that is not a
+/// frame.
 pub fn serve_requests<H: Handler>(
     stream: UnixStream,
     handler: &H,
@@ -58,63 +59,65 @@ pub fn serve_requests<H: Handler>(
         protocol::write_reply(&mut *w, reply)
     };
     send(&Reply { id: 0, outcome: Outcome::Ready })?;
-    let capacity = capacity.max(1);
-    // Bounded: the supervisor sends at most `capacity` requests at once; one more waits in
-    // the socket, not in memory.
-    let (tx, rx) = mpsc::sync_channel::<Request>(capacity);
-    let rx = Mutex::new(rx);
+    let reader = Mutex::new(BufReader::new(stream));
+    // The first broken frame, which ends every thread's loop.
+    let broken: Mutex<Option<io::Error>> = Mutex::new(None);
+    let serve_next = || -> bool {
+        let next = match reader.lock() {
+            Ok(mut reader) => protocol::read_request(&mut *reader, max_request),
+            Err(_) => return false,
+        };
+        let request = match next {
+            Ok(Some(request)) => request,
+            // The supervisor closed the connection: every thread ends (each reads the end).
+            Ok(None) => return false,
+            Err(e) => {
+                if let Ok(mut broken) = broken.lock() {
+                    broken.get_or_insert(e);
+                }
+                // Unblock the other readers: nothing more can be read from this stream.
+                if let Ok(reader) = reader.lock() {
+                    let _ = reader.get_ref().shutdown(std::net::Shutdown::Read);
+                }
+                return false;
+            }
+        };
+        let outcome = match request.kind {
+            RequestKind::Serve => match handler.serve(&request.body, request.timeout) {
+                Ok(served) => Outcome::Served {
+                    fork_us: served.fork_us,
+                    run_us: served.run_us,
+                    vm_id: served.vm_id,
+                    response: served.response,
+                },
+                Err(e) => Outcome::Failed { kind: e.kind(), message: error_chain(&e) },
+            },
+            RequestKind::Settle => {
+                handler.settle(request.timeout);
+                Outcome::Settled
+            }
+        };
+        // A failed write means the supervisor is gone; the next read sees the end too.
+        send(&Reply { id: request.id, outcome }).is_ok()
+    };
     std::thread::scope(|scope| {
         let mut servers = 0;
-        for i in 0..capacity {
-            let (rx, send) = (&rx, &send);
-            let spawned =
-                std::thread::Builder::new().name(format!("mu2-worker-{i}")).spawn_scoped(scope, move || loop {
-                    let next = match rx.lock() {
-                        Ok(rx) => rx.recv(),
-                        Err(_) => return,
-                    };
-                    let Ok(request) = next else { return };
-                    let outcome = match request.kind {
-                        RequestKind::Serve => match handler.serve(&request.body, request.timeout) {
-                            Ok(served) => Outcome::Served {
-                                fork_us: served.fork_us,
-                                run_us: served.run_us,
-                                vm_id: served.vm_id,
-                                response: served.response,
-                            },
-                            Err(e) => Outcome::Failed { kind: e.kind(), message: error_chain(&e) },
-                        },
-                        RequestKind::Settle => {
-                            handler.settle(request.timeout);
-                            Outcome::Settled
-                        }
-                    };
-                    if send(&Reply { id: request.id, outcome }).is_err() {
-                        // The supervisor is gone; the reader sees the end of the stream too.
-                        return;
-                    }
-                });
+        for i in 1..capacity.max(1) {
+            let serve_next = &serve_next;
+            let spawned = std::thread::Builder::new()
+                .name(format!("mu2-worker-{i}"))
+                .spawn_scoped(scope, move || while serve_next() {});
             match spawned {
                 Ok(_) => servers += 1,
                 Err(e) => log::warn!("worker thread {i} could not start: {e}"),
             }
         }
-        if servers == 0 {
-            return Err(io::Error::other("no worker thread could start"));
-        }
-        let mut reader = BufReader::new(&stream);
-        let result = loop {
-            match protocol::read_request(&mut reader, max_request) {
-                Ok(Some(request)) => {
-                    if tx.send(request).is_err() {
-                        break Ok(());
-                    }
-                }
-                Ok(None) => break Ok(()),
-                Err(e) => break Err(e),
-            }
-        };
-        drop(tx);
-        result
-    })
+        log::debug!("serving with {} threads", servers + 1);
+        // This thread is one of the servers.
+        while serve_next() {}
+    });
+    match broken.into_inner().ok().flatten() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }

@@ -106,7 +106,7 @@ mod tests {
     use super::*;
     use crate::fork::Served;
 
-    /// Echoes the request, except: `die` exits the process, `slow` answers after 300 ms,
+    /// Echoes the request, except: `die` exits the process, `slow…` answers after 300 ms,
     /// `hang` never answers, `fail` fails as a guest crash.
     struct Echo;
 
@@ -125,9 +125,9 @@ mod tests {
         fn serve(&self, request: &[u8], _timeout: Duration) -> Result<Served, Crashed> {
             match request {
                 b"die" => std::process::exit(3),
-                b"slow" => std::thread::sleep(Duration::from_millis(300)),
                 b"hang" => std::thread::sleep(Duration::from_secs(3600)),
                 b"fail" => return Err(Crashed),
+                slow if slow.starts_with(b"slow") => std::thread::sleep(Duration::from_millis(300)),
                 _ => {}
             }
             Ok(Served { response: request.to_vec(), fork_us: 1.0, run_us: 2.0, vm_id: u64::from(std::process::id()) })
@@ -190,6 +190,20 @@ mod tests {
         }
         assert!(matches!(workers.serve(&[0; 70_000], Duration::from_secs(1)), Err(WorkerError::TooLarge { .. })));
         assert_eq!(workers.restarts(), 0);
+    }
+
+    #[test]
+    fn replies_reach_their_own_callers_when_a_worker_serves_several_at_once() {
+        let workers = start(1, 2);
+        let bodies: [&[u8]; 4] = [b"slow-1", b"fast-2", b"slow-3", b"fast-4"];
+        std::thread::scope(|s| {
+            let workers = &workers;
+            let handles: Vec<_> = bodies.iter().map(|&b| s.spawn(move || (b, serve(workers, b)))).collect();
+            for handle in handles {
+                let (body, served) = handle.join().unwrap();
+                assert_eq!(served.expect("served").response, body);
+            }
+        });
     }
 
     #[test]

@@ -67,7 +67,14 @@ fn invalid(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.to_string())
 }
 
+/// Whether `e` is a read timeout (`SO_RCVTIMEO`) rather than a failure.
+pub(crate) fn is_timeout(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+}
+
 /// Reads exactly `buf.len()` bytes; `Ok(false)` on a clean end of stream before the first byte.
+/// A read timeout before the first byte is returned as it is (nothing was consumed: the
+/// caller may read again); one inside the frame is a broken frame.
 fn read_frame_start(r: &mut impl Read, buf: &mut [u8]) -> io::Result<bool> {
     let mut filled = 0;
     while filled < buf.len() {
@@ -76,10 +83,21 @@ fn read_frame_start(r: &mut impl Read, buf: &mut [u8]) -> io::Result<bool> {
             Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
             Ok(n) => filled += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if filled > 0 && is_timeout(&e) => return Err(invalid("frame cut short")),
             Err(e) => return Err(e),
         }
     }
     Ok(true)
+}
+
+/// Reads a frame's body; a timeout inside it is a broken frame.
+fn read_body(r: &mut impl Read, len: usize) -> io::Result<Vec<u8>> {
+    let mut body = vec![0u8; len];
+    match r.read_exact(&mut body) {
+        Ok(()) => Ok(body),
+        Err(e) if is_timeout(&e) => Err(invalid("frame cut short")),
+        Err(e) => Err(e),
+    }
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
@@ -133,8 +151,7 @@ pub(crate) fn read_request(r: &mut impl Read, max_body: usize) -> io::Result<Opt
     if len > max_body {
         return Err(invalid("request body over the limit"));
     }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body)?;
+    let body = read_body(r, len)?;
     let timeout = Duration::from_millis(u64::from(u32_at(&header, 13)));
     Ok(Some(Request { kind, id: u64_at(&header, 5), timeout, body }))
 }
@@ -187,8 +204,7 @@ pub(crate) fn read_reply(r: &mut impl Read, max_response: usize) -> io::Result<O
     if len > limit {
         return Err(invalid("reply body over the limit"));
     }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body)?;
+    let body = read_body(r, len)?;
     let outcome = match status {
         0 if fork_us.is_finite() && run_us.is_finite() => Outcome::Served { fork_us, run_us, vm_id, response: body },
         1 => Outcome::Failed {

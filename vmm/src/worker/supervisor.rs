@@ -1,12 +1,12 @@
 //! The supervisor's side: start the worker processes, send each request to a worker with spare
-//! capacity, hand its reply back, and restart a worker that dies.
+//! capacity, read its reply back, and restart a worker that dies.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::BufReader;
 use std::os::unix::net::UnixStream;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -36,14 +36,51 @@ pub struct WorkerConfig {
 /// Makes the command that starts worker `index` (its socket becomes the worker's stdin).
 pub type Spawn = dyn Fn(usize) -> Command + Send + Sync;
 
-type Pending = Mutex<HashMap<u64, SyncSender<Result<Served, WorkerError>>>>;
+/// How often a worker's supervising thread checks that its process still runs, and how long a
+/// caller reading replies blocks in one read before it looks at its deadline again.
+const POLL: Duration = Duration::from_millis(20);
+
+/// One connection to a running worker process. Callers read the replies themselves: whichever
+/// caller is waiting and finds no reader takes the reader's turn, reads one reply, keeps it
+/// if it is its own and hands it over otherwise — so with one request in flight the reply
+/// wakes exactly the caller waiting for it, with no thread in between.
+struct Conn {
+    writer: Mutex<UnixStream>,
+    reader: Mutex<BufReader<UnixStream>>,
+    state: Mutex<ConnState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct ConnState {
+    /// Requests sent and not yet answered.
+    waiting: HashSet<u64>,
+    /// Replies read by another caller, for their requests.
+    replies: HashMap<u64, Result<Served, WorkerError>>,
+    /// A caller is reading.
+    reading: bool,
+    /// The stream ended or broke: the worker is down.
+    closed: bool,
+}
+
+impl Conn {
+    fn close(&self) {
+        if let Ok(mut state) = self.state.lock() {
+            state.closed = true;
+        }
+        self.changed.notify_all();
+    }
+
+    fn is_closed(&self) -> bool {
+        self.state.lock().map_or(true, |s| s.closed)
+    }
+}
 
 /// One worker process and what is in flight on it.
 struct Slot {
     index: usize,
-    /// The socket's writing side; `None` while the worker is down.
-    writer: Mutex<Option<UnixStream>>,
-    pending: Pending,
+    /// The connection to the running worker; `None` while it is down.
+    conn: Mutex<Option<Arc<Conn>>>,
     in_flight: AtomicUsize,
     child: Mutex<Option<Child>>,
     pid: AtomicU64,
@@ -51,26 +88,16 @@ struct Slot {
 }
 
 impl Slot {
-    fn alive(&self) -> bool {
-        self.writer.lock().is_ok_and(|w| w.is_some())
+    fn conn(&self) -> Option<Arc<Conn>> {
+        self.conn.lock().ok().and_then(|c| c.clone())
     }
 
-    /// Kills the worker process (its reader thread then sees the end of the stream).
+    /// Kills the worker process (its supervising thread then restarts it).
     fn kill(&self) {
         if let Ok(mut child) = self.child.lock() {
             if let Some(child) = child.as_mut() {
                 let _ = child.kill();
             }
-        }
-    }
-
-    fn fail_pending(&self, error: impl Fn() -> WorkerError) {
-        let drained: Vec<_> = match self.pending.lock() {
-            Ok(mut pending) => pending.drain().collect(),
-            Err(_) => Vec::new(),
-        };
-        for (_, tx) in drained {
-            let _ = tx.try_send(Err(error()));
         }
     }
 }
@@ -85,7 +112,7 @@ impl std::fmt::Debug for Slot {
     }
 }
 
-/// Shared by the supervisor and its reader threads.
+/// Shared by the supervisor and its supervising threads.
 struct Shared {
     slots: Vec<Arc<Slot>>,
     /// Signalled when a worker comes up or a request ends: a waiting caller may find room.
@@ -103,7 +130,7 @@ struct Shared {
 /// `spawn` function starts (typically this program again, in a worker mode).
 pub struct Workers {
     shared: Arc<Shared>,
-    readers: Vec<JoinHandle<()>>,
+    supervisors: Vec<JoinHandle<()>>,
     next_id: AtomicU64,
 }
 
@@ -121,8 +148,7 @@ impl Workers {
             .map(|index| {
                 Arc::new(Slot {
                     index,
-                    writer: Mutex::new(None),
-                    pending: Mutex::new(HashMap::new()),
+                    conn: Mutex::new(None),
                     in_flight: AtomicUsize::new(0),
                     child: Mutex::new(None),
                     pid: AtomicU64::new(0),
@@ -138,18 +164,17 @@ impl Workers {
             spawn,
         });
         let (started_tx, started_rx) = mpsc::channel();
-        let mut readers = Vec::new();
+        let mut workers = Workers { shared: shared.clone(), supervisors: Vec::new(), next_id: AtomicU64::new(1) };
         for slot in &shared.slots {
             let (shared, slot, started) = (shared.clone(), slot.clone(), started_tx.clone());
-            let reader = std::thread::Builder::new()
+            let supervisor = std::thread::Builder::new()
                 .name(format!("mu2-supervise-{}", slot.index))
                 .spawn(move || supervise(&shared, &slot, started))
                 .map_err(|source| WorkerError::Spawn { worker: 0, source })?;
-            readers.push(reader);
+            workers.supervisors.push(supervisor);
         }
         drop(started_tx);
-        let workers = Workers { shared, readers, next_id: AtomicU64::new(1) };
-        for _ in 0..workers.shared.slots.len() {
+        for _ in 0..shared.slots.len() {
             match started_rx.recv() {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(e),
@@ -166,8 +191,8 @@ impl Workers {
             return Err(WorkerError::TooLarge { len: request.len(), max: self.shared.config.max_request });
         }
         let deadline = Instant::now() + timeout;
-        let slot = self.acquire(deadline)?;
-        let result = self.exchange(&slot, RequestKind::Serve, request, timeout);
+        let (slot, conn) = self.acquire(deadline)?;
+        let result = self.exchange(&slot, &conn, RequestKind::Serve, request, timeout);
         self.release(&slot);
         result
     }
@@ -175,8 +200,9 @@ impl Workers {
     /// Waits until every worker's VMs are ready again (full pools, resets done), or `timeout`.
     pub fn settle(&self, timeout: Duration) -> Result<(), WorkerError> {
         for slot in &self.shared.slots {
+            let Some(conn) = slot.conn() else { continue };
             slot.in_flight.fetch_add(1, Ordering::Relaxed);
-            let result = self.exchange(slot, RequestKind::Settle, &[], timeout);
+            let result = self.exchange(slot, &conn, RequestKind::Settle, &[], timeout);
             self.release(slot);
             match result {
                 Ok(_) | Err(WorkerError::Died { .. }) => {}
@@ -186,45 +212,94 @@ impl Workers {
         Ok(())
     }
 
-    /// Sends one request to `slot`'s worker and waits for its reply.
-    fn exchange(&self, slot: &Slot, kind: RequestKind, body: &[u8], timeout: Duration) -> Result<Served, WorkerError> {
+    /// Sends one request on `conn` (`slot`'s worker) and waits for its reply.
+    fn exchange(
+        &self,
+        slot: &Slot,
+        conn: &Conn,
+        kind: RequestKind,
+        body: &[u8],
+        timeout: Duration,
+    ) -> Result<Served, WorkerError> {
         let died = || WorkerError::Died { worker: slot.index };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx): (_, Receiver<Result<Served, WorkerError>>) = mpsc::sync_channel(1);
-        slot.pending.lock().map_err(|_| died())?.insert(id, tx);
-        let sent = match slot.writer.lock() {
-            Ok(mut writer) => match writer.as_mut() {
-                Some(stream) => protocol::write_request(stream, kind, id, timeout, body).is_ok(),
-                None => false,
-            },
-            Err(_) => false,
-        };
-        if !sent {
-            if let Ok(mut pending) = slot.pending.lock() {
-                pending.remove(&id);
+        {
+            let mut state = conn.state.lock().map_err(|_| died())?;
+            if state.closed {
+                return Err(died());
             }
+            state.waiting.insert(id);
+        }
+        let sent =
+            conn.writer.lock().is_ok_and(|mut w| protocol::write_request(&mut *w, kind, id, timeout, body).is_ok());
+        let deadline = Instant::now() + timeout + self.shared.config.reply_grace;
+        let mut state = conn.state.lock().map_err(|_| died())?;
+        if !sent {
+            state.waiting.remove(&id);
             return Err(died());
         }
-        let grace = self.shared.config.reply_grace;
-        match rx.recv_timeout(timeout + grace) {
-            Ok(result) => result,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
+        loop {
+            if let Some(result) = state.replies.remove(&id) {
+                state.waiting.remove(&id);
+                return result;
+            }
+            if state.closed {
+                state.waiting.remove(&id);
+                return Err(died());
+            }
+            if Instant::now() >= deadline {
                 // Past its own deadline and the grace: the worker is stuck. Killing it fails
                 // what else it had in flight, as a death would, and restarts it.
-                if let Ok(mut pending) = slot.pending.lock() {
-                    pending.remove(&id);
-                }
-                log::warn!("worker {} did not answer within {:?}; killing it", slot.index, timeout + grace);
+                state.waiting.remove(&id);
+                drop(state);
+                log::warn!("worker {} did not answer in time; killing it", slot.index);
                 slot.kill();
-                Err(WorkerError::Hung { worker: slot.index })
+                conn.close();
+                return Err(WorkerError::Hung { worker: slot.index });
             }
-            Err(mpsc::RecvTimeoutError::Disconnected) => Err(died()),
+            if state.reading {
+                state = conn.changed.wait_timeout(state, POLL).map_err(|_| died())?.0;
+                continue;
+            }
+            // This caller's turn to read.
+            state.reading = true;
+            drop(state);
+            let read = match conn.reader.lock() {
+                Ok(mut reader) => protocol::read_reply(&mut *reader, self.shared.config.max_response),
+                Err(_) => Err(std::io::Error::other("reader poisoned")),
+            };
+            state = conn.state.lock().map_err(|_| died())?;
+            state.reading = false;
+            match read {
+                Ok(Some(reply)) => {
+                    let result = reply_result(slot.index, reply.outcome);
+                    if reply.id == id {
+                        state.waiting.remove(&id);
+                        conn.changed.notify_all();
+                        return result;
+                    }
+                    // Another caller's; a reply nobody waits for (its caller gave up) is dropped.
+                    if state.waiting.contains(&reply.id) {
+                        state.replies.insert(reply.id, result);
+                    }
+                }
+                Err(e) if protocol::is_timeout(&e) => {}
+                Ok(None) | Err(_) => {
+                    // The stream ended (the worker died) or broke (a malformed reply): down.
+                    if let Ok(Some(_)) | Err(_) = &read {
+                        log::warn!("worker {} sent a malformed reply; restarting it", slot.index);
+                        slot.kill();
+                    }
+                    state.closed = true;
+                }
+            }
+            conn.changed.notify_all();
         }
     }
 
     /// The live worker with the fewest requests in flight below its capacity, counted as one
     /// more; waits for one until `deadline`.
-    fn acquire(&self, deadline: Instant) -> Result<Arc<Slot>, WorkerError> {
+    fn acquire(&self, deadline: Instant) -> Result<(Arc<Slot>, Arc<Conn>), WorkerError> {
         let (lock, room) = &self.shared.room;
         let mut guard = lock.lock().map_err(|_| WorkerError::Stopped)?;
         loop {
@@ -236,11 +311,12 @@ impl Workers {
                 .shared
                 .slots
                 .iter()
-                .filter(|s| s.in_flight.load(Ordering::Relaxed) < capacity && s.alive())
-                .min_by_key(|s| s.in_flight.load(Ordering::Relaxed));
-            if let Some(slot) = best {
+                .filter(|s| s.in_flight.load(Ordering::Relaxed) < capacity)
+                .filter_map(|s| s.conn().filter(|c| !c.is_closed()).map(|c| (s, c)))
+                .min_by_key(|(s, _)| s.in_flight.load(Ordering::Relaxed));
+            if let Some((slot, conn)) = best {
                 slot.in_flight.fetch_add(1, Ordering::Relaxed);
-                return Ok(slot.clone());
+                return Ok((slot.clone(), conn));
             }
             let now = Instant::now();
             if now >= deadline {
@@ -285,14 +361,23 @@ impl Drop for Workers {
         self.shared.stopping.store(true, Ordering::Relaxed);
         for slot in &self.shared.slots {
             // Closing the socket ends a healthy worker's loop; killing ends any other.
-            if let Ok(mut writer) = slot.writer.lock() {
-                writer.take();
+            if let Some(conn) = slot.conn.lock().ok().and_then(|mut c| c.take()) {
+                conn.close();
             }
             slot.kill();
         }
-        for reader in self.readers.drain(..) {
-            let _ = reader.join();
+        for supervisor in self.supervisors.drain(..) {
+            let _ = supervisor.join();
         }
+    }
+}
+
+fn reply_result(worker: usize, outcome: Outcome) -> Result<Served, WorkerError> {
+    match outcome {
+        Outcome::Served { fork_us, run_us, vm_id, response } => Ok(Served { response, fork_us, run_us, vm_id }),
+        Outcome::Settled => Ok(Served { response: Vec::new(), fork_us: 0.0, run_us: 0.0, vm_id: 0 }),
+        Outcome::Failed { kind, message } => Err(WorkerError::Failed { kind, message }),
+        Outcome::Ready => Err(WorkerError::Start { worker, reason: "a second ready frame".into() }),
     }
 }
 
@@ -306,28 +391,31 @@ fn spawn_worker(shared: &Shared, index: usize) -> Result<(Child, UnixStream), Wo
     Ok((child, ours))
 }
 
-/// Waits for the worker's first frame, which says it is ready.
-fn await_ready(
-    stream: &UnixStream,
-    reader: &mut BufReader<UnixStream>,
-    timeout: Duration,
-    index: usize,
-) -> Result<(), WorkerError> {
+/// Waits for the worker's first frame, which says it is ready; then the connection's reads
+/// time out every [`POLL`], so that a reading caller looks at its deadline.
+fn connect(stream: UnixStream, timeout: Duration, index: usize) -> Result<Conn, WorkerError> {
     let not_ready = |reason: String| WorkerError::Start { worker: index, reason };
-    stream.set_read_timeout(Some(timeout)).map_err(|e| not_ready(e.to_string()))?;
-    let first = protocol::read_reply(reader, 0);
-    stream.set_read_timeout(None).map_err(|e| not_ready(e.to_string()))?;
-    match first {
-        Ok(Some(reply)) if reply.outcome == Outcome::Ready => Ok(()),
-        Ok(Some(_)) => Err(not_ready("its first frame was not `ready`".into())),
-        Ok(None) => Err(not_ready("it exited before it was ready (its error output says why)".into())),
-        Err(e) => Err(not_ready(format!("no ready frame: {e}"))),
+    let reading = stream.try_clone().map_err(|e| not_ready(e.to_string()))?;
+    reading.set_read_timeout(Some(timeout)).map_err(|e| not_ready(e.to_string()))?;
+    let mut reader = BufReader::new(reading);
+    match protocol::read_reply(&mut reader, 0) {
+        Ok(Some(reply)) if reply.outcome == Outcome::Ready => {}
+        Ok(Some(_)) => return Err(not_ready("its first frame was not `ready`".into())),
+        Ok(None) => return Err(not_ready("it exited before it was ready (its error output says why)".into())),
+        Err(e) => return Err(not_ready(format!("no ready frame: {e}"))),
     }
+    reader.get_ref().set_read_timeout(Some(POLL)).map_err(|e| not_ready(e.to_string()))?;
+    Ok(Conn {
+        writer: Mutex::new(stream),
+        reader: Mutex::new(reader),
+        state: Mutex::new(ConnState::default()),
+        changed: Condvar::new(),
+    })
 }
 
-/// One worker's life, over and over: start it, wait until it is ready, deliver its replies
-/// until its stream ends, fail what it had in flight, restart it. The first start's result
-/// goes to `started`.
+/// One worker's life, over and over: start it, wait until it is ready, watch it until its
+/// process ends or its connection breaks, fail what it had in flight, restart it. The first
+/// start's result goes to `started`.
 fn supervise(shared: &Shared, slot: &Slot, started: mpsc::Sender<Result<(), WorkerError>>) {
     let mut started = Some(started);
     let mut backoff = Duration::from_millis(50);
@@ -338,15 +426,13 @@ fn supervise(shared: &Shared, slot: &Slot, started: mpsc::Sender<Result<(), Work
             if let Ok(mut c) = slot.child.lock() {
                 *c = Some(child);
             }
-            let reader = stream.try_clone().map_err(|source| WorkerError::Spawn { worker: slot.index, source })?;
-            let mut reader = BufReader::new(reader);
-            await_ready(&stream, &mut reader, shared.config.start_timeout, slot.index)?;
-            Ok((stream, reader))
+            connect(stream, shared.config.start_timeout, slot.index)
         });
         match session {
-            Ok((stream, reader)) => {
-                if let Ok(mut writer) = slot.writer.lock() {
-                    *writer = Some(stream);
+            Ok(conn) => {
+                let conn = Arc::new(conn);
+                if let Ok(mut c) = slot.conn.lock() {
+                    *c = Some(conn.clone());
                 }
                 if let Some(tx) = started.take() {
                     let _ = tx.send(Ok(()));
@@ -356,7 +442,22 @@ fn supervise(shared: &Shared, slot: &Slot, started: mpsc::Sender<Result<(), Work
                     let _guard = lock.lock();
                     room.notify_all();
                 }
-                deliver(shared, slot, reader);
+                // Watch: the process's end, or a caller finding the connection broken.
+                while !shared.stopping.load(Ordering::Relaxed) && !conn.is_closed() {
+                    let exited = slot
+                        .child
+                        .lock()
+                        .map_or(true, |mut c| c.as_mut().is_none_or(|c| !matches!(c.try_wait(), Ok(None))));
+                    if exited {
+                        break;
+                    }
+                    std::thread::sleep(POLL);
+                }
+                // Down: no new requests; the in-flight ones fail.
+                if let Ok(mut c) = slot.conn.lock() {
+                    c.take();
+                }
+                conn.close();
             }
             Err(e) => {
                 if let Some(tx) = started.take() {
@@ -368,13 +469,8 @@ fn supervise(shared: &Shared, slot: &Slot, started: mpsc::Sender<Result<(), Work
                 log::warn!("worker {} did not come back: {}", slot.index, crate::error::error_chain(&e));
             }
         }
-        // Down: no new requests, the in-flight ones fail, the process is reaped.
-        if let Ok(mut writer) = slot.writer.lock() {
-            writer.take();
-        }
         slot.kill();
         reap(slot);
-        slot.fail_pending(|| WorkerError::Died { worker: slot.index });
         if shared.stopping.load(Ordering::Relaxed) {
             return;
         }
@@ -387,30 +483,6 @@ fn supervise(shared: &Shared, slot: &Slot, started: mpsc::Sender<Result<(), Work
             Duration::from_millis(50)
         };
         std::thread::sleep(backoff);
-    }
-}
-
-/// Hands each reply to the request waiting for it, until the worker's stream ends or breaks.
-fn deliver(shared: &Shared, slot: &Slot, mut reader: BufReader<UnixStream>) {
-    loop {
-        let reply = match protocol::read_reply(&mut reader, shared.config.max_response) {
-            Ok(Some(reply)) => reply,
-            Ok(None) => return,
-            Err(e) => {
-                log::warn!("worker {} sent a malformed reply ({e}); restarting it", slot.index);
-                return;
-            }
-        };
-        let waiting = slot.pending.lock().ok().and_then(|mut p| p.remove(&reply.id));
-        // A reply nobody waits for (its caller gave up) is dropped.
-        let Some(tx) = waiting else { continue };
-        let result = match reply.outcome {
-            Outcome::Served { fork_us, run_us, vm_id, response } => Ok(Served { response, fork_us, run_us, vm_id }),
-            Outcome::Settled => Ok(Served { response: Vec::new(), fork_us: 0.0, run_us: 0.0, vm_id: 0 }),
-            Outcome::Failed { kind, message } => Err(WorkerError::Failed { kind, message }),
-            Outcome::Ready => Err(WorkerError::Start { worker: slot.index, reason: "a second ready frame".into() }),
-        };
-        let _ = tx.try_send(result);
     }
 }
 
