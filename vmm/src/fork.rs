@@ -107,6 +107,7 @@ impl Reaper {
         let thread = std::thread::Builder::new()
             .name("mu2-reaper".into())
             .spawn(move || {
+                crate::sys::background_thread();
                 for vm in rx {
                     drop(vm);
                 }
@@ -179,6 +180,7 @@ impl Pool {
                 std::thread::Builder::new()
                     .name(format!("mu2-pool-{i}"))
                     .spawn(move || {
+                        crate::sys::background_thread();
                         while !stop.load(Ordering::Relaxed) {
                             // Refill in bursts: once the pool is full, wait until it is down to
                             // half. Building a VM competes with the VM serving a request (for
@@ -279,6 +281,7 @@ impl Resetter {
         let thread = std::thread::Builder::new()
             .name("mu2-resetter".into())
             .spawn(move || {
+                crate::sys::background_thread();
                 for (mut vm, clean) in rx {
                     match vm.reset_to(&image, clean) {
                         Ok(kind) => {
