@@ -350,6 +350,19 @@ pub fn floors(hv: &Hypervisor, image: &floor::FloorImage, samples: usize) -> Res
     Ok(run)
 }
 
+/// CPU time every thread of this process has run so far, ns (the sum of the first field of
+/// `/proc/self/task/*/schedstat`, the scheduler's own exact account); `None` where it is not
+/// available. Threads that ended are not counted, so measure across a span in which none does.
+pub fn process_cpu_ns() -> Option<u64> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let path = task.ok()?.path().join("schedstat");
+        let text = std::fs::read_to_string(path).ok()?;
+        total += text.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(total)
+}
+
 /// How requests arrive in an open-loop run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arrivals {

@@ -99,6 +99,9 @@ pub struct ForkSetup {
     pub restore_ioctls_per_vcpu: usize,
     /// Worker processes serving the requests; 0 for the engine in the benchmark's process.
     pub workers: usize,
+    /// Pool mode in this process: VMs per second the builders made filling the pool at the
+    /// start (restore and warm-up, nothing else running), and the process's CPU µs per VM.
+    pub pool_fill_rate: Option<(f64, Option<f64>)>,
 }
 
 /// A run on the fork engine (fresh, pool or reuse).
@@ -149,6 +152,8 @@ impl ForkReport {
             "pool_size": setup.pool_size,
             "restore_ioctls_per_vcpu": setup.restore_ioctls_per_vcpu,
             "workers": setup.workers,
+            "pool_fill_vms_per_s": setup.pool_fill_rate.map(|r| r.0),
+            "pool_fill_cpu_us_per_vm": setup.pool_fill_rate.and_then(|r| r.1),
         })
     }
 
@@ -173,6 +178,10 @@ impl ForkReport {
         row(&mut out, "floor_reuse", &floors.reuse.latency);
         floor_steps_text(&mut out, floors);
         let _ = writeln!(out, "  throughput {:.0} requests/s", self.throughput_rps);
+        if let Some((rate, cpu)) = setup.pool_fill_rate {
+            let cpu = cpu.map_or_else(String::new, |us| format!(", {us:.0} us of CPU per VM"));
+            let _ = writeln!(out, "  pool filled at {rate:.0} VMs/s{cpu}");
+        }
         let _ = match setup.private_kib {
             Some(kib) => writeln!(out, "  private memory per VM {kib} KiB"),
             None => writeln!(out, "  private memory per VM: unknown (no /proc/self/smaps)"),
@@ -272,6 +281,8 @@ impl OpenReport {
             "floors": floors_json(floors),
             "restore_ioctls_per_vcpu": setup.restore_ioctls_per_vcpu,
             "workers": setup.workers,
+            "pool_fill_vms_per_s": setup.pool_fill_rate.map(|r| r.0),
+            "pool_fill_cpu_us_per_vm": setup.pool_fill_rate.and_then(|r| r.1),
         })
     }
 
@@ -443,6 +454,7 @@ mod tests {
             pool_size: Some(16),
             restore_ioctls_per_vcpu: 5,
             workers: 0,
+            pool_fill_rate: None,
         };
         let report = ForkReport {
             setup,

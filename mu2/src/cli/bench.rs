@@ -203,6 +203,7 @@ fn forked(args: &BenchArgs, mode: Mode, request: &[u8]) -> Result<(), Failure> {
         pool_size: (mode == Mode::Pool).then_some(args.pool_size),
         restore_ioctls_per_vcpu: image.restore_ioctls(),
         workers: target.workers(),
+        pool_fill_rate: target.fill_rate(),
     };
     let serve = target.server();
     let settle = || target.settle();
@@ -252,8 +253,9 @@ pub const MAX_VMS_PER_WORKER: usize = 64;
 
 /// What serves the benchmark's requests.
 enum Target {
-    /// An engine in this process.
-    InProcess(Engine),
+    /// An engine in this process, and in pool mode how fast its builders filled the pool
+    /// (VMs/s).
+    InProcess(Engine, Option<(f64, Option<f64>)>),
     /// Worker processes, each with its own engine.
     Workers(mu2_vmm::worker::Workers),
 }
@@ -269,13 +271,20 @@ impl Target {
         if args.workers == 0 {
             let config = EngineConfig { mode, pool_size: args.pool_size, pool_builders: 2, ..EngineConfig::default() };
             let engine = Engine::new(hv.clone(), image.clone(), config);
+            let mut fill_rate = None;
             if mode == Mode::Pool {
+                let (filling, cpu) = (Instant::now(), bench::process_cpu_ns());
                 let depth = engine.wait_for_pool(args.pool_size, Duration::from_secs(600));
+                // What the builders make per second when nothing else runs: the pool's
+                // capacity to keep up; and the CPU each VM took to build, which a loaded
+                // machine does not change as much.
+                let cpu_per_vm = cpu.zip(bench::process_cpu_ns()).map(|(a, b)| (b - a) as f64 / 1e3 / depth as f64);
+                fill_rate = Some((depth as f64 / filling.elapsed().as_secs_f64(), cpu_per_vm));
                 if !quiet {
-                    eprintln!("pool filled: {depth} VMs");
+                    eprintln!("pool filled: {depth} VMs in {:.1} ms", filling.elapsed().as_secs_f64() * 1e3);
                 }
             }
-            return Ok(Target::InProcess(engine));
+            return Ok(Target::InProcess(engine, fill_rate));
         }
         let sharded = if mode == Mode::Fresh { 0 } else { args.pool_size.div_ceil(MAX_VMS_PER_WORKER) };
         let workers = args.workers.max(sharded);
@@ -308,17 +317,25 @@ impl Target {
         Ok(Target::Workers(workers))
     }
 
+    /// How fast the pool filled at the start (VMs/s), for an engine in this process.
+    fn fill_rate(&self) -> Option<(f64, Option<f64>)> {
+        match self {
+            Target::InProcess(_, rate) => *rate,
+            Target::Workers(_) => None,
+        }
+    }
+
     /// Worker processes, 0 when the engine runs in this process.
     fn workers(&self) -> usize {
         match self {
-            Target::InProcess(_) => 0,
+            Target::InProcess(..) => 0,
             Target::Workers(w) => w.len(),
         }
     }
 
     fn server(&self) -> Box<bench::ServeFn<'_>> {
         match self {
-            Target::InProcess(engine) => Box::new(bench::engine_server(engine)),
+            Target::InProcess(engine, _) => Box::new(bench::engine_server(engine)),
             Target::Workers(workers) => Box::new(bench::workers_server(workers)),
         }
     }
@@ -326,7 +343,7 @@ impl Target {
     /// Waits until the VMs are ready again: a full pool, every kept VM reset.
     fn settle(&self) {
         match self {
-            Target::InProcess(engine) => mu2_vmm::worker::Handler::settle(engine, Duration::from_secs(600)),
+            Target::InProcess(engine, _) => mu2_vmm::worker::Handler::settle(engine, Duration::from_secs(600)),
             Target::Workers(workers) => {
                 if let Err(e) = workers.settle(Duration::from_secs(600)) {
                     log::warn!("settling the workers: {}", mu2_vmm::error::error_chain(&e));
