@@ -337,15 +337,43 @@ impl FloorSamples {
 
 /// Measures the three floors with `samples` cycles each, interleaved so that they see the same
 /// load, while a kept floor VM (the reuse floor's) stays alive for the whole measurement, as an
-/// engine's VMs do (see `mu2_vmm::floor`).
+/// engine's VMs do, and the fresh and pool floors' VMs are destroyed on a reaper thread, as an
+/// engine's are (see `mu2_vmm::floor`); that thread times each teardown.
 pub fn floors(hv: &Hypervisor, image: &floor::FloorImage, samples: usize) -> Result<FloorSamples, BenchError> {
+    use std::sync::mpsc;
     let mut kept = floor::FloorVm::new(hv, image)?;
     kept.warm()?;
     let mut run = FloorSamples { backing: image.backing().to_string(), ..FloorSamples::default() };
-    for _ in 0..samples {
-        run.fresh.push(image.fresh_cycle(hv)?);
-        run.pool.push(image.pool_cycle(hv)?);
-        run.reuse.push(kept.reuse_cycle()?);
+    let (to_reap, reaped) = mpsc::channel::<(bool, floor::FloorVm)>();
+    let teardowns = std::thread::scope(|scope| {
+        let reaper = scope.spawn(move || {
+            let mut times: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
+            for (pool, vm) in reaped {
+                times[usize::from(pool)].push(vm.destroy());
+            }
+            times
+        });
+        let measured = (|| -> Result<(), BenchError> {
+            for _ in 0..samples {
+                let (sample, vm) = image.fresh_cycle_kept(hv)?;
+                run.fresh.push(sample);
+                let _ = to_reap.send((false, vm));
+                let (sample, vm) = image.pool_cycle_kept(hv)?;
+                run.pool.push(sample);
+                let _ = to_reap.send((true, vm));
+                run.reuse.push(kept.reuse_cycle()?);
+            }
+            Ok(())
+        })();
+        drop(to_reap);
+        let times = reaper.join().unwrap_or_default();
+        measured.map(|()| times)
+    })?;
+    for (samples, times) in [(&mut run.fresh, &teardowns[0]), (&mut run.pool, &teardowns[1])] {
+        for (sample, &time) in samples.iter_mut().zip(times) {
+            sample.teardown = time;
+            sample.steps.teardown = time;
+        }
     }
     Ok(run)
 }

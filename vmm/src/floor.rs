@@ -8,14 +8,16 @@
 //! path:
 //! - fresh (`FloorImage::fresh_cycle`): map, KVM_CREATE_VM, the memory slot, a vCPU, CPUID,
 //!   entry registers, KVM_RUN to the first exit — each step timed;
-//! - pool (`FloorImage::pool_cycle`): a VM made and run once beforehand, then one KVM_RUN to
+//! - pool (`FloorImage::pool_cycle_kept`): a VM made and run once beforehand, then one KVM_RUN to
 //!   its next exit;
 //! - reuse (`FloorVm::reuse_cycle`): a kept VM, mappings left in place, one KVM_RUN to its
 //!   next exit.
 //!
 //! The caller keeps a `FloorVm` alive while it measures, as an engine has VMs alive while it
 //! serves: destroying a process's last VM makes the next vCPU creation patch kernel text
-//! again, which no request of a running engine pays.
+//! again, which no request of a running engine pays. And it destroys floor VMs on another
+//! thread (`fresh_cycle_kept`), as an engine's reaper does: a destruction right before the
+//! next creation on the same thread makes that creation wait for its grace periods.
 
 use std::time::{Duration, Instant};
 
@@ -200,23 +202,32 @@ impl FloorImage {
     /// The fresh floor: creates a minimal VM on this image, runs it to its first exit and
     /// destroys it, timing each step. What a fresh-mode request does at the least.
     pub fn fresh_cycle(&self, hv: &Hypervisor) -> Result<FloorSample, FloorError> {
+        let (mut sample, vm) = self.fresh_cycle_kept(hv)?;
+        sample.steps.teardown = vm.destroy();
+        sample.teardown = sample.steps.teardown;
+        Ok(sample)
+    }
+
+    /// [`FloorImage::fresh_cycle`] without the teardown: the VM is handed back alive, for the
+    /// caller to destroy elsewhere ([`FloorVm::destroy`]), as an engine's reaper thread
+    /// destroys its VMs off the request path. Destroying a VM right before creating the next
+    /// one on the same thread makes the creation wait for the destruction's grace periods,
+    /// which no request of an engine does.
+    pub fn fresh_cycle_kept(&self, hv: &Hypervisor) -> Result<(FloorSample, FloorVm), FloorError> {
         let start = Instant::now();
         let (mut vm, mut steps) = FloorVm::build(hv, self)?;
         let ran = Instant::now();
         vm.run_to_exit()?;
         steps.first_run = ran.elapsed();
         let create_to_exit = start.elapsed();
-        let torn = Instant::now();
-        drop(vm);
-        steps.teardown = torn.elapsed();
-        Ok(FloorSample { create_to_exit, teardown: steps.teardown, steps })
+        Ok((FloorSample { create_to_exit, teardown: Duration::ZERO, steps }, vm))
     }
 
     /// The pool floor: a minimal VM made and run to its first exit beforehand (untimed, as a
     /// pool builder makes and warms up a VM), then its registers put back (untimed) and the
-    /// timed KVM_RUN to its next exit, then destroyed. What a pooled request does at the least:
-    /// one KVM_RUN to one exit on a VM that is ready.
-    pub fn pool_cycle(&self, hv: &Hypervisor) -> Result<FloorSample, FloorError> {
+    /// timed KVM_RUN to its next exit. What a pooled request does at the least: one KVM_RUN to
+    /// one exit on a VM that is ready. The VM is handed back alive, to be destroyed elsewhere.
+    pub fn pool_cycle_kept(&self, hv: &Hypervisor) -> Result<(FloorSample, FloorVm), FloorError> {
         let (mut vm, _) = FloorVm::build(hv, self)?;
         vm.run_to_exit()?;
         vm.regs.write(&mut vm.vcpu).map_err(FloorError::Arch)?;
@@ -224,10 +235,7 @@ impl FloorImage {
         let ran = Instant::now();
         vm.run_to_exit()?;
         steps.first_run = ran.elapsed();
-        let torn = Instant::now();
-        drop(vm);
-        steps.teardown = torn.elapsed();
-        Ok(FloorSample { create_to_exit: steps.first_run, teardown: steps.teardown, steps })
+        Ok((FloorSample { create_to_exit: steps.first_run, teardown: Duration::ZERO, steps }, vm))
     }
 }
 
@@ -297,6 +305,13 @@ impl FloorVm {
         self.run_to_exit()?;
         steps.first_run = ran.elapsed();
         Ok(FloorSample { create_to_exit: steps.first_run, teardown: Duration::ZERO, steps })
+    }
+
+    /// Closes the vCPU and the VM and unmaps memory; returns how long that took.
+    pub fn destroy(self) -> Duration {
+        let start = Instant::now();
+        drop(self);
+        start.elapsed()
     }
 
     /// Runs the kept VM once, so that its guest pages are mapped before the reuse floor.
