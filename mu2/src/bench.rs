@@ -391,6 +391,59 @@ pub fn process_cpu_ns() -> Option<u64> {
     Some(total)
 }
 
+/// The host's memory counters (`/proc/meminfo`, KiB) that VMs move: what is available, and the
+/// kernel's own allocations (slab, page tables, kernel stacks, vmalloc, per-CPU).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HostMemory {
+    pub available: i64,
+    pub slab: i64,
+    pub page_tables: i64,
+    pub kernel_stack: i64,
+    pub vmalloc: i64,
+    pub percpu: i64,
+}
+
+impl HostMemory {
+    /// Reads `/proc/meminfo`; `None` where it is missing.
+    pub fn read() -> Option<HostMemory> {
+        let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let field = |name: &str| -> i64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0)
+        };
+        Some(HostMemory {
+            available: field("MemAvailable"),
+            slab: field("Slab"),
+            page_tables: field("PageTables") + field("SecPageTables"),
+            kernel_stack: field("KernelStack"),
+            vmalloc: field("VmallocUsed"),
+            percpu: field("Percpu"),
+        })
+    }
+
+    /// The kernel's own allocations, KiB.
+    pub fn kernel(&self) -> i64 {
+        self.slab + self.page_tables + self.kernel_stack + self.vmalloc + self.percpu
+    }
+}
+
+/// Private memory (KiB, `Private_Clean + Private_Dirty` of `/proc/PID/smaps_rollup`) of the
+/// given processes together; `None` if any cannot be read.
+pub fn private_kib_of(pids: &[u32]) -> Option<u64> {
+    let mut total = 0;
+    for pid in pids {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("Private_Clean:").or_else(|| line.strip_prefix("Private_Dirty:")) {
+                total += rest.split_whitespace().next()?.parse::<u64>().ok()?;
+            }
+        }
+    }
+    Some(total)
+}
+
 /// How requests arrive in an open-loop run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arrivals {

@@ -99,9 +99,36 @@ pub struct ForkSetup {
     pub restore_ioctls_per_vcpu: usize,
     /// Worker processes serving the requests; 0 for the engine in the benchmark's process.
     pub workers: usize,
+    /// Pool mode: what the full pool costs the host per VM.
+    pub density: Option<Density>,
     /// Pool mode in this process: VMs per second the builders made filling the pool at the
     /// start (restore and warm-up, nothing else running), and the process's CPU µs per VM.
     pub pool_fill_rate: Option<(f64, Option<f64>)>,
+}
+
+/// What a full pool costs the host, per VM, KiB: measured across starting the engine (or the
+/// workers) and filling the pool, so other activity on the machine in that time counts too.
+#[derive(Debug, Clone, Copy)]
+pub struct Density {
+    pub vms: usize,
+    /// The drop of `MemAvailable`.
+    pub available_kib_per_vm: f64,
+    /// The growth of the kernel's allocations: slab, page tables, kernel stacks, vmalloc, per-CPU.
+    pub kernel_kib_per_vm: f64,
+    /// The private memory of the processes holding the VMs (the workers, or this process's
+    /// growth): the VMs' copied pages, their page tables' user side, the engines' own memory.
+    pub user_private_kib_per_vm: f64,
+}
+
+impl Density {
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "vms": self.vms,
+            "mem_available_drop_kib_per_vm": self.available_kib_per_vm,
+            "kernel_kib_per_vm": self.kernel_kib_per_vm,
+            "user_private_kib_per_vm": self.user_private_kib_per_vm,
+        })
+    }
 }
 
 /// A run on the fork engine (fresh, pool or reuse).
@@ -154,6 +181,7 @@ impl ForkReport {
             "workers": setup.workers,
             "pool_fill_vms_per_s": setup.pool_fill_rate.map(|r| r.0),
             "pool_fill_cpu_us_per_vm": setup.pool_fill_rate.and_then(|r| r.1),
+            "memory_per_vm": setup.density.map(|d| d.json()),
         })
     }
 
@@ -178,6 +206,13 @@ impl ForkReport {
         row(&mut out, "floor_reuse", &floors.reuse.latency);
         floor_steps_text(&mut out, floors);
         let _ = writeln!(out, "  throughput {:.0} requests/s", self.throughput_rps);
+        if let Some(d) = setup.density {
+            let _ = writeln!(
+                out,
+                "  memory per pooled VM ({} VMs): MemAvailable drop {:.0} KiB, kernel {:+.0} KiB, user private {:.0} KiB",
+                d.vms, d.available_kib_per_vm, d.kernel_kib_per_vm, d.user_private_kib_per_vm
+            );
+        }
         if let Some((rate, cpu)) = setup.pool_fill_rate {
             let cpu = cpu.map_or_else(String::new, |us| format!(", {us:.0} us of CPU per VM"));
             let _ = writeln!(out, "  pool filled at {rate:.0} VMs/s{cpu}");
@@ -283,6 +318,7 @@ impl OpenReport {
             "workers": setup.workers,
             "pool_fill_vms_per_s": setup.pool_fill_rate.map(|r| r.0),
             "pool_fill_cpu_us_per_vm": setup.pool_fill_rate.and_then(|r| r.1),
+            "memory_per_vm": setup.density.map(|d| d.json()),
         })
     }
 
@@ -455,6 +491,7 @@ mod tests {
             restore_ioctls_per_vcpu: 5,
             workers: 0,
             pool_fill_rate: None,
+            density: None,
         };
         let report = ForkReport {
             setup,

@@ -155,7 +155,7 @@ impl FloorImage {
     /// Falls back to a memfd where the file system cannot make unnamed files.
     pub fn like(hv: &Hypervisor, image: &Image) -> Result<FloorImage, FloorError> {
         let mem_size = image.state().mem_size;
-        let cpuid = image.restore_plans().first().map_or_else(|| hv.vcpu_cpuid(0, 1), |r| r.cpuid.clone());
+        let cpuid = image.restore_plans().first().map(|r| &r.cpuid).cloned().unwrap_or_else(|| hv.vcpu_cpuid(0, 1));
         let dir = image.dir();
         match crate::sys::unnamed_file_in(dir) {
             Ok(file) => Self::write(file, mem_size, cpuid, dir.display().to_string()),

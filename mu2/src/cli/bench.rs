@@ -186,8 +186,12 @@ fn forked(args: &BenchArgs, mode: Mode, request: &[u8]) -> Result<(), Failure> {
     let probe = Engine::new(hv.clone(), image.clone(), EngineConfig { mode: Mode::Fresh, ..EngineConfig::default() });
     let (first, private_kib) = probe.serve_measuring_memory(request, args.timeout)?;
     drop(probe);
-    // Where the VMs live: an engine in this process, or worker processes with one each.
+    // Where the VMs live: an engine in this process, or worker processes with one each. The
+    // host's memory before and after they are made gives what each VM costs.
+    let before = bench::HostMemory::read();
+    let private_before = bench::private_kib_of(&[std::process::id()]);
     let target = Target::start(args, mode, &hv, &image, quiet)?;
+    let density = (mode == Mode::Pool).then(|| density(&target, args.pool_size, before, private_before)).flatten();
     // The floors under the engine's own conditions: its VMs alive (a full pool in pool mode),
     // the image's memory size, file system and CPUID table.
     let floor_image = mu2_vmm::floor::FloorImage::like(&hv, &image)?;
@@ -204,6 +208,7 @@ fn forked(args: &BenchArgs, mode: Mode, request: &[u8]) -> Result<(), Failure> {
         restore_ioctls_per_vcpu: image.restore_ioctls(),
         workers: target.workers(),
         pool_fill_rate: target.fill_rate(),
+        density,
     };
     let serve = target.server();
     let settle = || target.settle();
@@ -250,6 +255,28 @@ fn forked(args: &BenchArgs, mode: Mode, request: &[u8]) -> Result<(), Failure> {
 /// walk and every KVM_CREATE_VM's lock of the whole address space grow with the VMs that share
 /// it (see docs/PERFORMANCE.md). `--workers` is raised so that no worker holds more.
 pub const MAX_VMS_PER_WORKER: usize = 64;
+
+/// What a full pool of `vms` VMs costs the host, per VM: from `/proc/meminfo` before the
+/// engine or workers started and now, and the private memory of the processes holding them.
+fn density(
+    target: &Target,
+    vms: usize,
+    before: Option<bench::HostMemory>,
+    private_before: Option<u64>,
+) -> Option<report::Density> {
+    let (before, after) = (before?, bench::HostMemory::read()?);
+    let private = match target {
+        Target::InProcess(..) => bench::private_kib_of(&[std::process::id()])?.saturating_sub(private_before?),
+        Target::Workers(workers) => bench::private_kib_of(&workers.pids())?,
+    };
+    let per_vm = |kib: i64| kib as f64 / vms.max(1) as f64;
+    Some(report::Density {
+        vms,
+        available_kib_per_vm: per_vm(before.available - after.available),
+        kernel_kib_per_vm: per_vm(after.kernel() - before.kernel()),
+        user_private_kib_per_vm: per_vm(private as i64),
+    })
+}
 
 /// What serves the benchmark's requests.
 enum Target {
