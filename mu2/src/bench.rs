@@ -335,33 +335,30 @@ impl FloorSamples {
     }
 }
 
-/// Measures the three floors with `samples` cycles each, interleaved so that they see the same
-/// load, while a kept floor VM (the reuse floor's) stays alive for the whole measurement, as an
-/// engine's VMs do, and the fresh and pool floors' VMs are destroyed on a reaper thread, as an
-/// engine's are (see `mu2_vmm::floor`); that thread times each teardown.
+/// How many ready VMs the pool floor makes at a time before it times their runs.
+const POOL_FLOOR_BATCH: usize = 16;
+
+/// Measures the three floors with `samples` cycles each while a kept floor VM (the reuse
+/// floor's) stays alive for the whole measurement, as an engine's VMs do (see
+/// `mu2_vmm::floor`). One floor after the other, so that none runs beside another's work:
+/// - fresh: each VM destroyed on a reaper thread, as an engine's are (that thread times the
+///   teardowns);
+/// - pool: VMs made ready in batches, then each batch's runs timed with nothing else going
+///   on, as a pooled request runs while nothing is built beside it at best, then destroyed;
+/// - reuse: the kept VM, `samples` times.
 pub fn floors(hv: &Hypervisor, image: &floor::FloorImage, samples: usize) -> Result<FloorSamples, BenchError> {
     use std::sync::mpsc;
     let mut kept = floor::FloorVm::new(hv, image)?;
     kept.warm()?;
     let mut run = FloorSamples { backing: image.backing().to_string(), ..FloorSamples::default() };
-    let (to_reap, reaped) = mpsc::channel::<(bool, floor::FloorVm)>();
+    let (to_reap, reaped) = mpsc::channel::<floor::FloorVm>();
     let teardowns = std::thread::scope(|scope| {
-        let reaper = scope.spawn(move || {
-            let mut times: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
-            for (pool, vm) in reaped {
-                times[usize::from(pool)].push(vm.destroy());
-            }
-            times
-        });
+        let reaper = scope.spawn(move || reaped.into_iter().map(floor::FloorVm::destroy).collect::<Vec<_>>());
         let measured = (|| -> Result<(), BenchError> {
             for _ in 0..samples {
                 let (sample, vm) = image.fresh_cycle_kept(hv)?;
                 run.fresh.push(sample);
-                let _ = to_reap.send((false, vm));
-                let (sample, vm) = image.pool_cycle_kept(hv)?;
-                run.pool.push(sample);
-                let _ = to_reap.send((true, vm));
-                run.reuse.push(kept.reuse_cycle()?);
+                let _ = to_reap.send(vm);
             }
             Ok(())
         })();
@@ -369,11 +366,22 @@ pub fn floors(hv: &Hypervisor, image: &floor::FloorImage, samples: usize) -> Res
         let times = reaper.join().unwrap_or_default();
         measured.map(|()| times)
     })?;
-    for (samples, times) in [(&mut run.fresh, &teardowns[0]), (&mut run.pool, &teardowns[1])] {
-        for (sample, &time) in samples.iter_mut().zip(times) {
-            sample.teardown = time;
-            sample.steps.teardown = time;
+    for (sample, time) in run.fresh.iter_mut().zip(teardowns) {
+        sample.teardown = time;
+        sample.steps.teardown = time;
+    }
+    while run.pool.len() < samples {
+        let batch = (samples - run.pool.len()).min(POOL_FLOOR_BATCH);
+        let mut ready = (0..batch).map(|_| image.ready_vm(hv)).collect::<Result<Vec<_>, _>>()?;
+        let mut timed = ready.iter_mut().map(floor::FloorVm::run_once).collect::<Result<Vec<_>, _>>()?;
+        for (sample, vm) in timed.iter_mut().zip(ready) {
+            sample.teardown = vm.destroy();
+            sample.steps.teardown = sample.teardown;
         }
+        run.pool.extend(timed);
+    }
+    for _ in 0..samples {
+        run.reuse.push(kept.reuse_cycle()?);
     }
     Ok(run)
 }

@@ -8,8 +8,8 @@
 //! path:
 //! - fresh (`FloorImage::fresh_cycle`): map, KVM_CREATE_VM, the memory slot, a vCPU, CPUID,
 //!   entry registers, KVM_RUN to the first exit — each step timed;
-//! - pool (`FloorImage::pool_cycle_kept`): a VM made and run once beforehand, then one KVM_RUN to
-//!   its next exit;
+//! - pool (`FloorImage::ready_vm`, `FloorVm::run_once`): a VM made and run once beforehand,
+//!   then one KVM_RUN to its next exit;
 //! - reuse (`FloorVm::reuse_cycle`): a kept VM, mappings left in place, one KVM_RUN to its
 //!   next exit.
 //!
@@ -223,19 +223,13 @@ impl FloorImage {
         Ok((FloorSample { create_to_exit, teardown: Duration::ZERO, steps }, vm))
     }
 
-    /// The pool floor: a minimal VM made and run to its first exit beforehand (untimed, as a
-    /// pool builder makes and warms up a VM), then its registers put back (untimed) and the
-    /// timed KVM_RUN to its next exit. What a pooled request does at the least: one KVM_RUN to
-    /// one exit on a VM that is ready. The VM is handed back alive, to be destroyed elsewhere.
-    pub fn pool_cycle_kept(&self, hv: &Hypervisor) -> Result<(FloorSample, FloorVm), FloorError> {
+    /// A VM for the pool floor: made and run to its first exit, its registers put back, as a
+    /// pool builder makes and warms up a VM. [`FloorVm::run_once`] is then the pool floor: one
+    /// KVM_RUN to one exit on a VM that is ready, what a pooled request does at the least.
+    pub fn ready_vm(&self, hv: &Hypervisor) -> Result<FloorVm, FloorError> {
         let (mut vm, _) = FloorVm::build(hv, self)?;
-        vm.run_to_exit()?;
-        vm.regs.write(&mut vm.vcpu).map_err(FloorError::Arch)?;
-        let mut steps = FloorSteps::default();
-        let ran = Instant::now();
-        vm.run_to_exit()?;
-        steps.first_run = ran.elapsed();
-        Ok((FloorSample { create_to_exit: steps.first_run, teardown: Duration::ZERO, steps }, vm))
+        vm.warm()?;
+        Ok(vm)
     }
 }
 
@@ -301,6 +295,15 @@ impl FloorVm {
         let reset = Instant::now();
         self.regs.write(&mut self.vcpu).map_err(FloorError::Arch)?;
         steps.registers = reset.elapsed();
+        let ran = Instant::now();
+        self.run_to_exit()?;
+        steps.first_run = ran.elapsed();
+        Ok(FloorSample { create_to_exit: steps.first_run, teardown: Duration::ZERO, steps })
+    }
+
+    /// The pool floor on a VM from [`FloorImage::ready_vm`]: the timed KVM_RUN to its next exit.
+    pub fn run_once(&mut self) -> Result<FloorSample, FloorError> {
+        let mut steps = FloorSteps::default();
         let ran = Instant::now();
         self.run_to_exit()?;
         steps.first_run = ran.elapsed();
