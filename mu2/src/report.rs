@@ -101,6 +101,8 @@ pub struct ForkSetup {
     pub workers: usize,
     /// Pool mode: what the full pool costs the host per VM.
     pub density: Option<Density>,
+    /// With worker processes: how long they took to start and fill their pools, ms.
+    pub workers_ready_ms: Option<f64>,
     /// Pool mode in this process: VMs per second the builders made filling the pool at the
     /// start (restore and warm-up, nothing else running), and the process's CPU µs per VM.
     pub pool_fill_rate: Option<(f64, Option<f64>)>,
@@ -179,6 +181,7 @@ impl ForkReport {
             "pool_size": setup.pool_size,
             "restore_ioctls_per_vcpu": setup.restore_ioctls_per_vcpu,
             "workers": setup.workers,
+            "workers_ready_ms": setup.workers_ready_ms,
             "pool_fill_vms_per_s": setup.pool_fill_rate.map(|r| r.0),
             "pool_fill_cpu_us_per_vm": setup.pool_fill_rate.and_then(|r| r.1),
             "memory_per_vm": setup.density.map(|d| d.json()),
@@ -206,6 +209,9 @@ impl ForkReport {
         row(&mut out, "floor_reuse", &floors.reuse.latency);
         floor_steps_text(&mut out, floors);
         let _ = writeln!(out, "  throughput {:.0} requests/s", self.throughput_rps);
+        if let Some(ms) = setup.workers_ready_ms {
+            let _ = writeln!(out, "  {} worker processes ready (pools full) in {ms:.0} ms", setup.workers);
+        }
         if let Some(d) = setup.density {
             let _ = writeln!(
                 out,
@@ -316,6 +322,7 @@ impl OpenReport {
             "floors": floors_json(floors),
             "restore_ioctls_per_vcpu": setup.restore_ioctls_per_vcpu,
             "workers": setup.workers,
+            "workers_ready_ms": setup.workers_ready_ms,
             "pool_fill_vms_per_s": setup.pool_fill_rate.map(|r| r.0),
             "pool_fill_cpu_us_per_vm": setup.pool_fill_rate.and_then(|r| r.1),
             "memory_per_vm": setup.density.map(|d| d.json()),
@@ -492,6 +499,7 @@ mod tests {
             workers: 0,
             pool_fill_rate: None,
             density: None,
+            workers_ready_ms: None,
         };
         let report = ForkReport {
             setup,

@@ -524,6 +524,15 @@ fn bench_serves_from_worker_processes_in_every_fork_mode() {
         assert_eq!((json["workers"].as_u64(), json["requests"].as_u64()), (Some(2), Some(12)), "{json}");
         assert!(json["p50_us"].as_f64().is_some_and(|p| p > 0.0), "{json}");
     }
+    // One worker per core unless told otherwise; 0 keeps the engine in the process.
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get) as u64;
+    for (extra, expected) in [(&[][..], cores), (&["--workers", "0"][..], 0)] {
+        let args = ["bench", "--mode", "reuse", "--requests", "3", "--floor-samples", "2", "--json"];
+        let out = mu2(&[&args[..], extra].concat());
+        assert!(out.status.success(), "{extra:?}: {}", stderr(&out));
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+        assert_eq!(json["workers"].as_u64(), Some(expected), "{extra:?}: {json}");
+    }
     // Open loop through the workers.
     let args = ["bench", "--mode", "reuse", "--workers", "2", "--rate", "300", "--requests", "12", "--json"];
     let out = mu2(&[&args[..], &["--floor-samples", "2"]].concat());

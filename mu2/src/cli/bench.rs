@@ -64,10 +64,11 @@ pub struct BenchArgs {
     /// Seed of the Poisson arrivals.
     #[arg(long, value_name = "N", default_value_t = 1)]
     seed: u64,
-    /// Serve from N worker processes, each with its own VMs (pool and reuse VMs split among
-    /// them, at most 64 per worker); 0 runs the engine in this process.
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    workers: usize,
+    /// Serve from N worker processes, each with its own VMs in its own address space (pool and
+    /// reuse VMs split among them, at most 64 per worker) [default: one per core]; 0 runs the
+    /// engine in this process.
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -208,6 +209,7 @@ fn forked(args: &BenchArgs, mode: Mode, request: &[u8]) -> Result<(), Failure> {
         restore_ioctls_per_vcpu: image.restore_ioctls(),
         workers: target.workers(),
         pool_fill_rate: target.fill_rate(),
+        workers_ready_ms: target.workers_ready_ms(),
         density,
     };
     let serve = target.server();
@@ -267,7 +269,7 @@ fn density(
     let (before, after) = (before?, bench::HostMemory::read()?);
     let private = match target {
         Target::InProcess(..) => bench::private_kib_of(&[std::process::id()])?.saturating_sub(private_before?),
-        Target::Workers(workers) => bench::private_kib_of(&workers.pids())?,
+        Target::Workers(workers, _) => bench::private_kib_of(&workers.pids())?,
     };
     let per_vm = |kib: i64| kib as f64 / vms.max(1) as f64;
     Some(report::Density {
@@ -283,8 +285,9 @@ enum Target {
     /// An engine in this process, and in pool mode how fast its builders filled the pool
     /// (VMs/s).
     InProcess(Engine, Option<(f64, Option<f64>)>),
-    /// Worker processes, each with its own engine.
-    Workers(mu2_vmm::worker::Workers),
+    /// Worker processes, each with its own engine, and how long they took to start and fill
+    /// their pools.
+    Workers(mu2_vmm::worker::Workers, Duration),
 }
 
 impl Target {
@@ -295,7 +298,10 @@ impl Target {
         image: &Arc<mu2_vmm::image::Image>,
         quiet: bool,
     ) -> Result<Target, Failure> {
-        if args.workers == 0 {
+        // One worker per core unless told otherwise.
+        let requested =
+            args.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get));
+        if requested == 0 {
             let config = EngineConfig { mode, pool_size: args.pool_size, pool_builders: 2, ..EngineConfig::default() };
             let engine = Engine::new(hv.clone(), image.clone(), config);
             let mut fill_rate = None;
@@ -314,8 +320,8 @@ impl Target {
             return Ok(Target::InProcess(engine, fill_rate));
         }
         let sharded = if mode == Mode::Fresh { 0 } else { args.pool_size.div_ceil(MAX_VMS_PER_WORKER) };
-        let workers = args.workers.max(sharded);
-        if workers > args.workers && !quiet {
+        let workers = requested.max(sharded);
+        if workers > requested && !quiet {
             eprintln!("{workers} workers, so that none holds more than {MAX_VMS_PER_WORKER} VMs");
         }
         let per_worker = args.pool_size.div_ceil(workers).to_string();
@@ -337,18 +343,33 @@ impl Target {
             start_timeout: Duration::from_secs(600),
             reply_grace: Duration::from_secs(5),
         };
+        let starting = Instant::now();
         let workers = mu2_vmm::worker::Workers::start(config, Box::new(spawn))?;
+        let ready = starting.elapsed();
         if !quiet {
-            eprintln!("{} worker processes ready: {:?}", workers.len(), workers.pids());
+            eprintln!(
+                "{} worker processes ready in {:.0} ms: {:?}",
+                workers.len(),
+                ready.as_secs_f64() * 1e3,
+                workers.pids()
+            );
         }
-        Ok(Target::Workers(workers))
+        Ok(Target::Workers(workers, ready))
     }
 
     /// How fast the pool filled at the start (VMs/s), for an engine in this process.
     fn fill_rate(&self) -> Option<(f64, Option<f64>)> {
         match self {
             Target::InProcess(_, rate) => *rate,
-            Target::Workers(_) => None,
+            Target::Workers(..) => None,
+        }
+    }
+
+    /// How long the worker processes took to start and fill their pools, ms.
+    fn workers_ready_ms(&self) -> Option<f64> {
+        match self {
+            Target::InProcess(..) => None,
+            Target::Workers(_, ready) => Some(ready.as_secs_f64() * 1e3),
         }
     }
 
@@ -356,14 +377,14 @@ impl Target {
     fn workers(&self) -> usize {
         match self {
             Target::InProcess(..) => 0,
-            Target::Workers(w) => w.len(),
+            Target::Workers(w, _) => w.len(),
         }
     }
 
     fn server(&self) -> Box<bench::ServeFn<'_>> {
         match self {
             Target::InProcess(engine, _) => Box::new(bench::engine_server(engine)),
-            Target::Workers(workers) => Box::new(bench::workers_server(workers)),
+            Target::Workers(workers, _) => Box::new(bench::workers_server(workers)),
         }
     }
 
@@ -371,7 +392,7 @@ impl Target {
     fn settle(&self) {
         match self {
             Target::InProcess(engine, _) => mu2_vmm::worker::Handler::settle(engine, Duration::from_secs(600)),
-            Target::Workers(workers) => {
+            Target::Workers(workers, _) => {
                 if let Err(e) = workers.settle(Duration::from_secs(600)) {
                     log::warn!("settling the workers: {}", mu2_vmm::error::error_chain(&e));
                 }
