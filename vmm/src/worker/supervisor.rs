@@ -235,7 +235,13 @@ impl Workers {
         let deadline = Instant::now() + timeout + self.shared.config.reply_grace;
         let mut state = conn.state.lock().map_err(|_| died())?;
         if !sent {
+            // A write that failed or timed out may have left part of a frame: the stream is
+            // no longer usable, so the worker is restarted.
             state.waiting.remove(&id);
+            state.closed = true;
+            drop(state);
+            conn.changed.notify_all();
+            slot.kill();
             return Err(died());
         }
         loop {
@@ -393,7 +399,7 @@ fn spawn_worker(shared: &Shared, index: usize) -> Result<(Child, UnixStream), Wo
 
 /// Waits for the worker's first frame, which says it is ready; then the connection's reads
 /// time out every [`POLL`], so that a reading caller looks at its deadline.
-fn connect(stream: UnixStream, timeout: Duration, index: usize) -> Result<Conn, WorkerError> {
+fn connect(stream: UnixStream, timeout: Duration, write_timeout: Duration, index: usize) -> Result<Conn, WorkerError> {
     let not_ready = |reason: String| WorkerError::Start { worker: index, reason };
     let reading = stream.try_clone().map_err(|e| not_ready(e.to_string()))?;
     reading.set_read_timeout(Some(timeout)).map_err(|e| not_ready(e.to_string()))?;
@@ -405,6 +411,9 @@ fn connect(stream: UnixStream, timeout: Duration, index: usize) -> Result<Conn, 
         Err(e) => return Err(not_ready(format!("no ready frame: {e}"))),
     }
     reader.get_ref().set_read_timeout(Some(POLL)).map_err(|e| not_ready(e.to_string()))?;
+    // A worker that stops reading must not block a caller's write for ever: a write stuck this
+    // long fails, and the worker is restarted.
+    stream.set_write_timeout(Some(write_timeout)).map_err(|e| not_ready(e.to_string()))?;
     Ok(Conn {
         writer: Mutex::new(stream),
         reader: Mutex::new(reader),
@@ -426,7 +435,8 @@ fn supervise(shared: &Shared, slot: &Slot, started: mpsc::Sender<Result<(), Work
             if let Ok(mut c) = slot.child.lock() {
                 *c = Some(child);
             }
-            connect(stream, shared.config.start_timeout, slot.index)
+            let write_timeout = shared.config.reply_grace.max(Duration::from_secs(1));
+            connect(stream, shared.config.start_timeout, write_timeout, slot.index)
         });
         match session {
             Ok(conn) => {
