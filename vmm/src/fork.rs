@@ -1,7 +1,8 @@
 //! The fork engine: every request gets a VM restored from a frozen image.
 //!
 //! Three modes on one engine:
-//! - `fresh`: the VM is created on the request path;
+//! - `fresh`: the VM is created on the request path (and the pages a request writes, found by
+//!   a probe fork, are copied into it before it runs, by one madvise per run of pages);
 //! - `pool`: VMs are restored ahead of time by background threads, each serves exactly one
 //!   request and is destroyed; the pool refills itself;
 //! - `reuse`: VMs are kept and reset to the image between requests (see `Vm::reset_to`); the
@@ -356,15 +357,19 @@ pub struct Engine {
     reaper: Reaper,
     /// Reuse-mode resets: [pages copied back, memory remapped].
     resets: Arc<[AtomicUsize; 2]>,
+    /// The pages a request writes (fresh and pool modes; from a probe fork).
+    written: Arc<Vec<u64>>,
 }
 
 impl Engine {
     /// Starts an engine; in pool mode the builders start filling the pool at once.
     pub fn new(hv: Arc<Hypervisor>, image: Arc<Image>, config: EngineConfig) -> Engine {
-        let pool = (config.mode == Mode::Pool).then(|| {
-            let written = Arc::new(probe_written_pages(&hv, &image));
-            Pool::start(&hv, &image, config.pool_size, config.pool_builders, written)
-        });
+        let written = match config.mode {
+            Mode::Pool | Mode::Fresh => Arc::new(probe_written_pages(&hv, &image)),
+            Mode::Reuse => Arc::new(Vec::new()),
+        };
+        let pool = (config.mode == Mode::Pool)
+            .then(|| Pool::start(&hv, &image, config.pool_size, config.pool_builders, written.clone()));
         let reaper = Reaper::start();
         let kept = Arc::new(Kept::default());
         let resets = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
@@ -372,7 +377,7 @@ impl Engine {
             (Mode::Reuse, Some(tx)) => Some(Resetter::start(image.clone(), kept.clone(), tx.clone(), resets.clone())),
             _ => None,
         };
-        Engine { hv, image, config, pool, resetter, kept, reaper, resets }
+        Engine { hv, image, config, pool, resetter, kept, reaper, resets, written }
     }
 
     /// The image.
@@ -427,7 +432,13 @@ impl Engine {
 
     fn vm_for_request(&self) -> Result<Vm, ForkError> {
         match self.config.mode {
-            Mode::Fresh => Vm::restore(&self.hv, &self.image).map_err(ForkError::Restore),
+            Mode::Fresh => {
+                let mut vm = Vm::restore(&self.hv, &self.image).map_err(ForkError::Restore)?;
+                // One madvise per run of the pages the request will write: cheaper than
+                // taking each copy-on-write fault from inside the guest's run.
+                vm.copy_in_advance(&self.written);
+                Ok(vm)
+            }
             Mode::Pool => self.pool.as_ref().ok_or(ForkError::PoolClosed)?.take(),
             Mode::Reuse => self.kept_vm(),
         }
