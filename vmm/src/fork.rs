@@ -6,7 +6,8 @@
 //! - `pool`: VMs are restored ahead of time by background threads, each serves exactly one
 //!   request and is destroyed; the pool refills itself;
 //! - `reuse`: VMs are kept and reset to the image between requests (see `Vm::reset_to`); the
-//!   reset runs on a resetter thread after the response is out, so no caller waits for it.
+//!   reset runs on one of two resetter threads after the response is out, so no caller waits
+//!   for it.
 //!
 //! Destroying a VM blocks for milliseconds on some hosts, so it happens on a reaper thread,
 //! off the request path, in every mode.
@@ -273,40 +274,59 @@ impl Kept {
 #[derive(Debug)]
 struct Resetter {
     tx: Option<Sender<(Vm, bool)>>,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
+
+/// Threads resetting used VMs per engine: a reset costs about twice a reused request here, so
+/// one thread cannot keep up with one serving thread.
+const RESETTERS: usize = 2;
 
 impl Resetter {
     fn start(image: Arc<Image>, kept: Arc<Kept>, reaper: Sender<Vm>, counts: Arc<[AtomicUsize; 2]>) -> Resetter {
         let (tx, rx) = mpsc::channel::<(Vm, bool)>();
-        let thread = std::thread::Builder::new()
-            .name("mu2-resetter".into())
-            .spawn(move || {
-                crate::sys::background_thread();
-                for (mut vm, clean) in rx {
-                    match vm.reset_to(&image, clean) {
-                        Ok(kind) => {
-                            let slot = usize::from(kind == ResetKind::Remapped);
-                            counts[slot].fetch_add(1, Ordering::Relaxed);
-                            kept.put_back(vm);
+        let rx = Arc::new(Mutex::new(rx));
+        let threads = (0..RESETTERS)
+            .filter_map(|i| {
+                let (image, kept, reaper, counts, rx) =
+                    (image.clone(), kept.clone(), reaper.clone(), counts.clone(), rx.clone());
+                std::thread::Builder::new()
+                    .name(format!("mu2-resetter-{i}"))
+                    .spawn(move || {
+                        crate::sys::background_thread();
+                        loop {
+                            // The lock is held only to take the next VM, not while resetting it.
+                            let next = match rx.lock() {
+                                Ok(rx) => rx.recv(),
+                                Err(_) => return,
+                            };
+                            let Ok((mut vm, clean)) = next else { return };
+                            match vm.reset_to(&image, clean) {
+                                Ok(kind) => {
+                                    let slot = usize::from(kind == ResetKind::Remapped);
+                                    counts[slot].fetch_add(1, Ordering::Relaxed);
+                                    kept.put_back(vm);
+                                }
+                                Err(e) => {
+                                    log::warn!("resetting VM {} failed, destroying it: {}", vm.id(), error_chain(&e));
+                                    kept.forget_one();
+                                    let _ = reaper.send(vm);
+                                }
+                            }
                         }
-                        Err(e) => {
-                            log::warn!("resetting VM {} failed, destroying it: {}", vm.id(), error_chain(&e));
-                            kept.forget_one();
-                            let _ = reaper.send(vm);
-                        }
-                    }
-                }
+                    })
+                    .ok()
             })
-            .ok();
-        Resetter { tx: Some(tx), thread }
+            .collect::<Vec<_>>();
+        // Without a thread to take them, used VMs would wait in the channel for ever.
+        let tx = (!threads.is_empty()).then_some(tx);
+        Resetter { tx, threads }
     }
 }
 
 impl Drop for Resetter {
     fn drop(&mut self) {
         self.tx.take();
-        if let Some(t) = self.thread.take() {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
