@@ -100,6 +100,13 @@ pub enum CliError {
     /// A child process (the sandboxed daemon) failed and said why itself.
     #[error("exited with code {0}")]
     Reported(u8),
+    /// The command's own I/O failed (not a file the user named).
+    #[error("{what}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Refuses to write `path` in a directory that does not exist, before any work is done (a
@@ -121,7 +128,9 @@ impl Classify for CliError {
             | CliError::WriteFile { .. }
             | CliError::NoParent { .. }
             | CliError::Argument(_) => FailureKind::BadInput,
-            CliError::Stdout(_) | CliError::Signals(_) | CliError::ScratchDir { .. } => FailureKind::Internal,
+            CliError::Stdout(_) | CliError::Signals(_) | CliError::ScratchDir { .. } | CliError::Io { .. } => {
+                FailureKind::Internal
+            }
             CliError::GuestExited(_) => FailureKind::GuestCrash,
             CliError::Reported(_) => FailureKind::Internal,
         }

@@ -2,7 +2,9 @@
 //! latency axis, each run's KVM floors (measured in the same run) as dashed reference lines,
 //! p50 and p99 marked, the runs' parameters in a subtitle. SVG, or PNG when the file name ends
 //! in `.png`. `mu2 bench --plot` draws its own run; `mu2 plot` overlays runs read back from
-//! their CSV files (`report::samples_csv`).
+//! their CSV files (`report::samples_csv`). Open-loop sweeps (`mu2 bench --rate a,b,c`) plot
+//! as latency against offered load instead (`draw_load`), with the knee and the mode's floor;
+//! `mu2 plot` reads them back from the sweep's JSON.
 //!
 //! Text needs a TrueType font (plotters measures and, for PNG, draws the glyphs): the first of
 //! `MU2_PLOT_FONT` and a few usual system paths that exists (Debian: fonts-dejavu-core).
@@ -133,6 +135,24 @@ const HEIGHT: u32 = 620;
 
 /// Draws `runs` to `path`, as SVG or PNG by its extension.
 pub fn draw(runs: &[Run], title: &str, path: &Path) -> Result<(), PlotError> {
+    render(Figure::Cdf(runs), title, path)
+}
+
+/// Draws latency-vs-load curves (open-loop sweeps) to `path`, as SVG or PNG by its extension.
+pub fn draw_load(curves: &[LoadCurve], title: &str, path: &Path) -> Result<(), PlotError> {
+    render(Figure::Load(curves), title, path)
+}
+
+/// What a plot shows.
+#[derive(Clone, Copy)]
+enum Figure<'a> {
+    /// Latency CDFs of closed-loop runs.
+    Cdf(&'a [Run]),
+    /// Latency percentiles against the offered rate.
+    Load(&'a [LoadCurve]),
+}
+
+fn render(figure: Figure<'_>, title: &str, path: &Path) -> Result<(), PlotError> {
     let format = format_of(path)?;
     font()?;
     let fail = |message: String| PlotError::Draw { path: path.to_path_buf(), message };
@@ -141,7 +161,7 @@ pub fn draw(runs: &[Run], title: &str, path: &Path) -> Result<(), PlotError> {
             let mut svg = String::new();
             {
                 let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT)).into_drawing_area();
-                draw_on(&root, runs, title).map_err(fail)?;
+                draw_figure(&root, figure, title).map_err(fail)?;
                 // The backend borrows `svg` until dropped; present() completes the document.
                 root.present().map_err(|e| fail(e.to_string()))?;
             }
@@ -151,13 +171,24 @@ pub fn draw(runs: &[Run], title: &str, path: &Path) -> Result<(), PlotError> {
             let mut rgb = vec![0u8; (WIDTH * HEIGHT * 3) as usize];
             {
                 let root = BitMapBackend::with_buffer(&mut rgb, (WIDTH, HEIGHT)).into_drawing_area();
-                draw_on(&root, runs, title).map_err(fail)?;
+                draw_figure(&root, figure, title).map_err(fail)?;
                 root.present().map_err(|e| fail(e.to_string()))?;
             }
             encode_png(&rgb).map_err(|e| fail(e.to_string()))?
         }
     };
     std::fs::write(path, bytes).map_err(|source| PlotError::Write { path: path.to_path_buf(), source })
+}
+
+fn draw_figure<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    figure: Figure<'_>,
+    title: &str,
+) -> Result<(), String> {
+    match figure {
+        Figure::Cdf(runs) => draw_on(root, runs, title),
+        Figure::Load(curves) => draw_load_on(root, curves, title),
+    }
 }
 
 fn encode_png(rgb: &[u8]) -> Result<Vec<u8>, png::EncodingError> {
@@ -455,6 +486,160 @@ pub fn read_csv(path: &Path) -> Result<Run, PlotError> {
         _ => stem,
     };
     Ok(run)
+}
+
+/// An open-loop sweep as a plot shows it: latency percentiles against the offered rate.
+#[derive(Debug, Clone, Default)]
+pub struct LoadCurve {
+    /// Its name in the legend.
+    pub label: String,
+    /// Offered rate (requests/s) and latency p50, p99 (µs), in increasing rate.
+    pub points: Vec<(f64, f64, f64)>,
+    /// The rate where p99 left its low-load value.
+    pub knee: Option<f64>,
+    /// The mode's floor (name, p50 µs).
+    pub floor: Option<(String, f64)>,
+    /// What the run was: mode, arrivals, served at once.
+    pub params: Vec<(String, String)>,
+}
+
+impl LoadCurve {
+    /// The curve of a `mu2 bench --rate … --json` report; `None` if it has no rates.
+    pub fn of_report(json: &serde_json::Value) -> Option<LoadCurve> {
+        let num = |v: &serde_json::Value, key: &str| v[key].as_f64().filter(|x| x.is_finite());
+        let points: Vec<(f64, f64, f64)> = json["rates"]
+            .as_array()?
+            .iter()
+            .filter_map(|p| Some((num(p, "rate_rps")?, num(p, "p50_us")?, num(p, "p99_us")?)))
+            .collect();
+        if points.is_empty() {
+            return None;
+        }
+        let text =
+            |key: &str| json[key].as_str().map(str::to_string).or_else(|| json[key].as_u64().map(|n| n.to_string()));
+        let floor = json["floor"].as_str().and_then(|name| {
+            let key = name.strip_prefix("floor_")?;
+            Some((name.to_string(), num(&json["floors"][key], "p50_us")?))
+        });
+        let params: Vec<(String, String)> = ["mode", "arrivals", "concurrency", "mem_mib", "pool_size"]
+            .iter()
+            .filter_map(|k| Some((k.to_string(), text(k)?)))
+            .collect();
+        let label =
+            format!("{}, {} at once", text("mode").unwrap_or_default(), text("concurrency").unwrap_or_default());
+        Some(LoadCurve { label, points, knee: num(&json["knee"], "rate_rps"), floor, params })
+    }
+}
+
+/// A sweep read back from the JSON `mu2 bench --rate … --json` printed.
+pub fn read_load_json(path: &Path) -> Result<LoadCurve, PlotError> {
+    let text = std::fs::read_to_string(path).map_err(|source| PlotError::Read { path: path.to_path_buf(), source })?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| PlotError::Csv {
+        path: path.to_path_buf(),
+        line: e.line(),
+        message: e.to_string(),
+    })?;
+    let mut curve = LoadCurve::of_report(&json).ok_or_else(|| PlotError::Empty { path: path.to_path_buf() })?;
+    let stem = path.file_stem().map_or_else(String::new, |s| s.to_string_lossy().into_owned());
+    curve.label = format!("{stem}: {}", curve.label);
+    Ok(curve)
+}
+
+fn draw_load_on<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    curves: &[LoadCurve],
+    title: &str,
+) -> Result<(), String> {
+    let err = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
+    root.fill(&WHITE).map_err(err)?;
+    let (header, body) = root.split_vertically(86);
+    header.draw(&Text::new(title.to_string(), (60, 12), ("sans-serif", 24).into_font().color(&BLACK))).map_err(err)?;
+    let shared: Vec<String> = curves
+        .first()
+        .map(|first| {
+            first
+                .params
+                .iter()
+                .filter(|(k, v)| curves.iter().all(|c| c.params.iter().any(|(k2, v2)| k2 == k && v2 == v)))
+                .map(|(k, v)| format!("{} {v}", k.replace('_', " ")))
+                .collect()
+        })
+        .unwrap_or_default();
+    header
+        .draw(&Text::new(shared.join(", "), (60, 44), ("sans-serif", 14).into_font().color(&RGBColor(90, 90, 90))))
+        .map_err(err)?;
+    let key = "solid: p50, thick: p99 (from when each request was due); dotted: the mode's floor; dashed: the knee";
+    header
+        .draw(&Text::new(key, (60, 64), ("sans-serif", 13).into_font().color(&RGBColor(120, 120, 120))))
+        .map_err(err)?;
+
+    let rate_max = curves.iter().flat_map(|c| c.points.iter().map(|p| p.0)).fold(1.0f64, f64::max) * 1.05;
+    let values = curves
+        .iter()
+        .flat_map(|c| c.points.iter().flat_map(|p| [p.1, p.2]).chain(c.floor.iter().map(|f| f.1)))
+        .filter(|v| *v > 0.0 && *v <= MAX_LATENCY_US);
+    let (lo, hi) = values.fold((f64::MAX, 0.0f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    let (lo, hi) = if hi <= 0.0 { (1.0, 10.0) } else { (lo / 1.5, (hi * 1.5).max(lo * 4.0)) };
+    let mut chart = ChartBuilder::on(&body)
+        .margin_left(20)
+        .margin_right(30)
+        .margin_bottom(10)
+        .x_label_area_size(50)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..rate_max, (lo..hi).log_scale())
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("offered load, requests/s")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_desc("latency (log scale)")
+        .y_label_formatter(&|v| format_us(*v))
+        .label_style(("sans-serif", 14))
+        .light_line_style(RGBColor(238, 238, 238))
+        .bold_line_style(RGBColor(215, 215, 215))
+        .draw()
+        .map_err(err)?;
+    for (i, curve) in curves.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let p50 = curve.points.iter().map(|p| (p.0, p.1));
+        let p99 = curve.points.iter().map(|p| (p.0, p.2));
+        chart
+            .draw_series(LineSeries::new(p50.clone(), color.stroke_width(2)))
+            .map_err(err)?
+            .label(format!("{}: p50", curve.label))
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 24, y)], color.stroke_width(2)));
+        chart.draw_series(p50.map(|p| Circle::new(p, 4, color.filled()))).map_err(err)?;
+        chart
+            .draw_series(LineSeries::new(p99.clone(), color.stroke_width(4)))
+            .map_err(err)?
+            .label(format!("{}: p99", curve.label))
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 24, y)], color.stroke_width(4)));
+        chart.draw_series(p99.map(|p| Circle::new(p, 5, color.stroke_width(2)))).map_err(err)?;
+        if let Some((name, us)) = &curve.floor {
+            let style = color.mix(0.6).stroke_width(1);
+            chart.draw_series(DashedLineSeries::new([(0.0, *us), (rate_max, *us)], 2, 4, style)).map_err(err)?;
+            let font = ("sans-serif", 12).into_font().color(&color.mix(0.9)).pos(text_anchor_left());
+            let label = Text::new(format!("{name} {}", format_us(*us)), (4, -8), font);
+            chart.draw_series(std::iter::once(EmptyElement::at((0.0, *us)) + label)).map_err(err)?;
+        }
+        if let Some(knee) = curve.knee {
+            let style = color.mix(0.8).stroke_width(1);
+            chart.draw_series(DashedLineSeries::new([(knee, lo), (knee, hi)], 8, 4, style)).map_err(err)?;
+            let font = ("sans-serif", 13).into_font().color(&color).pos(text_anchor_left());
+            let label = Text::new(format!("knee {knee:.0}/s"), (4, 10 + 16 * i as i32), font);
+            chart.draw_series(std::iter::once(EmptyElement::at((knee, hi)) + label)).map_err(err)?;
+        }
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .margin(12)
+        .label_font(("sans-serif", 13))
+        .background_style(WHITE.mix(0.9))
+        .border_style(RGBColor(180, 180, 180))
+        .draw()
+        .map_err(err)?;
+    Ok(())
 }
 
 #[cfg(test)]

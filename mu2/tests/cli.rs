@@ -424,7 +424,11 @@ fn bench_keeps_samples_and_floors_in_every_mode_and_plot_overlays_runs() {
     assert!(params.starts_with("# mu2 bench mode=fresh function=echo requests=5 concurrency=1"), "{params}");
     assert_eq!(lines.next(), Some("series,index,latency_us,fork_us,run_us,boot_us,teardown_us"));
     let count = |series: &str| csv.lines().filter(|l| l.starts_with(&format!("{series},"))).count();
-    assert_eq!((count("request"), count("floor_fresh"), count("floor_reuse")), (5, 4, 4), "{csv}");
+    assert_eq!(
+        (count("request"), count("floor_fresh"), count("floor_pool"), count("floor_reuse")),
+        (5, 4, 4, 4),
+        "{csv}"
+    );
     let cold = std::fs::read_to_string(&cold_csv).expect("the cold CSV, which --mode cold used to skip");
     assert_eq!(cold.lines().filter(|l| l.starts_with("request,")).count(), 3, "{cold}");
     assert!(cold.lines().any(|l| l.starts_with("floor_fresh,")), "{cold}");
@@ -441,6 +445,115 @@ fn bench_keeps_samples_and_floors_in_every_mode_and_plot_overlays_runs() {
     assert!(out.status.success(), "{}", stderr(&out));
     let svg = std::fs::read_to_string(&svg_path).expect("the SVG");
     assert!(svg.contains("cold: cold") && svg.contains("fresh: fresh, concurrency 1"), "both runs in the legend");
+}
+
+#[test]
+fn bench_json_reports_each_floor_and_its_steps() {
+    kvm_or_skip!();
+    let out = mu2(&["bench", "--mode", "reuse", "--requests", "3", "--floor-samples", "3", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let floors = &json["floors"];
+    let steps = |floor: &str| -> Vec<String> {
+        let map = floors[floor]["steps_p50_us"].as_object().cloned().unwrap_or_default();
+        assert!(map.values().all(|v| v.as_f64().is_some_and(|us| us > 0.0)), "{floor}: {map:?}");
+        map.keys().cloned().collect()
+    };
+    let mut fresh = steps("fresh");
+    fresh.sort();
+    let mut all = ["map", "create_vm", "memory_slot", "create_vcpu", "cpuid", "registers", "first_run", "teardown"]
+        .map(String::from);
+    all.sort();
+    assert_eq!(fresh, all, "the fresh floor times every KVM step");
+    assert_eq!(steps("pool").len(), 2, "the pool floor: its run and teardown");
+    assert_eq!(steps("reuse").len(), 2, "the reuse floor: its register reset and run");
+    // The memory file lives where the image does: the temporary image's directory.
+    assert!(floors["memory_file"].as_str().is_some_and(|d| d.contains("mu2-image-")), "{floors}");
+    assert_eq!(json["floor"], "floor_reuse");
+    let ratio = json["p50_us"].as_f64().unwrap_or_default() / floors["reuse"]["p50_us"].as_f64().unwrap_or(1.0);
+    assert!((json["ratio_p50_to_floor"].as_f64().unwrap_or_default() - ratio).abs() < 1e-9, "{json}");
+    assert_eq!(json["floor_reuse_p50_us"], floors["reuse"]["p50_us"]);
+}
+
+#[test]
+fn bench_open_loop_sweeps_rates_and_reports_the_curve() {
+    kvm_or_skip!();
+    let scratch = Scratch::new("open-loop");
+    let svg = scratch.path("sweep.svg");
+    let args = ["bench", "--mode", "reuse", "--rate", "400,200", "--requests", "20", "--arrivals", "constant"];
+    let out = mu2(&[&args[..], &["--floor-samples", "3", "--json", "--plot", &svg]].concat());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!((json["load"].as_str(), json["arrivals"].as_str()), (Some("open"), Some("constant")));
+    let rates = json["rates"].as_array().cloned().unwrap_or_default();
+    let offered: Vec<f64> = rates.iter().filter_map(|r| r["rate_rps"].as_f64()).collect();
+    assert_eq!(offered, [200.0, 400.0], "rates run in increasing order");
+    for rate in &rates {
+        assert_eq!(rate["requests"], 20, "{rate}");
+        let q = |k: &str| rate[k].as_f64().unwrap_or(f64::NAN);
+        assert!(q("p50_us") > 0.0 && q("p50_us") <= q("p99_us") && q("p99_us") <= q("max_us"), "{rate}");
+        assert!(q("throughput_rps") > 0.0 && q("lag_p50_us") >= 0.0, "{rate}");
+    }
+    let knee = &json["knee"];
+    assert_eq!(knee["factor"], 2.0);
+    assert_eq!(knee["low_load_p99_us"], rates[0]["p99_us"], "the low-load p99 is the lowest rate's");
+    let knee_rate = knee["rate_rps"].as_f64();
+    let expected = (rates[1]["p99_us"].as_f64() > rates[0]["p99_us"].as_f64().map(|p| 2.0 * p)).then_some(400.0);
+    assert_eq!(knee_rate, expected, "{json}");
+    assert_eq!(json["floor"], "floor_reuse");
+    let plot = std::fs::read_to_string(&svg).expect("the load plot");
+    assert!(plot.contains("offered load") && plot.contains("floor_reuse"), "axes and floor drawn");
+
+    // `mu2 plot` draws the sweep back from its JSON.
+    let saved = scratch.path("sweep.json");
+    std::fs::write(&saved, &out.stdout).expect("saving the JSON");
+    let png = scratch.path("sweep.png");
+    let out = mu2(&["plot", &saved, "-o", &png]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(std::fs::read(&png).is_ok_and(|b| b.starts_with(b"\x89PNG")), "a PNG");
+}
+
+#[test]
+fn bench_serves_from_worker_processes_in_every_fork_mode() {
+    kvm_or_skip!();
+    for mode in ["fresh", "pool", "reuse"] {
+        let args = ["bench", "--mode", mode, "--workers", "2", "--concurrency", "2", "--pool-size", "4"];
+        let out = mu2(&[&args[..], &["--requests", "12", "--floor-samples", "2", "--json"]].concat());
+        assert!(out.status.success(), "{mode}: {}", stderr(&out));
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+        assert_eq!((json["workers"].as_u64(), json["requests"].as_u64()), (Some(2), Some(12)), "{json}");
+        assert!(json["p50_us"].as_f64().is_some_and(|p| p > 0.0), "{json}");
+    }
+    // One worker per core unless told otherwise; 0 keeps the engine in the process.
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get) as u64;
+    for (extra, expected) in [(&[][..], cores), (&["--workers", "0"][..], 0)] {
+        let args = ["bench", "--mode", "reuse", "--requests", "3", "--floor-samples", "2", "--json"];
+        let out = mu2(&[&args[..], extra].concat());
+        assert!(out.status.success(), "{extra:?}: {}", stderr(&out));
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+        assert_eq!(json["workers"].as_u64(), Some(expected), "{extra:?}: {json}");
+    }
+    // Open loop through the workers.
+    let args = ["bench", "--mode", "reuse", "--workers", "2", "--rate", "300", "--requests", "12", "--json"];
+    let out = mu2(&[&args[..], &["--floor-samples", "2"]].concat());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!((json["workers"].as_u64(), json["rates"][0]["requests"].as_u64()), (Some(2), Some(12)), "{json}");
+}
+
+#[test]
+fn bench_refuses_open_loop_settings_it_cannot_run() {
+    for (args, expected) in [
+        (&["--mode", "cold", "--rate", "100"][..], "--rate needs a fork mode"),
+        (&["--mode", "fresh", "--rate", "0"], "--rate takes rates above 0"),
+        (&["--mode", "fresh", "--rate", "100,200", "--csv", "x.csv"], "--csv keeps one run's samples"),
+    ] {
+        let mut all = vec!["bench", "--function", "hang", "--timeout", "20s"];
+        all.extend_from_slice(args);
+        let out = mu2(&all);
+        assert_eq!(out.status.code(), Some(2), "{all:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(expected), "{all:?}: {}", stderr(&out));
+    }
 }
 
 #[test]

@@ -1,9 +1,23 @@
-//! The raw KVM floor: what creating a minimal VM and running it to its first exit costs on
-//! this host, measured in the same run as any mu2 figure so that figures compare as ratios.
+//! The raw KVM floors: what the KVM steps of a request cost on this host at the least,
+//! measured in the same run as any mu2 figure so that figures compare as ratios.
 //!
-//! The floor VM has the same memory size and CPU setup as a mu2 VM but no devices, no image
-//! and no boot data beyond the page tables: one exiting instruction at the entry point
-//! (`arch::floor_code`: an `out` on x86_64, an MMIO write on aarch64).
+//! A floor VM has the memory size, the kind of memory file and the CPUID table of the image it
+//! is compared with (`FloorImage::like`), but no devices and no guest beyond the page tables
+//! and one exiting instruction at the entry point (`arch::floor_code`: an `out` on x86_64, an
+//! MMIO write on aarch64). Each floor is the minimum of the work its mode does on the request
+//! path:
+//! - fresh (`FloorImage::fresh_cycle`): map, KVM_CREATE_VM, the memory slot, a vCPU, CPUID,
+//!   entry registers, KVM_RUN to the first exit — each step timed;
+//! - pool (`FloorImage::ready_vm`, `FloorVm::run_once`): a VM made and run once beforehand,
+//!   then one KVM_RUN to its next exit;
+//! - reuse (`FloorVm::reuse_cycle`): a kept VM, mappings left in place, one KVM_RUN to its
+//!   next exit.
+//!
+//! The caller keeps a `FloorVm` alive while it measures, as an engine has VMs alive while it
+//! serves: destroying a process's last VM makes the next vCPU creation patch kernel text
+//! again, which no request of a running engine pays. And it destroys floor VMs on another
+//! thread (`fresh_cycle_kept`), as an engine's reaper does: a destruction right before the
+//! next creation on the same thread makes that creation wait for its grace periods.
 
 use std::time::{Duration, Instant};
 
@@ -12,6 +26,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::arch::{self, EntryMode};
 use crate::hypervisor::Hypervisor;
+use crate::image::Image;
 use crate::memory::GuestRam;
 
 /// Why a floor measurement failed.
@@ -59,33 +74,111 @@ impl crate::error::Classify for FloorError {
     }
 }
 
-/// Durations of one floor cycle.
-#[derive(Debug, Clone, Copy)]
-pub struct FloorSample {
-    /// KVM_CREATE_VM through the first guest exit.
-    pub create_to_exit: Duration,
-    /// Closing the vCPU and VM and unmapping memory.
+/// How long each KVM step of a floor VM's life took. The steps are those every restored VM
+/// takes too (`Vm::restore`), in the same order; a step a floor cycle does not take is zero.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FloorSteps {
+    /// Mapping the memory file copy-on-write (mmap).
+    pub map: Duration,
+    /// KVM_CREATE_VM.
+    pub create_vm: Duration,
+    /// KVM_SET_USER_MEMORY_REGION: the one memory slot.
+    pub memory_slot: Duration,
+    /// KVM_CREATE_VCPU and mapping its `kvm_run`.
+    pub create_vcpu: Duration,
+    /// KVM_SET_CPUID2 (KVM_ARM_VCPU_INIT on aarch64).
+    pub cpuid: Duration,
+    /// The entry registers (special and general registers, FPU; or the one-reg list).
+    pub registers: Duration,
+    /// KVM_RUN until the guest's first exit.
+    pub first_run: Duration,
+    /// Closing the vCPU and the VM and unmapping memory.
     pub teardown: Duration,
 }
 
-/// The floor guest's memory: boot tables and one exiting instruction, in an in-memory file
-/// mapped copy-on-write by every floor VM, as a frozen image's memory file is.
+impl FloorSteps {
+    /// The steps' names, in order, as reports print them.
+    pub const NAMES: [&'static str; 8] =
+        ["map", "create_vm", "memory_slot", "create_vcpu", "cpuid", "registers", "first_run", "teardown"];
+
+    /// The steps' durations, in the order of [`FloorSteps::NAMES`].
+    pub fn durations(&self) -> [Duration; 8] {
+        [
+            self.map,
+            self.create_vm,
+            self.memory_slot,
+            self.create_vcpu,
+            self.cpuid,
+            self.registers,
+            self.first_run,
+            self.teardown,
+        ]
+    }
+}
+
+/// Durations of one floor cycle.
+#[derive(Debug, Clone, Copy)]
+pub struct FloorSample {
+    /// What the floor compares with a request: for the fresh floor, the mmap through the
+    /// first guest exit; for the pool and reuse floors, the one KVM_RUN to the first exit of a
+    /// VM made (and run once) beforehand.
+    pub create_to_exit: Duration,
+    /// Closing the vCPU and VM and unmapping memory.
+    pub teardown: Duration,
+    /// Every step of the cycle (untimed steps zero).
+    pub steps: FloorSteps,
+}
+
+/// The floor guest's memory: boot tables and one exiting instruction, in a file mapped
+/// copy-on-write by every floor VM, as a frozen image's memory file is; and the CPUID table its
+/// vCPU gets.
 #[derive(Debug)]
 pub struct FloorImage {
     file: std::fs::File,
     mem_size: u64,
+    cpuid: arch::CpuId,
+    /// Where the memory file lives: `memfd`, or the directory it was made in.
+    backing: String,
 }
 
 impl FloorImage {
-    /// Builds the floor guest's memory file for VMs of `mem_size` bytes.
-    pub fn new(mem_size: u64) -> Result<FloorImage, FloorError> {
+    /// Builds the floor guest's memory file for VMs of `mem_size` bytes, in memory (memfd),
+    /// with this host's CPUID table.
+    pub fn new(hv: &Hypervisor, mem_size: u64) -> Result<FloorImage, FloorError> {
+        let file = crate::sys::memfd(c"mu2-floor").map_err(FloorError::Image)?;
+        Self::write(file, mem_size, hv.vcpu_cpuid(0, 1), "memfd".into())
+    }
+
+    /// The floor for forks of `image`, under the same conditions: the same memory size, the
+    /// memory file on the same file system (an unnamed file in the image's directory, so its
+    /// pages come from the same kind of page cache), the image's CPUID table for vCPU 0.
+    /// Falls back to a memfd where the file system cannot make unnamed files.
+    pub fn like(hv: &Hypervisor, image: &Image) -> Result<FloorImage, FloorError> {
+        let mem_size = image.state().mem_size;
+        let cpuid = image.restore_plans().first().map(|r| &r.cpuid).cloned().unwrap_or_else(|| hv.vcpu_cpuid(0, 1));
+        let dir = image.dir();
+        match crate::sys::unnamed_file_in(dir) {
+            Ok(file) => Self::write(file, mem_size, cpuid, dir.display().to_string()),
+            Err(e) => {
+                log::info!("floor image in memory: {} cannot hold an unnamed file ({e})", dir.display());
+                let file = crate::sys::memfd(c"mu2-floor").map_err(FloorError::Image)?;
+                Self::write(file, mem_size, cpuid, "memfd".into())
+            }
+        }
+    }
+
+    fn write(
+        mut file: std::fs::File,
+        mem_size: u64,
+        cpuid: arch::CpuId,
+        backing: String,
+    ) -> Result<FloorImage, FloorError> {
         use std::io::{Seek, SeekFrom, Write};
         let io = FloorError::Image;
         let ram = GuestRam::anonymous(mem_size as usize).map_err(FloorError::Memory)?;
         let mem = ram.memory();
         arch::write_boot_data(mem, mem_size, b"\0", EntryMode::Native).map_err(FloorError::Arch)?;
         mem.write_slice(&arch::floor_code(), GuestAddress(layout::IMAGE_BASE)).map_err(FloorError::Code)?;
-        let mut file = crate::sys::memfd(c"mu2-floor").map_err(io)?;
         file.set_len(mem_size).map_err(io)?;
         let bytes = ram.as_slice();
         // Only the low pages and the code page hold anything.
@@ -93,47 +186,93 @@ impl FloorImage {
             file.seek(SeekFrom::Start(offset)).map_err(io)?;
             file.write_all(&bytes[offset as usize..offset as usize + len]).map_err(io)?;
         }
-        Ok(FloorImage { file, mem_size })
+        Ok(FloorImage { file, mem_size, cpuid, backing })
     }
 
-    /// Creates a minimal VM on this image, runs it to its first exit and destroys it.
+    /// Where the memory file lives: `memfd`, or the directory it was made in.
+    pub fn backing(&self) -> &str {
+        &self.backing
+    }
+
+    /// The memory size of its VMs.
+    pub fn mem_size(&self) -> u64 {
+        self.mem_size
+    }
+
+    /// The fresh floor: creates a minimal VM on this image, runs it to its first exit and
+    /// destroys it, timing each step. What a fresh-mode request does at the least.
     pub fn fresh_cycle(&self, hv: &Hypervisor) -> Result<FloorSample, FloorError> {
+        let (mut sample, vm) = self.fresh_cycle_kept(hv)?;
+        sample.steps.teardown = vm.destroy();
+        sample.teardown = sample.steps.teardown;
+        Ok(sample)
+    }
+
+    /// [`FloorImage::fresh_cycle`] without the teardown: the VM is handed back alive, for the
+    /// caller to destroy elsewhere ([`FloorVm::destroy`]), as an engine's reaper thread
+    /// destroys its VMs off the request path. Destroying a VM right before creating the next
+    /// one on the same thread makes the creation wait for the destruction's grace periods,
+    /// which no request of an engine does.
+    pub fn fresh_cycle_kept(&self, hv: &Hypervisor) -> Result<(FloorSample, FloorVm), FloorError> {
         let start = Instant::now();
-        let vm = FloorVm::new(hv, self)?;
-        let mut vm = vm;
+        let (mut vm, mut steps) = FloorVm::build(hv, self)?;
+        let ran = Instant::now();
         vm.run_to_exit()?;
+        steps.first_run = ran.elapsed();
         let create_to_exit = start.elapsed();
-        let torn = Instant::now();
-        drop(vm);
-        Ok(FloorSample { create_to_exit, teardown: torn.elapsed() })
+        Ok((FloorSample { create_to_exit, teardown: Duration::ZERO, steps }, vm))
+    }
+
+    /// A VM for the pool floor: made and run to its first exit, its registers put back, as a
+    /// pool builder makes and warms up a VM. [`FloorVm::run_once`] is then the pool floor: one
+    /// KVM_RUN to one exit on a VM that is ready, what a pooled request does at the least.
+    pub fn ready_vm(&self, hv: &Hypervisor) -> Result<FloorVm, FloorError> {
+        let (mut vm, _) = FloorVm::build(hv, self)?;
+        vm.warm()?;
+        Ok(vm)
     }
 }
 
-/// A kept floor VM, for the reuse floor.
+/// A kept floor VM, for the reuse floor; alive, it also keeps the host's KVM state of a
+/// process with VMs (static keys enabled), as every engine has while it serves.
 #[derive(Debug)]
 pub struct FloorVm {
     vcpu: kvm_ioctls::VcpuFd,
     _vm: kvm_ioctls::VmFd,
-    ram: GuestRam,
+    // The guest's memory, mapped for as long as the VM lives (dropped after it).
+    _ram: GuestRam,
     regs: arch::EntryRegs,
 }
 
 impl FloorVm {
     /// A new VM on `image`, set up to run its exiting instruction.
     pub fn new(hv: &Hypervisor, image: &FloorImage) -> Result<FloorVm, FloorError> {
+        Self::build(hv, image).map(|(vm, _)| vm)
+    }
+
+    /// A new VM on `image` and how long each step of making it took.
+    fn build(hv: &Hypervisor, image: &FloorImage) -> Result<(FloorVm, FloorSteps), FloorError> {
         let kvm_err = |what| move |source| FloorError::Kvm { what, source };
+        let mut steps = FloorSteps::default();
+        let mut lap = Lap(Instant::now());
         // Mapped first, as the engine does (`Vm::restore`), so that it is dropped last.
         let ram = GuestRam::from_file(&image.file, image.mem_size as usize).map_err(FloorError::Memory)?;
+        steps.map = lap.next();
         let vm = hv.kvm().create_vm().map_err(kvm_err("create a VM"))?;
+        steps.create_vm = lap.next();
         // SAFETY: `vm` and the vCPU made below are declared after `ram`, so an early return
         // drops them first; on success they move into the `FloorVm`, whose field order drops
         // the vCPU and the VM before the memory.
         unsafe { ram.register(&vm) }.map_err(kvm_err("register guest memory"))?;
+        steps.memory_slot = lap.next();
         let vcpu = vm.create_vcpu(0).map_err(kvm_err("create a vCPU"))?;
-        arch::setup_vcpu(&vcpu, &hv.vcpu_cpuid(0, 1), layout::IMAGE_BASE, EntryMode::Native)
-            .map_err(FloorError::Arch)?;
+        steps.create_vcpu = lap.next();
+        arch::set_cpuid(&vcpu, &image.cpuid).map_err(kvm_err("set the CPUID table"))?;
+        steps.cpuid = lap.next();
+        arch::setup_registers(&vcpu, &image.cpuid, layout::IMAGE_BASE, EntryMode::Native).map_err(FloorError::Arch)?;
+        steps.registers = lap.next();
         let regs = arch::EntryRegs::read(&vcpu).map_err(FloorError::Arch)?;
-        Ok(FloorVm { vcpu, _vm: vm, ram, regs })
+        Ok((FloorVm { vcpu, _vm: vm, _ram: ram, regs }, steps))
     }
 
     fn run_to_exit(&mut self) -> Result<(), FloorError> {
@@ -147,21 +286,60 @@ impl FloorVm {
         }
     }
 
-    /// The reuse floor: remap the memory file in place, reset the registers, run to the
-    /// first exit. Returns the time that took.
-    pub fn reuse_cycle(&mut self, image: &FloorImage) -> Result<Duration, FloorError> {
-        let start = Instant::now();
-        self.ram.remap_file(&image.file).map_err(FloorError::Memory)?;
+    /// The reuse floor: the kept VM's registers put back (untimed in `create_to_exit`, as a
+    /// reuse-mode reset happens after the response, off the request path; its time is the
+    /// `registers` step), then the timed KVM_RUN to the first exit. Memory is left mapped, as
+    /// the engine's fast reset leaves it. What a reused request does at the least.
+    pub fn reuse_cycle(&mut self) -> Result<FloorSample, FloorError> {
+        let mut steps = FloorSteps::default();
+        let reset = Instant::now();
         self.regs.write(&mut self.vcpu).map_err(FloorError::Arch)?;
+        steps.registers = reset.elapsed();
+        let ran = Instant::now();
         self.run_to_exit()?;
-        Ok(start.elapsed())
+        steps.first_run = ran.elapsed();
+        Ok(FloorSample { create_to_exit: steps.first_run, teardown: Duration::ZERO, steps })
+    }
+
+    /// The pool floor on a VM from [`FloorImage::ready_vm`]: the timed KVM_RUN to its next exit.
+    pub fn run_once(&mut self) -> Result<FloorSample, FloorError> {
+        let mut steps = FloorSteps::default();
+        let ran = Instant::now();
+        self.run_to_exit()?;
+        steps.first_run = ran.elapsed();
+        Ok(FloorSample { create_to_exit: steps.first_run, teardown: Duration::ZERO, steps })
+    }
+
+    /// Closes the vCPU and the VM and unmaps memory; returns how long that took.
+    pub fn destroy(self) -> Duration {
+        let start = Instant::now();
+        drop(self);
+        start.elapsed()
+    }
+
+    /// Runs the kept VM once, so that its guest pages are mapped before the reuse floor.
+    pub fn warm(&mut self) -> Result<(), FloorError> {
+        self.run_to_exit()?;
+        self.regs.write(&mut self.vcpu).map_err(FloorError::Arch)
     }
 }
 
-/// Creates a minimal VM with `mem_size` bytes of anonymous memory, runs it to its first
-/// exit and destroys it.
+/// Successive laps of a stopwatch.
+struct Lap(Instant);
+
+impl Lap {
+    fn next(&mut self) -> Duration {
+        let now = Instant::now();
+        let lap = now - self.0;
+        self.0 = now;
+        lap
+    }
+}
+
+/// Creates a minimal VM with `mem_size` bytes of memory (a memfd), runs it to its first exit
+/// and destroys it.
 pub fn fresh_cycle(hv: &Hypervisor, mem_size: u64) -> Result<FloorSample, FloorError> {
-    FloorImage::new(mem_size)?.fresh_cycle(hv)
+    FloorImage::new(hv, mem_size)?.fresh_cycle(hv)
 }
 
 /// Median of a set of durations in microseconds (sorted copy).

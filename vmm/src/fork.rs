@@ -1,11 +1,13 @@
 //! The fork engine: every request gets a VM restored from a frozen image.
 //!
 //! Three modes on one engine:
-//! - `fresh`: the VM is created on the request path;
+//! - `fresh`: the VM is created on the request path (and the pages a request writes, found by
+//!   a probe fork, are copied into it before it runs, by one madvise per run of pages);
 //! - `pool`: VMs are restored ahead of time by background threads, each serves exactly one
 //!   request and is destroyed; the pool refills itself;
 //! - `reuse`: VMs are kept and reset to the image between requests (see `Vm::reset_to`); the
-//!   reset runs on a resetter thread after the response is out, so no caller waits for it.
+//!   reset runs on one of two resetter threads after the response is out, so no caller waits
+//!   for it.
 //!
 //! Destroying a VM blocks for milliseconds on some hosts, so it happens on a reaper thread,
 //! off the request path, in every mode.
@@ -148,6 +150,7 @@ impl Reaper {
     fn start() -> Reaper {
         let (tx, rx) = mpsc::channel::<Leased>();
         let thread = sandbox::spawn(ThreadClass::Recycler, "mu2-reaper".into(), move || {
+            crate::sys::background_thread();
             for vm in rx {
                 drop(vm);
             }
@@ -228,6 +231,7 @@ impl Pool {
                 let filling = filling.clone();
                 let budget = budget.clone();
                 sandbox::spawn(ThreadClass::PoolBuilder, format!("mu2-pool-{i}"), move || {
+                    crate::sys::background_thread();
                     while !stop.load(Ordering::Relaxed) {
                         // Refill in bursts: once the pool is full, wait until it is down to
                         // half. Building a VM competes with the VM serving a request (for
@@ -379,43 +383,63 @@ impl Kept {
 #[derive(Debug)]
 struct Resetter {
     tx: Option<Sender<(Leased, bool)>>,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
+
+/// Threads resetting used VMs per engine: a reset costs about twice a reused request here, so
+/// one thread cannot keep up with one serving thread.
+const RESETTERS: usize = 2;
 
 impl Resetter {
     fn start(image: Arc<Image>, kept: Arc<Kept>, reaper: Sender<Leased>, counts: Arc<[AtomicUsize; 2]>) -> Resetter {
         let (tx, rx) = mpsc::channel::<(Leased, bool)>();
-        let thread = sandbox::spawn(ThreadClass::Recycler, "mu2-resetter".into(), move || {
-            for (mut vm, clean) in rx {
-                match vm.reset_to(&image, clean) {
-                    Ok(kind) => {
-                        let slot = usize::from(kind == ResetKind::Remapped);
-                        counts[slot].fetch_add(1, Ordering::Relaxed);
-                        kept.put_back(vm);
+        let rx = Arc::new(Mutex::new(rx));
+        let threads = (0..RESETTERS)
+            .filter_map(|i| {
+                let (image, kept, reaper, counts, rx) =
+                    (image.clone(), kept.clone(), reaper.clone(), counts.clone(), rx.clone());
+                sandbox::spawn(ThreadClass::Recycler, format!("mu2-resetter-{i}"), move || {
+                    crate::sys::background_thread();
+                    loop {
+                        // The lock is held only to take the next VM, not while resetting it.
+                        let next = match rx.lock() {
+                            Ok(rx) => rx.recv(),
+                            Err(_) => return,
+                        };
+                        let Ok((mut vm, clean)) = next else { return };
+                        match vm.reset_to(&image, clean) {
+                            Ok(kind) => {
+                                let slot = usize::from(kind == ResetKind::Remapped);
+                                counts[slot].fetch_add(1, Ordering::Relaxed);
+                                kept.put_back(vm);
+                            }
+                            Err(e) => {
+                                // A guest can make every reset fail: logged once per interval.
+                                static WARNINGS: Throttled = Throttled::new(GUEST_WARNING_INTERVAL);
+                                WARNINGS.warn(format_args!(
+                                    "resetting VM {} failed, destroying it: {}",
+                                    vm.id(),
+                                    error_chain(&e)
+                                ));
+                                kept.forget_one();
+                                let _ = reaper.send(vm);
+                            }
+                        }
                     }
-                    Err(e) => {
-                        // A guest can make every reset fail: logged once per interval.
-                        static WARNINGS: Throttled = Throttled::new(GUEST_WARNING_INTERVAL);
-                        WARNINGS.warn(format_args!(
-                            "resetting VM {} failed, destroying it: {}",
-                            vm.id(),
-                            error_chain(&e)
-                        ));
-                        kept.forget_one();
-                        let _ = reaper.send(vm);
-                    }
-                }
-            }
-        })
-        .ok();
-        Resetter { tx: Some(tx), thread }
+                })
+                .ok()
+            })
+            .collect::<Vec<_>>();
+        // Without a thread to take them, used VMs would wait in the channel for ever.
+        let tx = (!threads.is_empty()).then_some(tx);
+        Resetter { tx, threads }
     }
 }
 
 impl Drop for Resetter {
     fn drop(&mut self) {
         self.tx.take();
-        if let Some(t) = self.thread.take() {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
@@ -472,6 +496,8 @@ pub struct Engine {
     budget: Arc<VmBudget>,
     /// Reuse-mode resets: [pages copied back, memory remapped].
     resets: Arc<[AtomicUsize; 2]>,
+    /// The pages a request writes (fresh and pool modes; from a probe fork).
+    written: Arc<Vec<u64>>,
 }
 
 impl Engine {
@@ -483,10 +509,12 @@ impl Engine {
 
     /// Starts an engine whose VMs count against `budget`, which other engines may share.
     pub fn with_budget(hv: Arc<Hypervisor>, image: Arc<Image>, config: EngineConfig, budget: Arc<VmBudget>) -> Engine {
-        let pool = (config.mode == Mode::Pool).then(|| {
-            let written = Arc::new(probe_written_pages(&hv, &image, &budget));
-            Pool::start(&hv, &image, &budget, config.pool_size, config.pool_builders, written)
-        });
+        let written = match config.mode {
+            Mode::Pool | Mode::Fresh => Arc::new(probe_written_pages(&hv, &image, &budget)),
+            Mode::Reuse => Arc::new(Vec::new()),
+        };
+        let pool = (config.mode == Mode::Pool)
+            .then(|| Pool::start(&hv, &image, &budget, config.pool_size, config.pool_builders, written.clone()));
         let reaper = Reaper::start();
         let kept = Arc::new(Kept::default());
         let resets = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
@@ -504,7 +532,7 @@ impl Engine {
         if let Some(reclaim) = &reclaim {
             budget.register(Arc::downgrade(reclaim));
         }
-        Engine { hv, image, config, pool, resetter, kept, _reclaim: reclaim, reaper, budget, resets }
+        Engine { hv, image, config, pool, resetter, kept, _reclaim: reclaim, reaper, budget, resets, written }
     }
 
     /// The image.
@@ -573,7 +601,10 @@ impl Engine {
     /// A VM restored now, once the budget has room for it.
     fn restored(&self) -> Result<Leased, ForkError> {
         let permit = self.budget.take_within(self.image.state().mem_size, ADMISSION_WAIT).map_err(ForkError::Budget)?;
-        let vm = Vm::restore(&self.hv, &self.image).map_err(ForkError::Restore)?;
+        let mut vm = Vm::restore(&self.hv, &self.image).map_err(ForkError::Restore)?;
+        // One madvise per run of the pages the request will write: cheaper than taking each
+        // copy-on-write fault from inside the guest's run.
+        vm.copy_in_advance(&self.written);
         Ok(Leased { vm, _permit: permit })
     }
 

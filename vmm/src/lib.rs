@@ -29,6 +29,7 @@ pub mod invoke;
 pub mod sandbox;
 pub mod source;
 pub mod uds;
+pub mod worker;
 
 mod arch;
 mod cpu;

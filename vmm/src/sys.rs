@@ -541,6 +541,26 @@ pub(crate) fn mkfifo(path: &std::path::Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// An unnamed file (O_TMPFILE) in `dir`, read-write, gone when closed: scratch data on the same
+/// file system as the directory's other files.
+pub(crate) fn unnamed_file_in(dir: &std::path::Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new().read(true).write(true).mode(0o600).custom_flags(libc::O_TMPFILE).open(dir)
+}
+
+/// Marks the calling thread as background work (SCHED_BATCH): the scheduler then never lets
+/// its wake-up preempt a running thread, so a builder, resetter or reaper woken by a request's
+/// end waits for a free core instead of taking the one whose caller is about to answer.
+pub(crate) fn background_thread() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler with pid 0 changes only the calling thread's policy; `param`
+    // is a valid sched_param that outlives the call. A failure leaves the policy as it was.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
+    if rc != 0 {
+        log::debug!("SCHED_BATCH for a background thread: {}", std::io::Error::last_os_error());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,6 +12,7 @@ mod plot;
 mod run;
 mod serve;
 mod snapshot;
+mod worker;
 
 use clap::{Parser, Subcommand};
 
@@ -50,6 +51,9 @@ pub enum Command {
     Plot(plot::PlotArgs),
     /// Run the daemon: the control API on a Unix socket, the HTTP dispatcher on TCP.
     Serve(serve::ServeArgs),
+    /// One worker process of `mu2 bench --workers` (started by it, its socket on stdin).
+    #[command(name = "__worker", hide = true)]
+    Worker(worker::WorkerArgs),
 }
 
 /// Runs `command` to its end.
@@ -65,6 +69,7 @@ pub fn run(command: &Command) -> Result<(), Failure> {
         Command::Build(args) => build::build(args),
         Command::Plot(args) => plot::plot(args),
         Command::Serve(args) => serve::serve(args),
+        Command::Worker(args) => worker::worker(args),
     }
 }
 

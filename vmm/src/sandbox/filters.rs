@@ -31,6 +31,8 @@ pub(crate) enum Args {
     OwnProcess,
     /// `prctl` to name a thread, or to set no_new_privs before a filter.
     NameOrNoNewPrivs,
+    /// `sched_setscheduler` of the calling thread (pid 0) to `SCHED_BATCH`, nothing else.
+    OwnBatchPolicy,
 }
 
 /// One allowed system call.
@@ -112,6 +114,10 @@ const VCPU: &[Syscall] = &[
     allow!(SYS_timer_settime),
 ];
 
+/// Threads off the serving path (builders, resetters, reaper): their own scheduling policy,
+/// `SCHED_BATCH`, once at their start.
+const BACKGROUND: &[Syscall] = &[allow!(SYS_sched_setscheduler, OwnBatchPolicy)];
+
 /// Files of images: made, read, removed; /proc for the daemon's own gauges.
 const FILES: &[Syscall] = &[
     allow!(SYS_fstat),
@@ -180,8 +186,8 @@ pub(crate) fn lists(class: ThreadClass) -> Vec<&'static [Syscall]> {
         ThreadClass::Main => vec![BASE, MAIN, path],
         ThreadClass::Acceptor => vec![BASE, ACCEPTOR],
         ThreadClass::Connection => vec![BASE, VCPU, FILES, CONNECTION, path],
-        ThreadClass::PoolBuilder => vec![BASE, VCPU],
-        ThreadClass::Recycler => vec![BASE, VCPU],
+        ThreadClass::PoolBuilder => vec![BASE, VCPU, BACKGROUND],
+        ThreadClass::Recycler => vec![BASE, VCPU, BACKGROUND],
         // Every thread starts under the spawner's filter and adds its own, so the spawner's
         // allows what any class does, and starting threads.
         ThreadClass::Spawner => {
@@ -257,6 +263,9 @@ fn rules(args: Args, pid: u32) -> Vec<SeccompRule> {
             vec![rule(vec![cond(0, Qword, MaskedEq(thread), thread)])]
         }
         Args::OwnProcess => vec![rule(vec![cond(0, Dword, Eq, u64::from(pid))])],
+        Args::OwnBatchPolicy => {
+            vec![rule(vec![cond(0, Dword, Eq, 0), cond(1, Dword, Eq, libc::SCHED_BATCH as u64)])]
+        }
         Args::NameOrNoNewPrivs => [libc::PR_SET_NAME, libc::PR_SET_NO_NEW_PRIVS]
             .iter()
             .map(|&o| rule(vec![cond(0, Dword, Eq, o as u64)]))

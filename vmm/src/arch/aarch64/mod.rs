@@ -227,6 +227,16 @@ pub fn setup_vcpu(vcpu: &VcpuFd, cpuid: &CpuId, entry: u64, mode: EntryMode) -> 
         return Err(ArchError::Unsupported(mode));
     }
     set_cpuid(vcpu, cpuid).map_err(|source| ArchError::Kvm { what: "initialising the vCPU", source })?;
+    setup_registers(vcpu, cpuid, entry, mode)
+}
+
+/// The part of [`setup_vcpu`] after the vCPU's initialisation (KVM_ARM_VCPU_INIT, the
+/// counterpart of x86's CPUID table): the registers that enter the guest at `entry` (the floor
+/// times the two apart).
+pub fn setup_registers(vcpu: &VcpuFd, cpuid: &CpuId, entry: u64, mode: EntryMode) -> Result<(), ArchError> {
+    if mode != EntryMode::Native {
+        return Err(ArchError::Unsupported(mode));
+    }
     if cpuid.features[0] & (1 << KVM_ARM_VCPU_POWER_OFF) != 0 {
         return Ok(());
     }

@@ -163,8 +163,14 @@ pub fn write_boot_data(mem: &GuestMemoryMmap, mem_size: u64, cmdline: &[u8], mod
 
 /// Sets a fresh vCPU's registers so that it enters the guest at `entry`.
 pub fn setup_vcpu(vcpu: &VcpuFd, cpuid: &CpuId, entry: u64, mode: EntryMode) -> Result<(), ArchError> {
+    vcpu.set_cpuid2(cpuid).map_err(|source| ArchError::Kvm { what: "the CPUID table", source })?;
+    setup_registers(vcpu, cpuid, entry, mode)
+}
+
+/// The part of [`setup_vcpu`] after the CPUID table: the registers that enter the guest at
+/// `entry` (the floor times the two apart).
+pub fn setup_registers(vcpu: &VcpuFd, _cpuid: &CpuId, entry: u64, mode: EntryMode) -> Result<(), ArchError> {
     let kvm = |what| move |source| ArchError::Kvm { what, source };
-    vcpu.set_cpuid2(cpuid).map_err(kvm("the CPUID table"))?;
     let mut sregs = vcpu.get_sregs().map_err(kvm("reading special registers"))?;
     let (cs, ds) = match mode {
         EntryMode::Native => (segment(tables::USER_CS, 3, true), segment(tables::USER_DS, 3, false)),
