@@ -18,8 +18,9 @@
 //! one to fit; a pool builder only takes what leaves a VM for requests, and while requests
 //! wait, pools give VMs back.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -114,6 +115,8 @@ pub struct Served {
 /// How long a request waits for its VM to fit the budget (VMs of finished requests are
 /// still being destroyed, or a pool gives one back) before it is refused.
 pub const ADMISSION_WAIT: Duration = Duration::from_millis(100);
+/// How long a pool-mode request waits for a pooled VM before it restores one itself.
+const POOL_WAIT: Duration = Duration::from_secs(1);
 /// How long a pool builder that found no room waits for the budget to change before it
 /// looks again.
 const BUDGET_RECHECK: Duration = Duration::from_millis(50);
@@ -196,10 +199,24 @@ fn warmed(hv: &Hypervisor, mut vm: Vm, image: &Image, written: &[u64]) -> Result
 /// How long a pooled VM's warm-up may take.
 const WARM_UP_DEADLINE: Duration = Duration::from_millis(500);
 
+/// The pooled VMs ready for a request: a queue the builders fill and requests take from,
+/// guarded by a mutex that is never held while waiting (a request waits on `added`).
+#[derive(Debug, Default)]
+struct Ready {
+    vms: Mutex<VecDeque<Result<Leased, RestoreError>>>,
+    added: Condvar,
+}
+
+impl Ready {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Result<Leased, RestoreError>>> {
+        self.vms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// VMs restored ahead of time.
 #[derive(Debug)]
 struct Pool {
-    ready: Arc<Mutex<Receiver<Result<Leased, RestoreError>>>>,
+    ready: Arc<Ready>,
     stop: Arc<AtomicBool>,
     builders: Vec<JoinHandle<()>>,
     depth: Arc<AtomicUsize>,
@@ -214,11 +231,7 @@ impl Pool {
         builders: usize,
         written: Arc<Vec<u64>>,
     ) -> Pool {
-        // The channel holds `size` VMs; each builder also holds one while it waits to hand
-        // it over, so the channel is that much smaller.
-        let capacity = size.saturating_sub(builders).max(1);
-        let (tx, rx): (SyncSender<Result<Leased, RestoreError>>, _) = mpsc::sync_channel(capacity);
-        let ready = Arc::new(Mutex::new(rx));
+        let ready = Arc::new(Ready::default());
         let memory = image.state().mem_size;
         let stop = Arc::new(AtomicBool::new(false));
         let depth = Arc::new(AtomicUsize::new(0));
@@ -226,7 +239,8 @@ impl Pool {
         let low_water = size / 2;
         let builders = (0..builders.max(1))
             .filter_map(|i| {
-                let (hv, image, tx, stop, depth) = (hv.clone(), image.clone(), tx.clone(), stop.clone(), depth.clone());
+                let (hv, image, ready, stop, depth) =
+                    (hv.clone(), image.clone(), ready.clone(), stop.clone(), depth.clone());
                 let written = written.clone();
                 let filling = filling.clone();
                 let budget = budget.clone();
@@ -255,12 +269,9 @@ impl Pool {
                             .and_then(|vm| warmed(&hv, vm, &image, &written))
                             .map(|vm| Leased { vm, _permit: permit });
                         let failed = vm.is_err();
-                        depth.fetch_add(1, Ordering::Relaxed);
-                        if tx.send(vm).is_err() {
-                            depth.fetch_sub(1, Ordering::Relaxed);
-                            break;
-                        }
-                        if depth.load(Ordering::Relaxed) >= size {
+                        ready.lock().push_back(vm);
+                        ready.added.notify_one();
+                        if depth.fetch_add(1, Ordering::Relaxed) + 1 >= size {
                             filling.store(false, Ordering::Relaxed);
                         }
                         if failed {
@@ -275,11 +286,22 @@ impl Pool {
         Pool { ready, stop, builders, depth }
     }
 
-    /// A pooled VM if one is ready now (the lock is held only to look, never to wait).
-    fn take_ready(&self) -> Option<Result<Leased, ForkError>> {
-        let vm = self.ready.lock().ok()?.try_recv().ok()?;
-        self.depth.fetch_sub(1, Ordering::Relaxed);
-        Some(vm.map_err(ForkError::Restore))
+    /// The next pooled VM, waiting up to `wait` for a builder to finish one (the lock is
+    /// released while waiting); `None` if none came.
+    fn take(&self, wait: Duration) -> Option<Result<Leased, ForkError>> {
+        let until = Instant::now() + wait;
+        let mut vms = self.ready.lock();
+        loop {
+            if let Some(vm) = vms.pop_front() {
+                self.depth.fetch_sub(1, Ordering::Relaxed);
+                return Some(vm.map_err(ForkError::Restore));
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.builders.iter().all(JoinHandle::is_finished) {
+                return None;
+            }
+            vms = self.ready.added.wait_timeout(vms, left).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+        }
     }
 }
 
@@ -287,28 +309,23 @@ impl Pool {
 /// one.
 #[derive(Debug)]
 struct PoolReclaim {
-    ready: Arc<Mutex<Receiver<Result<Leased, RestoreError>>>>,
+    ready: Arc<Ready>,
     depth: Arc<AtomicUsize>,
     reaper: Sender<Leased>,
 }
 
 impl Reclaim for PoolReclaim {
     fn give_back_one(&self) -> bool {
-        if self.depth.load(Ordering::Relaxed) <= 1 {
+        let Ok(mut vms) = self.ready.vms.try_lock() else { return false };
+        if vms.len() <= 1 {
             return false;
         }
-        let Ok(rx) = self.ready.try_lock() else { return false };
-        match rx.try_recv() {
-            Ok(Ok(vm)) => {
-                self.depth.fetch_sub(1, Ordering::Relaxed);
-                drop(rx);
-                // Destroyed on the reaper, whose drop of the permit wakes the waiter.
-                self.reaper.send(vm).is_ok()
-            }
-            Ok(Err(_)) => {
-                self.depth.fetch_sub(1, Ordering::Relaxed);
-                false
-            }
+        let Some(vm) = vms.pop_front() else { return false };
+        self.depth.fetch_sub(1, Ordering::Relaxed);
+        drop(vms);
+        match vm {
+            // Destroyed on the reaper, whose drop of the permit wakes the waiter.
+            Ok(vm) => self.reaper.send(vm).is_ok(),
             Err(_) => false,
         }
     }
@@ -338,21 +355,11 @@ impl Reclaim for KeptReclaim {
 impl Drop for Pool {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        // Drain so that blocked builders can finish; the VMs are destroyed here.
-        if let Ok(rx) = self.ready.lock() {
-            while let Ok(vm) = rx.try_recv() {
-                drop(vm);
-            }
-            for builder in self.builders.drain(..) {
-                while !builder.is_finished() {
-                    while let Ok(vm) = rx.try_recv() {
-                        drop(vm);
-                    }
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                let _ = builder.join();
-            }
+        // Builders finish the VM they are making; then every pooled VM is destroyed here.
+        for builder in self.builders.drain(..) {
+            let _ = builder.join();
         }
+        self.ready.lock().clear();
     }
 }
 
@@ -585,12 +592,14 @@ impl Engine {
         self.pool_depth()
     }
 
-    /// A VM for a request: in pool mode a ready one, or, with the pool empty, one restored
-    /// now, like fresh mode (waiting for the builders could take as long as they like).
+    /// A VM for a request: in pool mode a ready one, or the builders' next within
+    /// [`POOL_WAIT`], else one restored now as in fresh mode.
     fn vm_for_request(&self) -> Result<Leased, ForkError> {
         match self.config.mode {
             Mode::Fresh => self.restored(),
-            Mode::Pool => match self.pool.as_ref().ok_or(ForkError::PoolClosed)?.take_ready() {
+            // The builders are usually a VM away; only a pool they cannot refill (no room in
+            // the budget, builders gone) sends the request to restore its own.
+            Mode::Pool => match self.pool.as_ref().ok_or(ForkError::PoolClosed)?.take(POOL_WAIT) {
                 Some(vm) => vm,
                 None => self.restored(),
             },
