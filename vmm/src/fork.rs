@@ -269,9 +269,12 @@ impl Pool {
                             .and_then(|vm| warmed(&hv, vm, &image, &written))
                             .map(|vm| Leased { vm, _permit: permit });
                         let failed = vm.is_err();
+                        // Counted before it is queued, so that a request taking it at once
+                        // never counts the pool below zero.
+                        let depth_now = depth.fetch_add(1, Ordering::Relaxed).saturating_add(1);
                         ready.lock().push_back(vm);
                         ready.added.notify_one();
-                        if depth.fetch_add(1, Ordering::Relaxed) + 1 >= size {
+                        if depth_now >= size {
                             filling.store(false, Ordering::Relaxed);
                         }
                         if failed {
