@@ -205,11 +205,26 @@ const WARM_UP_DEADLINE: Duration = Duration::from_millis(500);
 struct Ready {
     vms: Mutex<VecDeque<Result<Leased, RestoreError>>>,
     added: Condvar,
+    /// VMs queued or being built for the queue: a builder claims a slot before it builds, so
+    /// the pool never holds more than its size, however many builders there are.
+    slots: AtomicUsize,
 }
 
 impl Ready {
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Result<Leased, RestoreError>>> {
         self.vms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Claims a slot for a VM about to be built, if fewer than `size` are claimed.
+    fn claim(&self, size: usize) -> bool {
+        self.slots.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < size).then_some(n + 1)).is_ok()
+    }
+
+    /// Takes the oldest queued VM, giving its slot back.
+    fn pop(&self, vms: &mut VecDeque<Result<Leased, RestoreError>>) -> Option<Result<Leased, RestoreError>> {
+        let vm = vms.pop_front()?;
+        self.slots.fetch_sub(1, Ordering::AcqRel);
+        Some(vm)
     }
 }
 
@@ -259,9 +274,15 @@ impl Pool {
                             }
                             filling.store(true, Ordering::Relaxed);
                         }
+                        if !ready.claim(size) {
+                            filling.store(false, Ordering::Relaxed);
+                            std::thread::sleep(Duration::from_millis(1));
+                            continue;
+                        }
                         // One VM is left for requests of the budget's other engines, and
                         // nothing is built while a request waits for room (`try_take`).
                         let Ok(permit) = budget.try_take(memory, 1) else {
+                            ready.slots.fetch_sub(1, Ordering::AcqRel);
                             budget.wait_for_change(BUDGET_RECHECK);
                             continue;
                         };
@@ -295,7 +316,7 @@ impl Pool {
         let until = Instant::now() + wait;
         let mut vms = self.ready.lock();
         loop {
-            if let Some(vm) = vms.pop_front() {
+            if let Some(vm) = self.ready.pop(&mut vms) {
                 self.depth.fetch_sub(1, Ordering::Relaxed);
                 return Some(vm.map_err(ForkError::Restore));
             }
@@ -323,7 +344,7 @@ impl Reclaim for PoolReclaim {
         if vms.len() <= 1 {
             return false;
         }
-        let Some(vm) = vms.pop_front() else { return false };
+        let Some(vm) = self.ready.pop(&mut vms) else { return false };
         self.depth.fetch_sub(1, Ordering::Relaxed);
         drop(vms);
         match vm {
