@@ -274,8 +274,9 @@ impl Pool {
                             }
                             filling.store(true, Ordering::Relaxed);
                         }
+                        // Every slot taken (the last VMs still being built): wait for one to
+                        // free, still filling.
                         if !ready.claim(size) {
-                            filling.store(false, Ordering::Relaxed);
                             std::thread::sleep(Duration::from_millis(1));
                             continue;
                         }

@@ -214,9 +214,14 @@ impl Handlers {
     pub(super) fn wait_for_pools(&self) {
         let until = Instant::now() + POOL_FILL_WAIT;
         for (_, image) in self.routes.iter() {
-            let Some(entry) = self.registry.get(image) else { continue };
-            // Not the engine's own wait: a shutdown must not wait for a pool to fill.
-            while pool_short(entry.engine()).is_some() && Instant::now() < until && !self.lifecycle.stopping() {
+            // Not the engine's own wait: a shutdown must not wait for a pool to fill. The
+            // entry is looked up again each time, so that an image deleted meanwhile is
+            // dropped (its VMs with it) rather than kept alive by this wait.
+            while Instant::now() < until && !self.lifecycle.stopping() {
+                match self.registry.get(image) {
+                    Some(entry) if pool_short(entry.engine()).is_some() => {}
+                    _ => break,
+                }
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
