@@ -3,6 +3,7 @@
 //! thread class, user, mount namespace, landlock) in force. Real daemon, real KVM.
 
 mod common;
+use common::Scratch;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -10,30 +11,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use mu2_vmm::api::client::Client;
-
-/// A scratch directory of one test, removed when it ends.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("mu2-hardening-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        // The sandboxed daemon runs as nobody: it must be able to reach its socket here.
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        Scratch(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// `mu2 serve` on a socket in `scratch`, killed if the test ends without stopping it.
 struct Daemon {
@@ -141,7 +118,7 @@ fn echo_image(dir: &Path) {
 #[test]
 fn a_loaded_image_is_immune_to_its_files_changing() {
     kvm_or_skip!();
-    let scratch = Scratch::new("immutable");
+    let scratch = Scratch::new("hardening", "immutable");
     let image = scratch.path("echo.img");
     echo_image(&image);
     // The daemon runs as nobody: what it registers must be readable by it.
@@ -176,7 +153,7 @@ fn a_loaded_image_is_immune_to_its_files_changing() {
 #[test]
 fn a_link_planted_in_the_images_directory_is_not_followed() {
     kvm_or_skip!();
-    let scratch = Scratch::new("planted");
+    let scratch = Scratch::new("hardening", "planted");
     let images = scratch.path("images");
     let victim = scratch.path("victim");
     std::fs::create_dir(&victim).expect("victim dir");
@@ -204,7 +181,7 @@ fn a_link_planted_in_the_images_directory_is_not_followed() {
 #[test]
 fn the_default_images_directory_is_private() {
     kvm_or_skip!();
-    let scratch = Scratch::new("private");
+    let scratch = Scratch::new("hardening", "private");
     let tmp = scratch.path("tmp");
     std::fs::create_dir(&tmp).expect("tmp");
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
@@ -227,7 +204,7 @@ fn the_default_images_directory_is_private() {
 #[test]
 fn api_sock_does_not_replace_a_regular_file() {
     kvm_or_skip!();
-    let scratch = Scratch::new("sockfile");
+    let scratch = Scratch::new("hardening", "sockfile");
     let file = scratch.path("precious");
     std::fs::write(&file, b"keep me").expect("write");
     let out = mu2(&["serve", "--api-sock", file.to_str().expect("utf-8")]);
@@ -253,7 +230,7 @@ fn status_field(pid: u32, task: &str, field: &str) -> String {
 #[test]
 fn every_thread_of_a_running_daemon_is_filtered_and_unprivileged() {
     kvm_or_skip!();
-    let scratch = Scratch::new("filtered");
+    let scratch = Scratch::new("hardening", "filtered");
     let args = ["--http", "127.0.0.1:0", "--route", "/echo=echo", "--pool-size", "2"];
     let d = Daemon::start(&scratch, &args, &[]);
     assert_eq!(d.invoke("echo", b"hi"), (200, b"hi".to_vec()));
@@ -289,7 +266,7 @@ fn every_thread_of_a_running_daemon_is_filtered_and_unprivileged() {
 #[test]
 fn the_sandboxed_daemon_reads_nothing_outside_its_tree() {
     kvm_or_skip!();
-    let scratch = Scratch::new("tree");
+    let scratch = Scratch::new("hardening", "tree");
     let allowed = scratch.path("allowed");
     std::fs::create_dir(&allowed).expect("allowed dir");
     std::fs::set_permissions(&allowed, std::fs::Permissions::from_mode(0o755)).expect("chmod");
@@ -317,7 +294,7 @@ fn the_sandboxed_daemon_reads_nothing_outside_its_tree() {
 /// drives it until they have, and returns its exit status, its stderr and whether its socket
 /// is still there.
 fn daemon_with_forbidden_call(class: &str, extra: &[&str]) -> (std::process::ExitStatus, String, bool) {
-    let scratch = Scratch::new(&format!("forbidden-{class}"));
+    let scratch = Scratch::new("hardening", &format!("forbidden-{class}"));
     let sock = scratch.path("api.sock");
     let mut child = Command::new(env!("CARGO_BIN_EXE_mu2"))
         .arg("serve")
@@ -391,7 +368,7 @@ fn threads_of(pid: u32) -> usize {
 #[test]
 fn connections_beyond_the_cap_are_answered_503_and_threads_stay_bounded() {
     kvm_or_skip!();
-    let scratch = Scratch::new("conn-cap");
+    let scratch = Scratch::new("hardening", "conn-cap");
     let d = Daemon::start(&scratch, &["--mode", "fresh", "--max-connections", "4"], &[]);
     let daemon = daemon_pid(d.pid());
     let before = threads_of(daemon);
@@ -422,7 +399,7 @@ fn connections_beyond_the_cap_are_answered_503_and_threads_stay_bounded() {
 fn a_request_trickling_in_is_answered_408_at_the_read_timeout() {
     use std::io::Write;
     kvm_or_skip!();
-    let scratch = Scratch::new("slow-body");
+    let scratch = Scratch::new("hardening", "slow-body");
     let d = Daemon::start(&scratch, &["--mode", "fresh", "--read-timeout", "1s"], &[]);
     let mut slow = std::os::unix::net::UnixStream::connect(&d.sock).expect("connect");
     slow.write_all(b"POST /images/echo/invoke HTTP/1.1\r\ncontent-length: 1000\r\n\r\n").expect("head");
@@ -450,7 +427,7 @@ fn a_request_trickling_in_is_answered_408_at_the_read_timeout() {
 fn request_bodies_beyond_the_buffered_budget_are_answered_503() {
     use std::io::Write;
     kvm_or_skip!();
-    let scratch = Scratch::new("buffered");
+    let scratch = Scratch::new("hardening", "buffered");
     let d = Daemon::start(&scratch, &["--mode", "fresh", "--max-body", "1048576", "--max-buffered", "1M"], &[]);
     // A body of the whole budget, sent but for its last 10 bytes: what arrived is charged
     // (bodies are charged as they arrive, so the head alone would hold nothing).
@@ -487,7 +464,7 @@ fn kvm_vms_of(pid: u32) -> usize {
 #[test]
 fn max_vms_bounds_every_live_vm_under_load_and_max_memory_bounds_guest_memory() {
     kvm_or_skip!();
-    let scratch = Scratch::new("max-vms");
+    let scratch = Scratch::new("hardening", "max-vms");
     let d = Daemon::start(&scratch, &["--mode", "fresh", "--max-vms", "2", "--max-memory", "160M"], &[]);
     let daemon = daemon_pid(d.pid());
     // VMs finished with wait for the reaper; they count until it has destroyed them.

@@ -4,40 +4,19 @@
 //! with `LISTEN_FDS`, as systemd does), including a restart that loses no connection.
 
 mod common;
+use common::Scratch;
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mu2_vmm::api::client::{self, metric_value, Client};
-
-/// A temporary directory for one test, removed at the end.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("mu2-lifecycle-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        Scratch(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A `mu2 serve` process, killed if the test ends before it stopped.
 struct Serve {
@@ -175,7 +154,7 @@ fn text(r: &client::Response) -> String {
 #[test]
 fn healthz_is_503_until_the_routes_pools_are_full_then_200() {
     kvm_or_skip!();
-    let scratch = Scratch::new("warm");
+    let scratch = Scratch::new("lifecycle", "warm");
     // The test holds the listener before the daemon exists, so its very first probe is
     // answered as soon as the daemon accepts, before the pool of 200 VMs can be full.
     let tcp = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -220,7 +199,7 @@ fn healthz_is_503_until_the_routes_pools_are_full_then_200() {
 #[test]
 fn during_the_drain_period_healthz_is_503_while_requests_still_succeed() {
     kvm_or_skip!();
-    let scratch = Scratch::new("drain");
+    let scratch = Scratch::new("lifecycle", "drain");
     let sock = scratch.path("api.sock");
     let addr = free_addr();
     let http = addr.to_string();
@@ -261,7 +240,7 @@ fn during_the_drain_period_healthz_is_503_while_requests_still_succeed() {
 #[test]
 fn metrics_on_the_dispatcher_port_are_prometheus_text() {
     kvm_or_skip!();
-    let scratch = Scratch::new("metrics");
+    let scratch = Scratch::new("lifecycle", "metrics");
     let sock = scratch.path("api.sock");
     let addr = free_addr();
     let http = addr.to_string();
@@ -303,7 +282,7 @@ fn metrics_on_the_dispatcher_port_are_prometheus_text() {
 #[test]
 fn a_route_under_the_daemons_own_paths_is_refused() {
     // Refused before KVM is opened, so this needs none.
-    let scratch = Scratch::new("reserved");
+    let scratch = Scratch::new("lifecycle", "reserved");
     let sock = scratch.path("api.sock");
     let http = free_addr().to_string();
     let out = Command::new(env!("CARGO_BIN_EXE_mu2"))
@@ -317,7 +296,7 @@ fn a_route_under_the_daemons_own_paths_is_refused() {
 #[test]
 fn a_socket_activated_daemon_serves_on_the_passed_listeners() {
     kvm_or_skip!();
-    let scratch = Scratch::new("activated");
+    let scratch = Scratch::new("lifecycle", "activated");
     let sock = scratch.path("passed.sock");
     let unix = UnixListener::bind(&sock).expect("bind unix");
     let tcp = TcpListener::bind("127.0.0.1:0").expect("bind tcp");
@@ -353,7 +332,7 @@ fn a_socket_activated_daemon_serves_on_the_passed_listeners() {
 #[test]
 fn a_restart_on_passed_listeners_loses_no_connection() {
     kvm_or_skip!();
-    let scratch = Scratch::new("restart");
+    let scratch = Scratch::new("lifecycle", "restart");
     let sock = scratch.path("api.sock");
     // The test plays the service manager: it keeps the listeners across the restart.
     let unix = UnixListener::bind(&sock).expect("bind unix");
@@ -441,7 +420,7 @@ fn a_restart_on_passed_listeners_loses_no_connection() {
 #[test]
 fn passed_descriptors_are_checked() {
     // A regular file where a listener should be: a clear error, exit code 2 (bad input).
-    let scratch = Scratch::new("notsock");
+    let scratch = Scratch::new("lifecycle", "notsock");
     let sock = scratch.path("api.sock");
     let file = std::fs::File::create(scratch.path("plain-file")).expect("file");
     let args = ["--api-sock", sock.to_str().expect("utf-8"), "--drain-period", "0"];

@@ -24,3 +24,33 @@ macro_rules! kvm_or_skip {
         }
     };
 }
+
+/// A scratch directory of one test, removed when it ends; traversable by everyone, since the
+/// sandboxed daemon runs as `nobody` and must reach its socket here. (Not every test binary
+/// that includes this module uses it.)
+#[allow(dead_code)]
+pub struct Scratch(std::path::PathBuf);
+
+#[allow(dead_code)]
+impl Scratch {
+    /// `$TMPDIR/mu2-SUITE-TAG-PID`, made empty.
+    pub fn new(suite: &str, tag: &str) -> Scratch {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("mu2-{suite}-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        Scratch(dir)
+    }
+
+    /// `name` in it.
+    pub fn path(&self, name: &str) -> std::path::PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
